@@ -1,0 +1,119 @@
+"""`torch.nn.functional.batch_norm`, with the state kept by the caller.
+
+- `F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)` updates the
+  running tensors in place when `training=True`: `running = (1 - momentum) * running + momentum *
+  batch`, so canonical m becomes `momentum = 1 - m`. It takes no `momentum=None`; the cumulative
+  average is the caller's job, as `nn.BatchNorm` does it: step t uses `momentum = 1 / t`.
+- Channel axis: dim 1; others are moved there with `movedim`. Any rank >= 2 works.
+- center/scale off: `bias=None` / `weight=None`, which the function treats as 0 / 1.
+- The running variance is updated with the unbiased batch variance (declared below).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from adapters.base import Adapter, Check, Conventions, Gradients, Problem, TrainingRun
+
+TORCH_DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(torch.float64).numpy()
+
+
+class TorchFunctional(Adapter):
+    id = "torch-functional"
+    family = "torch"
+    conventions = Conventions(moving_variance_estimator="unbiased")
+
+    def versions(self) -> dict[str, str]:
+        return {"torch": torch.__version__}
+
+    def not_expressible(self, problem: Problem, check: Check) -> str | None:
+        if len(problem.axes) != 1:
+            return "F.batch_norm normalizes over one channel dim (dim 1); several channel axes"
+        if problem.rank < 2:
+            return "F.batch_norm needs at least 2-D input (batch, channels, ...)"
+        return None
+
+    def translations(self, problem: Problem) -> list[str]:
+        out = []
+        if problem.momentum is None:
+            out.append("momentum null -> momentum=1/t at step t (cumulative average by hand)")
+        else:
+            out.append(f"momentum {problem.momentum:g} -> momentum={1 - problem.momentum:g} (1 - m)")
+        axis = problem.axes[0]
+        if axis not in (1, 1 - problem.rank):
+            out.append(f"channel axis {axis} -> movedim({axis}, 1) and back")
+        if not problem.scale:
+            out.append("scale off -> weight=None")
+        if not problem.center:
+            out.append("center off -> bias=None")
+        return out
+
+    def state(self, problem: Problem) -> dict[str, torch.Tensor | None]:
+        dtype = TORCH_DTYPES[problem.dtype]
+        return {
+            "weight": torch.from_numpy(problem.gamma).to(dtype) if problem.scale else None,
+            "bias": torch.from_numpy(problem.beta).to(dtype) if problem.center else None,
+            "running_mean": torch.from_numpy(problem.moving_mean).to(dtype),
+            "running_var": torch.from_numpy(problem.moving_variance).to(dtype),
+        }
+
+    def tensor(self, x: np.ndarray, problem: Problem) -> torch.Tensor:
+        return torch.from_numpy(x).to(TORCH_DTYPES[problem.dtype]).movedim(problem.axes[0], 1)
+
+    def back(self, y: torch.Tensor, problem: Problem) -> np.ndarray:
+        return to_numpy(y.movedim(1, problem.axes[0]))
+
+    def train(self, problem: Problem) -> TrainingRun:
+        s = self.state(problem)
+        with torch.no_grad():
+            for step, x in enumerate(problem.batches, start=1):
+                momentum = 1.0 / step if problem.momentum is None else 1.0 - problem.momentum
+                y = F.batch_norm(self.tensor(x, problem), s["running_mean"], s["running_var"],
+                                 s["weight"], s["bias"], training=True, momentum=momentum,
+                                 eps=problem.epsilon)
+            run = TrainingRun(output=self.back(y, problem), moving_mean=to_numpy(s["running_mean"]),
+                              moving_variance=to_numpy(s["running_var"]))
+            if problem.infer_after_training:
+                y = F.batch_norm(self.tensor(problem.batches[-1], problem), s["running_mean"],
+                                 s["running_var"], s["weight"], s["bias"], training=False,
+                                 eps=problem.epsilon)
+                run.inference_output = self.back(y, problem)
+        return run
+
+    def infer(self, problem: Problem) -> np.ndarray:
+        s = self.state(problem)
+        with torch.no_grad():
+            y = F.batch_norm(self.tensor(problem.batches[-1], problem), s["running_mean"],
+                             s["running_var"], s["weight"], s["bias"], training=False,
+                             eps=problem.epsilon)
+        return self.back(y, problem)
+
+    def gradients(self, problem: Problem) -> Gradients:
+        s = self.state(problem)
+        for name in ("weight", "bias"):
+            if s[name] is not None:
+                s[name].requires_grad_(True)
+        x = self.tensor(problem.batches[-1], problem).detach().requires_grad_(True)
+        y = F.batch_norm(x, s["running_mean"], s["running_var"], s["weight"], s["bias"],
+                         training=True, eps=problem.epsilon)
+        y.backward(self.tensor(problem.upstream, problem))
+        return Gradients(
+            input=self.back(x.grad, problem),
+            gamma=to_numpy(s["weight"].grad) if problem.scale else None,
+            beta=to_numpy(s["bias"].grad) if problem.center else None,
+        )
+
+
+def make(adapter_id: str) -> Adapter:
+    return TorchFunctional()

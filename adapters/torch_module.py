@@ -1,0 +1,137 @@
+"""`torch.nn.BatchNorm1d/2d/3d`, used as the PyTorch docs describe.
+
+- Momentum: torch updates `running = (1 - momentum) * running + momentum * batch`, so the canonical
+  decay-form m becomes `momentum = 1 - m`; m = null becomes `momentum=None`, torch's cumulative
+  average over `num_batches_tracked`.
+- Channel axis: torch normalizes over dim 1; any other channel axis is moved there with
+  `movedim` and back afterwards. BatchNorm1d takes 2-D/3-D input, 2d 4-D, 3d 5-D.
+- center/scale: both on is `affine=True`; both off is `affine=False` (no parameters at all); one
+  off is `affine=True` with that parameter set to its identity value (weight 1 or bias 0) and
+  frozen with `requires_grad_(False)`, which is how torch users switch off one of the two.
+- The moving (running) variance is updated with the unbiased batch variance (declared below).
+- Modes: `.train()` for training, `.eval()` for inference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from adapters.base import Adapter, Check, Conventions, Gradients, Problem, TrainingRun
+
+TORCH_DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
+MODULES = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
+           5: torch.nn.BatchNorm3d}
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(torch.float64).numpy()
+
+
+class TorchModule(Adapter):
+    id = "torch"
+    family = "torch"
+    conventions = Conventions(
+        moving_variance_estimator="unbiased",
+        notes=["running_var is updated with the unbiased (n-1) batch variance; "
+               "the output uses the biased one"],
+    )
+
+    def versions(self) -> dict[str, str]:
+        return {"torch": torch.__version__}
+
+    def not_expressible(self, problem: Problem, check: Check) -> str | None:
+        if len(problem.axes) != 1:
+            return "torch BatchNorm normalizes over one channel dim (dim 1); several channel axes"
+        if problem.rank not in MODULES:
+            return f"BatchNorm1d/2d/3d take 2-D to 5-D input, not {problem.rank}-D"
+        return None
+
+    def translations(self, problem: Problem) -> list[str]:
+        out = []
+        if problem.momentum is None:
+            out.append("momentum null -> momentum=None (cumulative average)")
+        else:
+            out.append(f"momentum {problem.momentum:g} -> momentum={1 - problem.momentum:g} (1 - m)")
+        axis = problem.axes[0]
+        if axis not in (1, 1 - problem.rank):
+            out.append(f"channel axis {axis} -> movedim({axis}, 1) and back")
+        out.append(f"{MODULES.get(problem.rank, torch.nn.BatchNorm2d).__name__} for rank {problem.rank}")
+        if problem.center != problem.scale:
+            frozen = "weight=1" if not problem.scale else "bias=0"
+            out.append(f"affine=True with {frozen} frozen (requires_grad=False)")
+        elif not problem.center:
+            out.append("affine=False")
+        return out
+
+    # -- building the module, the way a user who ports weights would
+
+    def module(self, problem: Problem) -> torch.nn.modules.batchnorm._BatchNorm:
+        channels = int(problem.batches[0].shape[problem.axes[0]])
+        bn = MODULES[problem.rank](
+            channels,
+            eps=problem.epsilon,
+            momentum=None if problem.momentum is None else 1.0 - problem.momentum,
+            affine=problem.center or problem.scale,
+            dtype=TORCH_DTYPES[problem.dtype],
+        )
+        with torch.no_grad():
+            if bn.affine:
+                bn.weight.copy_(torch.from_numpy(problem.gamma))
+                bn.bias.copy_(torch.from_numpy(problem.beta))
+                bn.weight.requires_grad_(problem.scale)
+                bn.bias.requires_grad_(problem.center)
+            bn.running_mean.copy_(torch.from_numpy(problem.moving_mean))
+            bn.running_var.copy_(torch.from_numpy(problem.moving_variance))
+        return bn
+
+    def tensor(self, x: np.ndarray, problem: Problem) -> torch.Tensor:
+        """Input in the case dtype with the channel axis at dim 1 (torch raises if out of range)."""
+        return torch.from_numpy(x).to(TORCH_DTYPES[problem.dtype]).movedim(problem.axes[0], 1)
+
+    def back(self, y: torch.Tensor, problem: Problem) -> np.ndarray:
+        return to_numpy(y.movedim(1, problem.axes[0]))
+
+    def train(self, problem: Problem) -> TrainingRun:
+        bn = self.module(problem)
+        bn.train()
+        with torch.no_grad():
+            for x in problem.batches:
+                y = bn(self.tensor(x, problem))
+            run = TrainingRun(
+                output=self.back(y, problem),
+                moving_mean=to_numpy(bn.running_mean),
+                moving_variance=to_numpy(bn.running_var),
+            )
+            if problem.infer_after_training:
+                bn.eval()
+                run.inference_output = self.back(bn(self.tensor(problem.batches[-1], problem)), problem)
+        return run
+
+    def infer(self, problem: Problem) -> np.ndarray:
+        bn = self.module(problem)
+        bn.eval()
+        with torch.no_grad():
+            return self.back(bn(self.tensor(problem.batches[-1], problem)), problem)
+
+    def gradients(self, problem: Problem) -> Gradients:
+        bn = self.module(problem)
+        bn.train()
+        x = self.tensor(problem.batches[-1], problem).detach().requires_grad_(True)
+        y = bn(x)
+        y.backward(self.tensor(problem.upstream, problem))
+        grads = Gradients(input=self.back(x.grad, problem))
+        if problem.scale:
+            grads.gamma = to_numpy(bn.weight.grad)
+        if problem.center:
+            grads.beta = to_numpy(bn.bias.grad)
+        return grads
+
+
+def make(adapter_id: str) -> Adapter:
+    return TorchModule()

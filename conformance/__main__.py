@@ -1,0 +1,102 @@
+"""`python -m conformance`: fill, validate, list, schema, run.
+
+Imports no framework: `run` starts one pytest process per family for that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from conformance.cases import Case, CaseErrors, load_folders
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CASES = ROOT / "cases"
+SCHEMA_PATH = DEFAULT_CASES / "schema.json"
+
+
+def schema_text() -> str:
+    schema = Case.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "bnconform case"
+    return json.dumps(schema, indent=2, sort_keys=True) + "\n"
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    folders = args.dirs or [DEFAULT_CASES]
+    cases, errors = load_folders(folders)
+    for error in errors:
+        print(error)
+    files = {str(e.path) for e in errors}
+    print(f"{len(cases)} valid case(s); {len(errors)} error(s) in {len(files)} file(s)",
+          file=sys.stderr)
+    return 1 if errors else 0
+
+
+def cmd_fill(args: argparse.Namespace) -> int:
+    from conformance.fill import fill_file
+
+    status = 0
+    for path in args.files:
+        try:
+            written = fill_file(path)
+            print(f"{path}: {written} expected field(s) written")
+        except CaseErrors as exc:
+            print(exc, file=sys.stderr)
+            status = 1
+    return status
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    cases, errors = load_folders(args.dirs or [DEFAULT_CASES])
+    for loaded in sorted(cases, key=lambda c: c.case.id):
+        c = loaded.case
+        print(f"{c.id:<40} {','.join(c.checks) or '-':<30} {','.join(c.tags)}")
+    for error in errors:
+        print(error, file=sys.stderr)
+    return 1 if errors else 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    SCHEMA_PATH.write_text(schema_text(), encoding="utf-8")
+    print(f"wrote {SCHEMA_PATH}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from conformance.run import main as run_main
+
+    return run_main(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m conformance", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("validate", help="schema-check case files; exit 1 on any error")
+    p.add_argument("dirs", nargs="*", type=Path)
+    p.set_defaults(func=cmd_validate)
+    p = sub.add_parser("fill", help="write expected values from the float64 reference")
+    p.add_argument("files", nargs="+", type=Path)
+    p.set_defaults(func=cmd_fill)
+    p = sub.add_parser("list", help="case ids, checks and tags")
+    p.add_argument("dirs", nargs="*", type=Path)
+    p.set_defaults(func=cmd_list)
+    p = sub.add_parser("schema", help="regenerate cases/schema.json from the case model")
+    p.set_defaults(func=cmd_schema)
+    p = sub.add_parser("run", help="every family in its own process, then the HTML report")
+    p.add_argument("--framework", default=None,
+                   help="families or adapter ids, comma-separated (default: every family)")
+    p.add_argument("-j", "--jobs", type=int, default=None, help="processes at once (default: cores)")
+    p.add_argument("--results-dir", type=Path, default=ROOT / "results")
+    p.add_argument("--cases", action="append", type=Path, metavar="DIR")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per family process")
+    p.add_argument("--no-report", action="store_true")
+    p.set_defaults(func=cmd_run)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Error figures and tolerances.
+
+Default tolerance (rtol = atol) per dtype, about 4 to 80 ulps of a value near 1:
+
+    float64 1e-10   float32 1e-5   float16 4e-3   bfloat16 3e-2
+
+widened by the input's conditioning c = max over channels of |mean| / std: an element held to one
+ulp of its own magnitude is off by c ulps of the standard deviation once the mean is subtracted,
+so a correct two-pass implementation is off by about eps * c, and both tolerances are multiplied by
+(1 + c). An E[x^2] - E[x]^2 implementation is off by about eps * c^2 and still fails. A case may
+override rtol/atol only with a written reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from conformance.cases import Tolerance as CaseTolerance
+from conformance.dtypes import ulp
+
+DEFAULT_TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "float16": 4e-3, "bfloat16": 3e-2}
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    rtol: float
+    atol: float
+    rule: str  # how it was chosen, for the report
+
+
+def tolerance(dtype: str, conditioning: float, override: CaseTolerance | None) -> Tolerance:
+    base = DEFAULT_TOLERANCE[dtype]
+    factor = 1.0 + conditioning
+    rtol = atol = base * factor
+    rule = f"{dtype} default {base:g} x (1 + conditioning {conditioning:.3g})"
+    if override is not None:
+        rtol = override.rtol if override.rtol is not None else rtol
+        atol = override.atol if override.atol is not None else atol
+        rule = f"case override: {override.reason}"
+    return Tolerance(rtol, atol, rule)
+
+
+@dataclass
+class Metric:
+    """How far one output is from its expected value."""
+
+    name: str
+    passed: bool
+    max_abs: float
+    max_rel: float
+    max_ulp: float
+    worst_index: list[int]
+    worst_expected: float
+    worst_got: float
+    rtol: float
+    atol: float
+    derived: bool = False  # the expected value came from the reference, not the case
+    note: str = ""
+
+    def as_dict(self) -> dict:
+        return {k: _json_float(v) for k, v in asdict(self).items()}
+
+
+def _json_float(v):
+    if isinstance(v, float) and not np.isfinite(v):
+        return None if np.isnan(v) else ("inf" if v > 0 else "-inf")
+    return v
+
+
+def compare(name: str, expected: np.ndarray, got: np.ndarray, dtype: str, tol: Tolerance,
+            derived: bool = False) -> Metric:
+    expected = np.asarray(expected, dtype=np.float64)
+    got = np.asarray(got, dtype=np.float64)
+    if got.shape != expected.shape:
+        if got.size == expected.size:
+            got = got.reshape(expected.shape)
+        else:
+            return Metric(name, False, np.inf, np.inf, np.inf, [], np.nan, np.nan, tol.rtol,
+                          tol.atol, derived, f"shape {list(got.shape)}, expected {list(expected.shape)}")
+    both_nan = np.isnan(expected) & np.isnan(got)
+    same_inf = np.isinf(expected) & (expected == got)
+    exact = both_nan | same_inf
+    with np.errstate(invalid="ignore", over="ignore"):
+        abs_err = np.where(exact, 0.0, np.abs(got - expected))
+    abs_err = np.where(np.isnan(abs_err), np.inf, abs_err)  # NaN on one side only
+    allowed = tol.atol + tol.rtol * np.where(np.isfinite(expected), np.abs(expected), 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(exact, 0.0, abs_err / np.abs(expected))
+        ulps = np.where(exact, 0.0, abs_err / ulp(np.where(np.isfinite(expected), expected, 0), dtype))
+        badness = np.where(allowed > 0, abs_err / allowed, np.where(abs_err > 0, np.inf, 0.0))
+    if expected.size == 0:
+        return Metric(name, True, 0.0, 0.0, 0.0, [], 0.0, 0.0, tol.rtol, tol.atol, derived)
+    worst = np.unravel_index(int(np.argmax(badness)), expected.shape)
+    finite_rel = rel[np.isfinite(rel)] if np.any(expected != 0) else np.zeros(1)
+    return Metric(
+        name=name,
+        passed=bool(np.all(abs_err <= allowed)),
+        max_abs=float(abs_err.max()),
+        max_rel=float(finite_rel.max()) if finite_rel.size else float("inf"),
+        max_ulp=float(ulps.max()),
+        worst_index=[int(i) for i in worst],
+        worst_expected=float(expected[worst]),
+        worst_got=float(got[worst]),
+        rtol=tol.rtol,
+        atol=tol.atol,
+        derived=derived,
+    )

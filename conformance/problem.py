@@ -1,0 +1,113 @@
+"""From a validated case to the `Problem` an adapter runs and the expected values it is held to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from adapters.base import Check, Problem
+from conformance import reference
+from conformance.cases import Case, as_array, make_array, per_channel
+
+TRAINING_FIELDS = ("output", "batch_mean", "batch_variance", "moving_mean", "moving_variance",
+                   "moving_variance_unbiased", "inference_output")
+GRADIENT_FIELDS = ("input", "gamma", "beta")
+
+
+def channel_shape(case: Case) -> tuple[int, ...]:
+    shape = case.tensors[0].shape
+    axes = case.params.axis if isinstance(case.params.axis, list) else [case.params.axis]
+    return tuple(shape[a % len(shape)] for a in axes) if all(
+        -len(shape) <= a < len(shape) for a in axes) else ()
+
+
+def build(case: Case, check: Check) -> Problem:
+    """The problem for one check: training feeds every step's batch, inference the last batch,
+    gradients the batch of the last training step."""
+    dtype = case.dtype
+    tensors = [make_array(t, tuple(t.shape), dtype) for t in case.tensors]
+    if check == "inference":
+        batches = (tensors[-1],)
+    else:
+        fed = tuple(tensors[i % len(tensors)] for i in range(case.steps))
+        batches = fed if check == "training" else fed[-1:]
+    channels = channel_shape(case)
+    p = case.params
+    upstream = None
+    if check == "gradients":
+        assert case.training is not None and case.training.gradients is not None
+        upstream = make_array(case.training.gradients.upstream, batches[-1].shape, dtype)
+    infer_after = bool(check == "training" and case.training is not None
+                       and case.training.expected.inference_output is not None)
+    return Problem(
+        case_id=case.id,
+        dtype=dtype,
+        batches=batches,
+        axes=tuple(p.axis if isinstance(p.axis, list) else [p.axis]),
+        momentum=p.momentum,
+        epsilon=p.epsilon,
+        center=p.center,
+        scale=p.scale,
+        gamma=per_channel(p.gamma, channels, 1.0, dtype),
+        beta=per_channel(p.beta, channels, 0.0, dtype),
+        moving_mean=per_channel(p.moving_mean, channels, 0.0, dtype),
+        moving_variance=per_channel(p.moving_variance, channels, 1.0, dtype),
+        upstream=upstream,
+        infer_after_training=infer_after,
+    )
+
+
+@dataclass
+class Expected:
+    """Expected arrays for one check: from the case, or derived from the reference on demand."""
+
+    given: dict[str, np.ndarray]
+    reference: dict[str, np.ndarray] = field(repr=False)
+
+    def get(self, name: str) -> tuple[np.ndarray | None, bool]:
+        """(array, derived?): derived means the case left it out and the reference supplied it."""
+        if name in self.given:
+            return self.given[name], False
+        if name in self.reference:
+            return self.reference[name], True
+        return None, False
+
+
+def expected(case: Case, check: Check, problem: Problem) -> Expected:
+    given: dict[str, np.ndarray] = {}
+    ref: dict[str, np.ndarray] = {}
+    if check == "training":
+        assert case.training is not None
+        shapes = {"output": problem.batches[-1].shape, "inference_output": problem.batches[-1].shape}
+        for name in TRAINING_FIELDS:
+            values = getattr(case.training.expected, name)
+            if values is not None:
+                given[name] = as_array(values, shapes.get(name, problem.gamma.shape))
+        if not case.expect_error:
+            ref = vars(reference.train(problem))
+    elif check == "gradients":
+        assert case.training is not None and case.training.gradients is not None
+        for name in GRADIENT_FIELDS:
+            values = getattr(case.training.gradients.expected, name)
+            if values is not None:
+                shape = problem.batches[-1].shape if name == "input" else problem.gamma.shape
+                given[name] = as_array(values, shape)
+    else:
+        assert case.inference is not None
+        if case.inference.expected.output is not None:
+            given["output"] = as_array(case.inference.expected.output, problem.batches[-1].shape)
+    return Expected(given, ref)
+
+
+def conditioning(problem: Problem) -> float:
+    """max over channels of |mean| / std of the batches fed: how many digits subtracting the mean
+    cancels. Constant channels (std 0) do not count: their output is beta whatever the rounding."""
+    worst = 0.0
+    for x in problem.batches:
+        mean, var, _ = reference.moments(x, problem.channel_axes)
+        std = np.sqrt(var)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(std > 0, np.abs(mean) / std, 0.0)
+        worst = max(worst, float(np.nanmax(ratio)) if ratio.size else 0.0)
+    return worst
