@@ -42,6 +42,10 @@ class TorchFunctional(Adapter):
             return "F.batch_norm normalizes over one channel dim (dim 1); several channel axes"
         if problem.rank < 2:
             return "F.batch_norm needs at least 2-D input (batch, channels, ...)"
+        if problem.epsilon <= 0 and check != "inference":
+            # torch/nn/functional.py (2.13) batch_norm: `if training and eps <= 0.0: raise ValueError(
+            # "batch_norm eps must be positive during training")`
+            return "torch rejects eps <= 0 in training (ValueError: eps must be positive during training)"
         return None
 
     def translations(self, problem: Problem) -> list[str]:

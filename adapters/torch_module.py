@@ -50,6 +50,10 @@ class TorchModule(Adapter):
             return "torch BatchNorm normalizes over one channel dim (dim 1); several channel axes"
         if problem.rank not in MODULES:
             return f"BatchNorm1d/2d/3d take 2-D to 5-D input, not {problem.rank}-D"
+        if problem.epsilon <= 0 and check != "inference":
+            # torch/nn/functional.py (2.13) batch_norm: `if training and eps <= 0.0: raise ValueError(
+            # "batch_norm eps must be positive during training")`
+            return "torch rejects eps <= 0 in training (ValueError: eps must be positive during training)"
         return None
 
     def translations(self, problem: Problem) -> list[str]:

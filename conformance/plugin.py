@@ -297,7 +297,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     record = getattr(item, "record", None)
     if call.when != "call" or record is None:
         return report
-    if hasattr(report, "wasxfail"):
+    if report.skipped and record.get("status") == "not-expressible":
+        reason = f"not expressible: {record['reason']}"
+        report.longrepr = (str(item.path), item.loaded.line_of(("id",)), reason)
+    elif hasattr(report, "wasxfail"):
         record["status"] = "xfail" if report.skipped else "xpass"
         record["reason"] = record.get("reason") or report.wasxfail
     elif report.failed and call.excinfo is None:

@@ -61,7 +61,7 @@ def evaluate(adapter: Adapter, case: Case, check: Check, outcome: Outcome | None
             outcome.status, outcome.reason = "not-expressible", str(exc)
             return outcome
         except Exception as exc:  # the framework rejected the case, as it must
-            outcome.reason = f"raised {type(exc).__name__}: {exc}".strip()
+            outcome.status, outcome.reason = "pass", f"raised {type(exc).__name__}: {exc}".strip()
             return outcome
         outcome.status, outcome.reason = "fail", "the framework accepted a case it must reject"
         return outcome
