@@ -194,6 +194,9 @@ def _nearest_mark(marks: dict[Loc, tuple[int, int]], loc: Loc, default: tuple[in
     return default
 
 
+_PLAIN_TAGS = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"}
+
+
 class _Walker:
     """Builds Python data from a composed YAML node, recording each key's and item's position."""
 
@@ -210,6 +213,9 @@ class _Walker:
         self.marks.setdefault(loc, (node.start_mark.line + 1, node.start_mark.column + 1))
         if depth > MAX_DEPTH:
             self.error(node.start_mark, loc, f"nested deeper than {MAX_DEPTH} levels")
+            return None
+        if isinstance(node, yaml.MappingNode | yaml.SequenceNode) and node.tag not in _PLAIN_TAGS:
+            self.error(node.start_mark, loc, f"unsupported YAML tag {node.tag!r} (case files are data)")
             return None
         if isinstance(node, yaml.MappingNode):
             out: dict[Any, Any] = {}
@@ -279,7 +285,15 @@ def _unwrap_model(annotation: Any) -> Any:
     return None
 
 
-def _pydantic_errors(exc: ValidationError) -> Iterator[tuple[Loc, str]]:
+def _pydantic_errors(exc: ValidationError) -> list[tuple[Loc, str]]:
+    """One message per location: the branches of a union (int | list) are joined with "or"."""
+    merged: dict[Loc, list[str]] = {}
+    for loc, message in _each_pydantic_error(exc):
+        merged.setdefault(loc, []).append(message)
+    return [(loc, " or ".join(messages)) for loc, messages in merged.items()]
+
+
+def _each_pydantic_error(exc: ValidationError) -> Iterator[tuple[Loc, str]]:
     for err in exc.errors(include_url=False):
         loc = tuple(err["loc"])
         if err["type"] == "extra_forbidden":
@@ -463,7 +477,7 @@ def load_text(path: Path, text: str) -> tuple[list[LoadedCase], list[CaseError]]
             case = Case.model_validate(data)
             problems = _semantic_errors(case)
         except ValidationError as exc:
-            problems = list(_pydantic_errors(exc))
+            problems = _pydantic_errors(exc)
         except RecursionError:
             problems = [((), "document nested too deeply")]
         if problems:

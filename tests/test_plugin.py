@@ -1,0 +1,114 @@
+"""`pytest conformance` end to end on real torch, in a subprocess, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+EXTERNAL = """\
+id: external-nhwc
+title: a case written outside this repository
+input:
+  shape: [3, 2, 2, 2]
+  random: {seed: 5}
+params:
+  axis: -1
+  momentum: 0.9
+training: {}
+inference: {}
+"""
+
+WRONG = """\
+id: wrong-expectation
+title: inference output deliberately off in one element
+input:
+  shape: [2, 2]
+  values: [[1.0, 2.0], [3.0, 4.0]]
+params: {axis: 1, epsilon: 0.0, moving_variance: [1.0, 1.0]}
+inference:
+  expected:
+    output: [[1.0, 2.0], [3.0, 4.5]]
+"""
+
+ACCEPTED = """\
+id: must-fail-but-valid
+title: a valid case marked expect_error, which torch runs happily
+input: {shape: [2, 2], values: [[1.0, 2.0], [3.0, 4.0]]}
+params: {axis: 1}
+inference: {}
+expect_error: true
+"""
+
+
+def pytest_run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pytest", "conformance", "-p", "no:cacheprovider",
+                           "-q", "-rA", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def run_on_a_foreign_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("foreign")
+    (folder / "external.yaml").write_text(EXTERNAL)
+    (folder / "wrong.yaml").write_text(WRONG)
+    (folder / "accepted.yaml").write_text(ACCEPTED)
+    (folder / "broken.yaml").write_text("id: broken\nparams: {axis: 1}\ninput: {shape: [2], valus: [1, 2]}\n")
+    subprocess.run([sys.executable, "-m", "conformance", "fill", str(folder / "external.yaml")], check=True,
+                   cwd=ROOT, capture_output=True)
+    results = folder / "results.json"
+    proc = pytest_run("--framework=torch", "--cases", str(folder), "--results", str(results))
+    return proc, json.loads(results.read_text())
+
+
+def test_items_are_named_case_adapter_check(run_on_a_foreign_folder):
+    proc, _ = run_on_a_foreign_folder
+    assert "PASSED" in proc.stdout
+    for name in ("external-nhwc[torch-training]", "external-nhwc[torch-inference]",
+                 "external-nhwc[torch-functional-training]"):
+        assert f"::{name}" in proc.stdout
+
+
+def test_broken_file_fails_alone_with_path_and_line(run_on_a_foreign_folder):
+    proc, results = run_on_a_foreign_folder
+    assert proc.returncode == 1
+    assert "broken.yaml:3:" in proc.stdout and "did you mean 'values'" in proc.stdout
+    passed = {(r["case"], r["adapter"], r["check"]) for r in results["records"] if r["status"] == "pass"}
+    assert ("external-nhwc", "torch", "training") in passed
+
+
+def test_mismatch_shows_the_case_not_a_harness_traceback(run_on_a_foreign_folder):
+    proc, _ = run_on_a_foreign_folder
+    section = proc.stdout.split("wrong-expectation[torch-inference]")[1]
+    assert "FAIL output" in section and "worst at [1, 1]: expected 4.5, got 4.0" in section
+    assert "conformance/runner.py" not in section and "Traceback" not in section
+
+
+def test_expect_error_fails_when_the_framework_accepts(run_on_a_foreign_folder):
+    _, results = run_on_a_foreign_folder
+    [record] = [r for r in results["records"]
+                if r["case"] == "must-fail-but-valid" and r["adapter"] == "torch"]
+    assert record["status"] == "fail" and "accepted" in record["reason"]
+
+
+def test_results_file_records_environment_and_metrics(run_on_a_foreign_folder):
+    _, results = run_on_a_foreign_folder
+    env = results["environment"]
+    assert env["adapters"]["torch"]["versions"]["torch"].startswith("2.")
+    assert env["adapters"]["torch"]["conventions"]["moving_variance_estimator"] == "unbiased"
+    [record] = [r for r in results["records"]
+                if (r["case"], r["adapter"], r["check"]) == ("external-nhwc", "torch", "training")]
+    names = {m["name"] for m in record["metrics"]}
+    assert {"output", "moving_mean", "moving_variance_unbiased"} <= names
+    assert any("movedim" in t for t in record["translations"])
+    assert next(m for m in record["metrics"] if m["name"] == "moving_variance_unbiased")["derived"] is False
+
+
+def test_unknown_framework_is_rejected_with_the_valid_names():
+    proc = pytest_run("--framework=tensorflw", "--co")
+    assert proc.returncode == 4
+    assert "unknown framework 'tensorflw'" in proc.stderr and "tf-layers" in proc.stderr
