@@ -73,6 +73,9 @@ def to_case_order(per_channel: np.ndarray, problem: Problem) -> np.ndarray:
 def compiled(axis: int | tuple[int, ...], momentum: float, epsilon: float, center: bool, scale: bool,
              dtype: str) -> dict[str, Callable[..., Any]]:
     """Jitted train step / inference / gradients for one layer configuration (jit caches shapes)."""
+    # use_fast_variance stays True (the default): var = max(0, E[x^2] - E[x]^2), see
+    # flax/linen/normalization.py L137-142 (v0.12.8). The axis goes in raw: _canonicalize_axes
+    # (L45-49) adds the rank to a negative axis without a range check.
     bn = nn.BatchNorm(axis=axis, momentum=momentum, epsilon=epsilon, use_bias=center,
                       use_scale=scale, dtype=JAX_DTYPES[dtype], param_dtype=JAX_DTYPES[dtype])
 
@@ -136,6 +139,8 @@ class FlaxLinen(Adapter):
 
     @staticmethod
     def stats_dtype(problem: Problem) -> str:
+        # init makes batch_stats float32 whatever param_dtype is (normalization.py L358-375);
+        # _compute_stats returns at least float32, float64 for float64 input (L107-116)
         return "float64" if problem.dtype == "float64" else "float32"
 
     def fns(self, problem: Problem) -> dict[str, Callable[..., Any]]:

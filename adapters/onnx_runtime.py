@@ -1,0 +1,176 @@
+"""One ONNX `BatchNormalization` node, built with `onnx.helper` and run by ONNX Runtime's
+CPUExecutionProvider, as an exported model would run it.
+
+- Opset 21 (BatchNormalization-15, the op's current version, and Transpose-21).
+- Momentum: the attribute is decay form (`running_mean = input_mean * momentum + current_mean *
+  (1 - momentum)`), so m is passed unchanged. m = null (cumulative average) is the caller's job, as
+  it is for any stateless op: step t runs a model whose momentum is 1 - 1/t.
+- Epsilon: `epsilon=`. Both attributes are 32-bit floats in the ONNX protobuf (AttributeProto.f),
+  so a double model runs with float32(momentum) and float32(epsilon).
+- Channel axis: the op normalizes over dim 1 of an N x C x D1... input (rank >= 2, one channel
+  dim). Another channel axis is moved to dim 1 by a Transpose node inside the model and back by a
+  second one; the perm is built from the case axis (plus the rank when negative, never wrapped
+  further), so ONNX Runtime itself rejects an out-of-range axis.
+- center/scale: `scale` and `B` are required inputs; an unused one is fed as ones / zeros.
+- Modes: training is `training_mode=1` with the three outputs (Y, running_mean, running_var); the
+  running outputs are fed back as `input_mean`/`input_var` for the next step. Inference is
+  `training_mode=0` with Y only. Params and state are fed as graph inputs each run.
+- Dtypes: every tensor in the case dtype (an exported float16 model is float16 throughout). Where
+  ONNX Runtime has no kernel (bfloat16 on CPU) the session's NOT_IMPLEMENTED error is raised as
+  NotExpressible with ONNX Runtime's text.
+- Sessions run with `intra_op_num_threads=1` (deterministic, and the suite shares its cores).
+- Gradients: an InferenceSession has no autodiff (onnxruntime-training is a separate package):
+  not expressible.
+- The running variance is updated with the biased (population) batch variance (declared below,
+  measured); the batch variance is computed two-pass (a mean-1e4 float32 case matches two-pass).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+from adapters.base import Adapter, Check, Conventions, Gradients, NotExpressible, Problem, TrainingRun
+
+OPSET = 21
+ELEMENT_TYPES = {
+    "float16": TensorProto.FLOAT16,
+    "bfloat16": TensorProto.BFLOAT16,
+    "float32": TensorProto.FLOAT,
+    "float64": TensorProto.DOUBLE,
+}
+NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64}
+STAT_INPUTS = ("scale", "B", "input_mean", "input_var")
+
+
+def permutation(rank: int, axis: int) -> list[int]:
+    """Transpose perm that puts `axis` at dim 1. A negative axis gets the rank added once, as
+    ONNX's own axis attributes do; an axis still out of range stays in the perm for ORT to reject."""
+    axis = axis + rank if axis < 0 else axis
+    others = [d for d in range(rank) if d != axis]
+    return [others[0], axis, *others[1:]]
+
+
+@functools.lru_cache(maxsize=256)
+def session(shape: tuple[int, ...], axis: int, dtype: str, training: bool, momentum: float,
+            epsilon: float) -> ort.InferenceSession:
+    """Transpose -> BatchNormalization -> Transpose, compiled once per shape and attribute set."""
+    elem = ELEMENT_TYPES[dtype]
+    perm = permutation(len(shape), axis)
+    moved = perm != list(range(len(shape)))
+    nodes = []
+    bn_in = "X"
+    if moved:
+        nodes.append(helper.make_node("Transpose", ["X"], ["X_nc"], perm=perm))
+        bn_in = "X_nc"
+    outputs = ["Y_nc" if moved else "Y"]
+    if training:
+        outputs += ["running_mean", "running_var"]
+    # momentum/epsilon are AttributeProto floats, 32-bit (onnx/onnx.in.proto L183, onnx 1.23.2)
+    nodes.append(helper.make_node("BatchNormalization", [bn_in, *STAT_INPUTS], outputs,
+                                  epsilon=epsilon, momentum=momentum, training_mode=int(training)))
+    if moved:
+        nodes.append(helper.make_node("Transpose", ["Y_nc"], ["Y"], perm=np.argsort(perm).tolist()))
+    inputs = [helper.make_tensor_value_info("X", elem, list(shape))]
+    inputs += [helper.make_tensor_value_info(name, elem, ["C"]) for name in STAT_INPUTS]
+    outs = [helper.make_tensor_value_info("Y", elem, None)]
+    outs += [helper.make_tensor_value_info(name, elem, ["C"]) for name in outputs[1:]]
+    graph = helper.make_graph(nodes, "batch_norm", inputs, outs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1  # the suite shares its cores; one thread is also deterministic
+    try:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except ort.capi.onnxruntime_pybind11_state.NotImplemented as exc:
+        raise NotExpressible(f"ONNX Runtime CPU cannot run it: {exc}") from exc
+
+
+class OnnxRuntime(Adapter):
+    id = "onnxruntime"
+    family = "onnx"
+    conventions = Conventions(
+        moving_variance_estimator="biased",
+        notes=["running_var is updated with the biased (population) batch variance (measured)",
+               "momentum and epsilon are float32 attributes, also in double models"],
+    )
+
+    def versions(self) -> dict[str, str]:
+        return {"onnx": onnx.__version__, "onnxruntime": ort.__version__}
+
+    def device(self) -> str:
+        return "cpu (CPUExecutionProvider)"
+
+    def not_expressible(self, problem: Problem, check: Check) -> str | None:
+        if check == "gradients":
+            return ("an ONNX Runtime InferenceSession has no autodiff (training needs the separate "
+                    "onnxruntime-training package)")
+        if len(problem.axes) != 1:
+            return "BatchNormalization normalizes over one channel dim (dim 1); several channel axes"
+        if problem.rank < 2:
+            return f"BatchNormalization takes N x C x D1... input (rank >= 2), not {problem.rank}-D"
+        return None
+
+    def translations(self, problem: Problem) -> list[str]:
+        out = [f"opset {OPSET}: BatchNormalization-15"]
+        if problem.momentum is None:
+            out.append("momentum null -> momentum=1-1/t at step t (cumulative average by hand)")
+        else:
+            out.append(f"momentum {problem.momentum:g} -> momentum={problem.momentum:g} (same decay "
+                       "form; a float32 attribute)")
+        out.append(f"epsilon {problem.epsilon:g} -> epsilon={problem.epsilon:g} (a float32 attribute)")
+        perm = permutation(problem.rank, problem.axes[0])
+        if perm != list(range(problem.rank)):
+            out.append(f"channel axis {problem.axes[0]} -> Transpose(perm={perm}) before the node and "
+                       f"Transpose(perm={np.argsort(perm).tolist()}) after it")
+        if not problem.scale:
+            out.append("scale off -> scale fed as ones")
+        if not problem.center:
+            out.append("center off -> B fed as zeros")
+        out.append("training: training_mode=1 with outputs Y, running_mean, running_var; "
+                   "inference: training_mode=0")
+        return out
+
+    # -- running the model
+
+    def cast(self, a: np.ndarray, problem: Problem) -> np.ndarray:
+        if problem.dtype not in NUMPY_DTYPES:  # bfloat16: the session raises NotExpressible first
+            raise NotExpressible(f"no NumPy dtype fed to ONNX Runtime for {problem.dtype}")
+        return np.ascontiguousarray(a, dtype=NUMPY_DTYPES[problem.dtype])
+
+    def run(self, problem: Problem, x: np.ndarray, training: bool, momentum: float,
+            mean: np.ndarray, var: np.ndarray) -> list[np.ndarray]:
+        sess = session(tuple(x.shape), problem.axes[0], problem.dtype, training, float(momentum),
+                       float(problem.epsilon))
+        feed = {"X": self.cast(x, problem), "scale": self.cast(problem.gamma, problem),
+                "B": self.cast(problem.beta, problem), "input_mean": self.cast(mean, problem),
+                "input_var": self.cast(var, problem)}
+        return sess.run(None, feed)
+
+    def train(self, problem: Problem) -> TrainingRun:
+        mean, var = problem.moving_mean, problem.moving_variance
+        for step, x in enumerate(problem.batches, start=1):
+            momentum = 1.0 - 1.0 / step if problem.momentum is None else problem.momentum
+            y, mean, var = self.run(problem, x, True, momentum, mean, var)
+        run = TrainingRun(output=np.asarray(y, np.float64), moving_mean=np.asarray(mean, np.float64),
+                          moving_variance=np.asarray(var, np.float64))
+        if problem.infer_after_training:
+            (y,) = self.run(problem, problem.batches[-1], False, 0.9, mean, var)
+            run.inference_output = np.asarray(y, np.float64)
+        return run
+
+    def infer(self, problem: Problem) -> np.ndarray:
+        # momentum does nothing with training_mode=0; 0.9 is the attribute's default
+        (y,) = self.run(problem, problem.batches[-1], False, 0.9, problem.moving_mean,
+                        problem.moving_variance)
+        return np.asarray(y, np.float64)
+
+    def gradients(self, problem: Problem) -> Gradients:
+        raise NotExpressible(self.not_expressible(problem, "gradients"))
+
+
+def make(adapter_id: str) -> Adapter:
+    return OnnxRuntime()
