@@ -85,6 +85,35 @@ class Conventions:
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass
+class Observed:
+    """What a default layer returned from one call, for the semantic probes."""
+
+    output: np.ndarray  # float64
+    output_dtype: str  # the framework's own dtype name, e.g. "float16"
+    moving_mean: np.ndarray
+    moving_variance: np.ndarray
+    stats_dtype: str
+
+
+class DefaultLayer(ABC):
+    """A layer built the way a user who passes nothing but what the API requires builds it.
+
+    The semantic probes call it on their own inputs and read its state; they never tell it
+    the canonical parameters, so what they measure is the API's defaults."""
+
+    @abstractmethod
+    def call(self, x: np.ndarray, mode: Check | None) -> Observed:
+        """Run on x (values representable in the layer's dtype). mode None: call with no mode
+        argument at all, as a fresh layer is called; "training": the API's training switch and
+        nothing more (no extra update step: `stats_update_without_extra_step` measures that)."""
+
+    def train_step(self, x: np.ndarray) -> Observed:
+        """One training step done the way the API's documentation prescribes (TF1 layers: with
+        the UPDATE_OPS dependency). For most APIs that is the plain training call."""
+        return self.call(x, "training")
+
+
 class Adapter(ABC):
     """One way of running BN in one framework. Subclasses read like that API's own documentation."""
 
@@ -103,6 +132,12 @@ class Adapter(ABC):
     def translations(self, problem: Problem) -> list[str]:
         """Human-readable list of how the canonical parameters were mapped to this API."""
         return []
+
+    def default_layer(self, shape: tuple[int, ...], dtype: str = "float32",
+                      trainable: bool = True) -> DefaultLayer:
+        """A layer with the API's defaults for an input of `shape` (channel count as the API
+        expects it). Raise NotExpressible where the API has no such layer or flag (trainable)."""
+        raise NotExpressible(f"{self.id} has no default-layer probe hook")
 
     @abstractmethod
     def train(self, problem: Problem) -> TrainingRun: ...

@@ -15,7 +15,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from adapters.base import Adapter, Check, Conventions, Gradients, Problem, TrainingRun
+from adapters.base import (
+    Adapter,
+    Check,
+    Conventions,
+    DefaultLayer,
+    Gradients,
+    NotExpressible,
+    Observed,
+    Problem,
+    TrainingRun,
+)
 
 TORCH_DTYPES = {
     "float16": torch.float16,
@@ -62,6 +72,12 @@ class TorchFunctional(Adapter):
         if not problem.center:
             out.append("center off -> bias=None")
         return out
+
+    def default_layer(self, shape: tuple[int, ...], dtype: str = "float32",
+                      trainable: bool = True) -> DefaultLayer:
+        if not trainable:
+            raise NotExpressible("F.batch_norm has no trainable flag")
+        return DefaultCall(shape, dtype)
 
     def state(self, problem: Problem) -> dict[str, torch.Tensor | None]:
         dtype = TORCH_DTYPES[problem.dtype]
@@ -117,6 +133,23 @@ class TorchFunctional(Adapter):
             gamma=to_numpy(s["weight"].grad) if problem.scale else None,
             beta=to_numpy(s["bias"].grad) if problem.center else None,
         )
+
+
+class DefaultCall(DefaultLayer):
+    """`F.batch_norm(x, running_mean, running_var)` with fresh state and no other argument."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: str):
+        self.dtype = TORCH_DTYPES[dtype]
+        self.running_mean = torch.zeros(shape[1], dtype=self.dtype)
+        self.running_var = torch.ones(shape[1], dtype=self.dtype)
+
+    def call(self, x: np.ndarray, mode: Check | None) -> Observed:
+        kwargs = {} if mode is None else {"training": mode == "training"}
+        with torch.no_grad():
+            y = F.batch_norm(torch.from_numpy(x).to(self.dtype), self.running_mean, self.running_var,
+                             **kwargs)
+        return Observed(to_numpy(y), str(y.dtype).removeprefix("torch."), to_numpy(self.running_mean),
+                        to_numpy(self.running_var), str(self.running_var.dtype).removeprefix("torch."))
 
 
 def make(adapter_id: str) -> Adapter:

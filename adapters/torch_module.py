@@ -17,7 +17,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from adapters.base import Adapter, Check, Conventions, Gradients, Problem, TrainingRun
+from adapters.base import (
+    Adapter,
+    Check,
+    Conventions,
+    DefaultLayer,
+    Gradients,
+    NotExpressible,
+    Observed,
+    Problem,
+    TrainingRun,
+)
 
 TORCH_DTYPES = {
     "float16": torch.float16,
@@ -76,7 +86,7 @@ class TorchModule(Adapter):
     # -- building the module, the way a user who ports weights would
 
     def module(self, problem: Problem) -> torch.nn.modules.batchnorm._BatchNorm:
-        channels = int(problem.batches[0].shape[problem.axes[0]])
+        channels = self.tensor(problem.batches[0], problem).shape[1]  # torch judges the axis
         bn = MODULES[problem.rank](
             channels,
             eps=problem.epsilon,
@@ -93,6 +103,13 @@ class TorchModule(Adapter):
             bn.running_mean.copy_(torch.from_numpy(problem.moving_mean))
             bn.running_var.copy_(torch.from_numpy(problem.moving_variance))
         return bn
+
+    def default_layer(self, shape: tuple[int, ...], dtype: str = "float32",
+                      trainable: bool = True) -> DefaultLayer:
+        if not trainable:
+            raise NotExpressible("torch modules have no trainable flag (requires_grad_ does not "
+                                 "change the mode)")
+        return DefaultModule(shape, dtype)
 
     def tensor(self, x: np.ndarray, problem: Problem) -> torch.Tensor:
         """Input in the case dtype with the channel axis at dim 1 (torch raises if out of range)."""
@@ -135,6 +152,24 @@ class TorchModule(Adapter):
         if problem.center:
             grads.beta = to_numpy(bn.bias.grad)
         return grads
+
+
+class DefaultModule(DefaultLayer):
+    """`nn.BatchNorm{1,2,3}d(num_features)` and nothing else; `.half()` for float16, as users do."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: str):
+        self.bn = MODULES[len(shape)](shape[1]).to(TORCH_DTYPES[dtype])
+        self.dtype = TORCH_DTYPES[dtype]
+
+    def call(self, x: np.ndarray, mode: Check | None) -> Observed:
+        if mode == "training":
+            self.bn.train()
+        elif mode == "inference":
+            self.bn.eval()
+        with torch.no_grad():
+            y = self.bn(torch.from_numpy(x).to(self.dtype))
+        return Observed(to_numpy(y), str(y.dtype).removeprefix("torch."), to_numpy(self.bn.running_mean),
+                        to_numpy(self.bn.running_var), str(self.bn.running_var.dtype).removeprefix("torch."))
 
 
 def make(adapter_id: str) -> Adapter:

@@ -65,6 +65,12 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_semantics(args: argparse.Namespace) -> int:
+    from conformance.probes import semantics_main
+
+    return semantics_main(args.framework, args.json, args.jobs)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from conformance.run import main as run_main
 
@@ -85,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_list)
     p = sub.add_parser("schema", help="regenerate cases/schema.json from the case model")
     p.set_defaults(func=cmd_schema)
+    p = sub.add_parser("semantics", help="measure every adapter's defaults and pitfalls (probes)")
+    p.add_argument("--framework", default=None, help="families or adapter ids (default: every family)")
+    p.add_argument("--json", action="store_true", help="JSON on stdout instead of the text table")
+    p.add_argument("-j", "--jobs", type=int, default=None)
+    p.set_defaults(func=cmd_semantics)
     p = sub.add_parser("run", help="every family in its own process, then the HTML report")
     p.add_argument("--framework", default=None,
                    help="families or adapter ids, comma-separated (default: every family)")

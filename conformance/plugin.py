@@ -25,7 +25,7 @@ import pytest
 import adapters as registry
 from adapters.base import Adapter
 from conformance import cases as case_loader
-from conformance import xfails
+from conformance import probes, xfails
 from conformance.cases import CaseError, LoadedCase
 from conformance.runner import Outcome, evaluate
 
@@ -64,6 +64,12 @@ class RunState:
     known_failures: dict
     active: bool  # the conformance suite is among the collected paths
     loaded: dict[str, Adapter | BaseException] = field(default_factory=dict)
+    _documented: dict | None = None
+
+    def documented(self) -> dict:
+        if self._documented is None:
+            self._documented = probes.documented()
+        return self._documented
 
     def adapter(self, adapter_id: str) -> Adapter:
         if adapter_id not in self.loaded:
@@ -148,6 +154,10 @@ class CaseSuite(pytest.Directory):
             node = CaseFile.from_parent(self, path=path, name=name)
             node.cases, node.errors = by_file[path]
             yield node
+        families = sorted({registry.ADAPTERS[i].family for i in state.adapter_ids})
+        for family in families:
+            path = probes.SEMANTICS_DIR / f"{family}.yaml"
+            yield ProbeFile.from_parent(self, path=path, name=f"adapters/semantics/{family}.yaml")
 
 
 class CaseFile(pytest.File):
@@ -171,6 +181,56 @@ class CaseFile(pytest.File):
                             strict=True, raises=CaseMismatch, reason=f"{known.reason} ({known.link})"))
                         item.known_failure = known.model_dump()
                     yield item
+
+
+class ProbeFile(pytest.File):
+    """The documented semantics of one family: one item per adapter x probe, run by measuring."""
+
+    def collect(self):
+        state = self.config.stash[STATE]
+        family = self.path.stem
+        for adapter_id in (i for i in state.adapter_ids if registry.ADAPTERS[i].family == family):
+            for name in probes.PROBES:
+                item = ProbeItem.from_parent(self, name=f"{name}[{adapter_id}]")
+                item.adapter_id, item.probe = adapter_id, name
+                yield item
+
+
+class ProbeMismatch(Exception):
+    pass
+
+
+class ProbeItem(pytest.Item):
+    adapter_id: str
+    probe: str
+
+    def runtest(self) -> None:
+        state = self.config.stash[STATE]
+        documented = state.documented().get(self.adapter_id, {}).get(self.probe)
+        self.record = record = {"adapter": self.adapter_id, "probe": self.probe}
+        self.user_properties.append(("bnconform-probe", record))
+        record.update(probes.measure(state.adapter(self.adapter_id), self.probe))
+        if documented is None:
+            record.update(documented=None, source="", agrees=None)
+            pytest.skip(f"no documented value in {self.path.name} for {self.adapter_id}; "
+                        f"measured {record['value']!r}")
+        record.update(documented=documented.get("value", documented.get("max")),
+                      source=documented.get("source", ""),
+                      agrees=probes.agrees(record["value"], documented))
+        if not record["agrees"]:
+            raise ProbeMismatch()
+
+    def repr_failure(self, excinfo, style=None) -> str:
+        record = getattr(self, "record", {})
+        if isinstance(excinfo.value, ProbeMismatch):
+            return (f"probe {self.probe} on {self.adapter_id}: measured {record['value']!r}, documented "
+                    f"{record['documented']!r}\n  how: {record['detail']}\n  source: {record['source']}")
+        if isinstance(excinfo.value, AdapterUnavailable):
+            return f"probe {self.probe}: {excinfo.value}"
+        return super().repr_failure(excinfo)
+
+    def reportinfo(self):
+        return self.path, 0, self.name
 
 
 class BrokenCaseFile(pytest.Item):
@@ -321,6 +381,7 @@ class ResultsRecorder:
     def __init__(self, config: pytest.Config):
         self.config = config
         self.records: list[dict[str, Any]] = []
+        self.probes: dict[str, dict[str, Any]] = {}
         self.started = datetime.now(UTC)
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -329,6 +390,9 @@ class ResultsRecorder:
         for name, value in report.user_properties:
             if name == "bnconform":
                 self.records.append(value)
+            elif name == "bnconform-probe":
+                entry = {k: v for k, v in value.items() if k not in ("adapter", "probe")}
+                self.probes.setdefault(value["adapter"], {})[value["probe"]] = entry
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         state = self.config.stash[STATE]
@@ -338,6 +402,7 @@ class ResultsRecorder:
             "format": "bnconform-results/1",
             "environment": environment(state, self.started),
             "records": self.records,
+            "probes": self.probes,
         }
         write_atomically(Path(path), payload)
         self.config.stash[RESULTS_PATH] = Path(path)
