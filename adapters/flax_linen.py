@@ -42,7 +42,17 @@ import jax.numpy as jnp  # noqa: E402
 import jaxlib  # noqa: E402
 import numpy as np  # noqa: E402
 
-from adapters.base import Adapter, Check, Conventions, Gradients, Problem, TrainingRun  # noqa: E402
+from adapters.base import (  # noqa: E402
+    Adapter,
+    Check,
+    Conventions,
+    DefaultLayer,
+    Gradients,
+    NotExpressible,
+    Observed,
+    Problem,
+    TrainingRun,
+)
 
 JAX_DTYPES = {
     "float16": jnp.float16,
@@ -107,6 +117,13 @@ class FlaxLinen(Adapter):
 
     def versions(self) -> dict[str, str]:
         return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__}
+
+    def default_layer(self, shape: tuple[int, ...], dtype: str = "float32",
+                      trainable: bool = True) -> DefaultLayer:
+        if not trainable:
+            raise NotExpressible("linen modules have no trainable flag (frozen params are the optimizer's "
+                                 "business)")
+        return DefaultLinen(shape, dtype)
 
     def device(self) -> str:
         return jax.devices()[0].platform
@@ -204,6 +221,25 @@ class FlaxLinen(Adapter):
             gamma=self.stat(dparams["scale"], problem) if problem.scale else None,
             beta=self.stat(dparams["bias"], problem) if problem.center else None,
         )
+
+
+class DefaultLinen(DefaultLayer):
+    """`nn.BatchNorm()` with no argument but `dtype` for float16, initialised by `init`."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: str):
+        self.bn = nn.BatchNorm(dtype=JAX_DTYPES[dtype]) if dtype != "float32" else nn.BatchNorm()
+        # init runs __call__, which needs use_running_average from the call or the constructor
+        self.variables = self.bn.init(jax.random.key(0), jnp.zeros(shape, JAX_DTYPES[dtype]),
+                                      use_running_average=True)
+
+    def call(self, x: np.ndarray, mode: Check | None) -> Observed:
+        kwargs = {} if mode is None else {"use_running_average": mode == "inference"}
+        x = jnp.asarray(x, self.bn.dtype or jnp.float32)
+        y, updates = self.bn.apply(self.variables, x, mutable=["batch_stats"], **kwargs)
+        self.variables = {**self.variables, **updates}
+        stats = self.variables["batch_stats"]
+        return Observed(to_numpy(y), str(y.dtype), to_numpy(stats["mean"]), to_numpy(stats["var"]),
+                        str(stats["var"].dtype))
 
 
 def make(adapter_id: str) -> Adapter:

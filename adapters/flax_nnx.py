@@ -36,7 +36,17 @@ import jaxlib  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from adapters.base import Adapter, Check, Conventions, Gradients, Problem, TrainingRun  # noqa: E402
+from adapters.base import (  # noqa: E402
+    Adapter,
+    Check,
+    Conventions,
+    DefaultLayer,
+    Gradients,
+    NotExpressible,
+    Observed,
+    Problem,
+    TrainingRun,
+)
 
 JAX_DTYPES = {
     "float16": jnp.float16,
@@ -76,6 +86,12 @@ class FlaxNNX(Adapter):
 
     def versions(self) -> dict[str, str]:
         return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__}
+
+    def default_layer(self, shape: tuple[int, ...], dtype: str = "float32",
+                      trainable: bool = True) -> DefaultLayer:
+        if not trainable:
+            raise NotExpressible("nnx modules have no trainable flag (nnx.Param filters choose what trains)")
+        return DefaultNNX(shape, dtype)
 
     def device(self) -> str:
         return jax.devices()[0].platform
@@ -160,6 +176,24 @@ class FlaxNNX(Adapter):
             gamma=to_numpy(grads["scale"][...]) if problem.scale else None,
             beta=to_numpy(grads["bias"][...]) if problem.center else None,
         )
+
+
+class DefaultNNX(DefaultLayer):
+    """`nnx.BatchNorm(num_features, rngs=...)` (num_features is required; `dtype` for float16)."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: str):
+        extra = {} if dtype == "float32" else {"dtype": JAX_DTYPES[dtype]}
+        self.bn = nnx.BatchNorm(shape[-1], rngs=nnx.Rngs(0), **extra)
+        self.dtype = JAX_DTYPES[dtype]
+
+    def call(self, x: np.ndarray, mode: Check | None) -> Observed:
+        if mode == "training":
+            self.bn.train()
+        elif mode == "inference":
+            self.bn.eval()
+        y = self.bn(jnp.asarray(x, self.dtype))
+        mean, var = self.bn.mean[...], self.bn.var[...]
+        return Observed(to_numpy(y), str(y.dtype), to_numpy(mean), to_numpy(var), str(var.dtype))
 
 
 def make(adapter_id: str) -> Adapter:

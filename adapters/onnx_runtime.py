@@ -34,7 +34,17 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from adapters.base import Adapter, Check, Conventions, Gradients, NotExpressible, Problem, TrainingRun
+from adapters.base import (
+    Adapter,
+    Check,
+    Conventions,
+    DefaultLayer,
+    Gradients,
+    NotExpressible,
+    Observed,
+    Problem,
+    TrainingRun,
+)
 
 OPSET = 21
 ELEMENT_TYPES = {
@@ -89,6 +99,40 @@ def session(shape: tuple[int, ...], axis: int, dtype: str, training: bool, momen
         raise NotExpressible(f"ONNX Runtime CPU cannot run it: {exc}") from exc
 
 
+class DefaultNode(DefaultLayer):
+    """A `BatchNormalization` node with no attributes at all (training_mode, momentum and epsilon at
+    their defaults), fed ones/zeros for scale/B and the fresh state input_mean 0, input_var 1; the
+    running outputs of a training run are the new state."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: str):
+        self.shape, self.dtype = shape, dtype
+        self.elem, self.np_dtype = ELEMENT_TYPES[dtype], NUMPY_DTYPES[dtype]
+        channels = shape[1]
+        self.state = {"scale": np.ones(channels, self.np_dtype), "B": np.zeros(channels, self.np_dtype),
+                      "input_mean": np.zeros(channels, self.np_dtype),
+                      "input_var": np.ones(channels, self.np_dtype)}
+
+    def session(self, mode: Check | None) -> ort.InferenceSession:
+        attributes = {} if mode is None else {"training_mode": int(mode == "training")}
+        outputs = ["Y", "running_mean", "running_var"] if mode == "training" else ["Y"]
+        node = helper.make_node("BatchNormalization", ["X", *STAT_INPUTS], outputs, **attributes)
+        inputs = [helper.make_tensor_value_info("X", self.elem, list(self.shape))]
+        inputs += [helper.make_tensor_value_info(n, self.elem, ["C"]) for n in STAT_INPUTS]
+        outs = [helper.make_tensor_value_info(n, self.elem, None) for n in outputs]
+        model = helper.make_model(helper.make_graph([node], "default", inputs, outs),
+                                  opset_imports=[helper.make_opsetid("", OPSET)])
+        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    def call(self, x: np.ndarray, mode: Check | None) -> Observed:
+        results = self.session(mode).run(None, {"X": x.astype(self.np_dtype), **self.state})
+        if mode == "training":
+            self.state["input_mean"], self.state["input_var"] = results[1], results[2]
+        y = results[0]
+        var = self.state["input_var"]
+        return Observed(y.astype(np.float64), str(y.dtype), self.state["input_mean"].astype(np.float64),
+                        var.astype(np.float64), str(var.dtype))
+
+
 class OnnxRuntime(Adapter):
     id = "onnxruntime"
     family = "onnx"
@@ -103,6 +147,12 @@ class OnnxRuntime(Adapter):
 
     def device(self) -> str:
         return "cpu (CPUExecutionProvider)"
+
+    def default_layer(self, shape: tuple[int, ...], dtype: str = "float32",
+                      trainable: bool = True) -> DefaultLayer:
+        if not trainable:
+            raise NotExpressible("an ONNX node has no trainable flag")
+        return DefaultNode(shape, dtype)
 
     def not_expressible(self, problem: Problem, check: Check) -> str | None:
         if check == "gradients":

@@ -214,7 +214,8 @@ class ProbeItem(pytest.Item):
             record.update(documented=None, source="", agrees=None)
             pytest.skip(f"no documented value in {self.path.name} for {self.adapter_id}; "
                         f"measured {record['value']!r}")
-        record.update(documented=documented.get("value", documented.get("max")),
+        bounds = {k: documented[k] for k in ("min", "max") if k in documented}
+        record.update(documented=documented.get("value", bounds or None),
                       source=documented.get("source", ""),
                       agrees=probes.agrees(record["value"], documented))
         if not record["agrees"]:

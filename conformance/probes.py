@@ -312,7 +312,7 @@ def measure(adapter: Adapter, name: str) -> dict[str, Value]:
 
 
 def documented() -> dict[str, dict[str, dict[str, Any]]]:
-    """adapter -> probe -> {value, source[, rtol | max]} from adapters/semantics/*.yaml."""
+    """adapter -> probe -> {value | min | max, source[, rtol]} from adapters/semantics/*.yaml."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for path in sorted(SEMANTICS_DIR.glob("*.yaml")):
         for adapter_id, probes in (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).items():
@@ -321,9 +321,11 @@ def documented() -> dict[str, dict[str, dict[str, Any]]]:
 
 
 def agrees(measured: Value, doc: dict[str, Any]) -> bool:
-    """Numbers within the documented rtol (default 10%) or under `max`; anything else equal."""
-    if "max" in doc:
-        return isinstance(measured, int | float) and measured <= doc["max"]
+    """Numbers within the documented rtol (default 10%), or within `min`/`max` bounds; anything
+    else equal."""
+    if "max" in doc or "min" in doc:
+        return (isinstance(measured, int | float) and not isinstance(measured, bool)
+                and doc.get("min", -math.inf) <= measured <= doc.get("max", math.inf))
     expected = doc.get("value")
     if isinstance(expected, bool) or isinstance(measured, bool):
         return measured is expected
