@@ -321,8 +321,8 @@ def documented() -> dict[str, dict[str, dict[str, Any]]]:
 
 
 def agrees(measured: Value, doc: dict[str, Any]) -> bool:
-    """Numbers within the documented rtol (default 10%), or within `min`/`max` bounds; anything
-    else equal."""
+    """Numbers within the documented rtol (default 2%: 0.9 and 0.99 must differ), or within
+    `min`/`max` bounds; anything else equal."""
     if "max" in doc or "min" in doc:
         return (isinstance(measured, int | float) and not isinstance(measured, bool)
                 and doc.get("min", -math.inf) <= measured <= doc.get("max", math.inf))
@@ -330,7 +330,7 @@ def agrees(measured: Value, doc: dict[str, Any]) -> bool:
     if isinstance(expected, bool) or isinstance(measured, bool):
         return measured is expected
     if isinstance(expected, int | float) and isinstance(measured, int | float):
-        return math.isclose(measured, expected, rel_tol=doc.get("rtol", 0.1), abs_tol=doc.get("atol", 0.0))
+        return math.isclose(measured, expected, rel_tol=doc.get("rtol", 0.02), abs_tol=doc.get("atol", 0.0))
     return measured == expected
 
 
