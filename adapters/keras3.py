@@ -1,0 +1,174 @@
+"""Keras 3 `keras.layers.BatchNormalization` on the backend KERAS_BACKEND names.
+
+Three adapters, one per backend, each in a process of its own backend (Keras fixes it at import):
+`keras` (tensorflow unless the user chose another), `keras-jax` and `keras-torch`.
+
+- Momentum: Keras's own decay form, `moving = momentum * moving + (1 - momentum) * batch`, so the
+  canonical m is `momentum=m`. m = null (a cumulative average) has no Keras equivalent.
+- epsilon: `epsilon=`; center/scale: `center=` / `scale=`.
+- Channel axis: `axis=` takes one integer (`self.axis = int(axis)` in
+  keras/src/layers/normalization/batch_normalization.py), so several channel axes are not
+  expressible; a one-element list is passed as its integer. An out-of-range axis is left to
+  `build`, which indexes the input shape with it and raises.
+- gamma/beta/moving statistics: the layer is built for the input shape and its variables assigned,
+  as when porting weights.
+- Dtype: `dtype=<case dtype>`. The layer then keeps gamma, beta and the moving statistics in that
+  dtype too, and computes in at least float32 (`backend.result_type(inputs.dtype, "float32")`).
+  On JAX, float64 needs x64 mode: importing this module on that backend enables it for the
+  process, as the Flax adapters do; every array is given an explicit dtype, so lower-precision
+  cases run as they would without it.
+- Modes: `layer(x, training=True)` normalizes with the batch statistics and assigns the moving
+  averages (biased variance from `ops.moments`, measured); `layer(x, training=False)` is inference.
+- Gradients: each backend's own autodiff on the same eager call: `tf.GradientTape` on tensorflow,
+  `jax.vjp` over `layer.stateless_call` on jax, `.backward()` on torch.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from adapters.base import Adapter, Check, Conventions, Gradients, Problem, TrainingRun
+
+BACKEND = keras.backend.backend()
+if BACKEND == "jax":
+    import jax
+
+    jax.config.update("jax_enable_x64", True)  # float64 cases; see the docstring
+
+
+def to_numpy(t) -> np.ndarray:
+    return np.asarray(keras.ops.convert_to_numpy(t)).astype(np.float64)
+
+
+class Keras3(Adapter):
+    """`keras`: the backend the user chose (tensorflow when unset)."""
+
+    id = "keras"
+    family = "keras"
+    conventions = Conventions(
+        moving_variance_estimator="biased",
+        notes=["moving variance updated with the biased batch variance of ops.moments",
+               "gamma, beta and the moving statistics are kept in the layer dtype (float16 too)"],
+    )
+
+    def versions(self) -> dict[str, str]:
+        out = {"keras": keras.__version__, "backend": BACKEND}
+        if BACKEND == "tensorflow":
+            import tensorflow as tf
+
+            out["tensorflow"] = tf.__version__
+        elif BACKEND == "jax":
+            out["jax"] = jax.__version__
+        elif BACKEND == "torch":
+            import torch
+
+            out["torch"] = torch.__version__
+        return out
+
+    def not_expressible(self, problem: Problem, check: Check) -> str | None:
+        if problem.momentum is None:
+            return "Keras momentum is a fixed decay; it has no cumulative average (momentum null)"
+        if len(problem.axes) != 1:
+            return "Keras 3 BatchNormalization takes one integer axis (self.axis = int(axis))"
+        return None
+
+    def translations(self, problem: Problem) -> list[str]:
+        out = [f"momentum {problem.momentum:g} -> momentum={problem.momentum:g} (same decay form)",
+               f"epsilon {problem.epsilon:g} -> epsilon={problem.epsilon:g}",
+               f"channel axis {problem.axes[0]} -> axis={problem.axes[0]}",
+               f"dtype {problem.dtype} -> dtype={problem.dtype!r} (parameters and statistics too)",
+               f"backend {BACKEND}"]
+        if not (problem.center and problem.scale):
+            out.append(f"center={problem.center}, scale={problem.scale}")
+        return out
+
+    # -- the layer
+
+    def layer(self, problem: Problem) -> keras.layers.BatchNormalization:
+        bn = keras.layers.BatchNormalization(
+            axis=problem.axes[0], momentum=problem.momentum, epsilon=problem.epsilon,
+            center=problem.center, scale=problem.scale, dtype=problem.dtype)
+        bn.build(problem.batches[0].shape)  # an out-of-range axis raises here
+        bn.moving_mean.assign(problem.moving_mean)
+        bn.moving_variance.assign(problem.moving_variance)
+        if problem.scale:
+            bn.gamma.assign(problem.gamma)
+        if problem.center:
+            bn.beta.assign(problem.beta)
+        return bn
+
+    def tensor(self, x: np.ndarray, problem: Problem):
+        return keras.ops.convert_to_tensor(x, dtype=problem.dtype)
+
+    def train(self, problem: Problem) -> TrainingRun:
+        bn = self.layer(problem)
+        for x in problem.batches:
+            y = bn(self.tensor(x, problem), training=True)
+        run = TrainingRun(output=to_numpy(y), moving_mean=to_numpy(bn.moving_mean),
+                          moving_variance=to_numpy(bn.moving_variance))
+        if problem.infer_after_training:
+            run.inference_output = to_numpy(bn(self.tensor(problem.batches[-1], problem), training=False))
+        return run
+
+    def infer(self, problem: Problem) -> np.ndarray:
+        bn = self.layer(problem)
+        return to_numpy(bn(self.tensor(problem.batches[-1], problem), training=False))
+
+    def gradients(self, problem: Problem) -> Gradients:
+        bn = self.layer(problem)
+        x = self.tensor(problem.batches[-1], problem)
+        upstream = self.tensor(problem.upstream, problem)
+        params = [v for v in (bn.gamma, bn.beta) if v is not None]
+        dx, *dparams = {"tensorflow": tf_vjp, "jax": jax_vjp, "torch": torch_vjp}[BACKEND](
+            bn, x, params, upstream)
+        return Gradients(
+            input=to_numpy(dx),
+            gamma=to_numpy(dparams.pop(0)) if problem.scale else None,
+            beta=to_numpy(dparams.pop(0)) if problem.center else None,
+        )
+
+
+class Keras3Jax(Keras3):
+    id = "keras-jax"
+
+
+class Keras3Torch(Keras3):
+    id = "keras-torch"
+
+
+# -- one backward pass per backend: dL/dx and dL/dparams for the given dL/dy
+
+
+def tf_vjp(bn: keras.layers.Layer, x, params: list, upstream) -> list:
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = bn(x, training=True)
+    return tape.gradient(y, [x, *params], output_gradients=upstream)
+
+
+def jax_vjp(bn: keras.layers.Layer, x, params: list, upstream) -> list:
+    trainable = [v.value for v in bn.trainable_variables]
+    non_trainable = [v.value for v in bn.non_trainable_variables]
+
+    def forward(trainable: list, x):
+        y, _ = bn.stateless_call(trainable, non_trainable, x, training=True)
+        return y
+
+    _, vjp = jax.vjp(forward, trainable, x)
+    d_trainable, dx = vjp(upstream)
+    by_variable = {id(v): d for v, d in zip(bn.trainable_variables, d_trainable, strict=True)}
+    return [dx, *(by_variable[id(p)] for p in params)]
+
+
+def torch_vjp(bn: keras.layers.Layer, x, params: list, upstream) -> list:
+    x = x.detach().requires_grad_(True)
+    y = bn(x, training=True)
+    y.backward(upstream)
+    return [x.grad, *(p.value.grad for p in params)]
+
+
+def make(adapter_id: str) -> Adapter:
+    return {"keras": Keras3, "keras-jax": Keras3Jax, "keras-torch": Keras3Torch}[adapter_id]()

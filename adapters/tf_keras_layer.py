@@ -1,0 +1,178 @@
+"""Keras 2 (`tf_keras`) `layers.BatchNormalization`, called eagerly as its documentation shows.
+
+Two adapters: `tf-keras` leaves `fused=None` (the layer picks the fused kernel where it can) and
+`tf-keras-unfused` passes `fused=False`.
+
+- Momentum: Keras's own decay form, `moving = momentum * moving + (1 - momentum) * batch`, so the
+  canonical m is passed as `momentum=m`. m = null (a cumulative average) has no Keras equivalent.
+- epsilon: `epsilon=`. center/scale: `center=` / `scale=`. Channel axes: `axis=` (an int, or a
+  list for several axes; the layer validates it and raises ValueError when out of range).
+- gamma/beta/moving statistics: the layer is built for the input shape and its variables assigned,
+  as when porting weights. With several axes the variables have the broadcast shape (channel sizes
+  at the channel axes in ascending order, 1 elsewhere).
+- Dtype: `dtype=<case dtype>`; for float16/bfloat16 the layer keeps its parameters and moving
+  statistics in float32 (`_param_dtype`).
+- Modes: `layer(x, training=True)` trains and updates the moving statistics at once (eager);
+  `layer(x, training=False)` is inference.
+- Which kernel: with `fused=None` the layer fuses 4-D input with the channel axis 1 or 3 and 5-D
+  input with axis 1 or 4 when the dtype is not float64 (`_raise_if_fused_cannot_be_used` and
+  `build`, tf_keras/src/layers/normalization/batch_normalization.py). The fused kernel updates the
+  moving variance with the Bessel-corrected batch variance (measured; eager training passes
+  `exponential_avg_factor = 1 - momentum` to `fused_batch_norm`), the unfused one with the biased
+  variance. A declaration is one per adapter, so `tf-keras` declares the fused estimator and leaves
+  training on the shapes it does not fuse to `tf-keras-unfused`, which runs the same code.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+import tf_keras
+
+from adapters.base import Adapter, Check, Conventions, Gradients, Problem, TrainingRun
+
+FUSED_AXES = {4: (1, 3), 5: (1, 4)}
+
+
+def to_numpy(t: tf.Tensor) -> np.ndarray:
+    return tf.cast(t, tf.float64).numpy()
+
+
+def in_range(problem: Problem) -> bool:
+    return all(-problem.rank <= a < problem.rank for a in problem.axes)
+
+
+def takes_fused_path(problem: Problem) -> bool:
+    """Whether `fused=None` picks the fused kernel for this input (see the module docstring)."""
+    if len(problem.axes) != 1 or problem.dtype == "float64" or problem.rank not in FUSED_AXES:
+        return False
+    return problem.axes[0] % problem.rank in FUSED_AXES[problem.rank]
+
+
+class TfKerasLayer(Adapter):
+    family = "tf"
+    fused: bool | None
+
+    def versions(self) -> dict[str, str]:
+        return {"tensorflow": tf.__version__, "tf_keras": tf_keras.__version__}
+
+    def not_expressible(self, problem: Problem, check: Check) -> str | None:
+        if problem.momentum is None:
+            return "Keras momentum is a fixed decay; it has no cumulative average (momentum null)"
+        return None
+
+    def translations(self, problem: Problem) -> list[str]:
+        axis = problem.axes[0] if len(problem.axes) == 1 else list(problem.axes)
+        out = [f"momentum {problem.momentum:g} -> momentum={problem.momentum:g} (same decay form)",
+               f"epsilon {problem.epsilon:g} -> epsilon={problem.epsilon:g}",
+               f"channel axis {axis} -> axis={axis}",
+               f"dtype {problem.dtype} -> dtype={problem.dtype!r}"]
+        if not (problem.center and problem.scale):
+            out.append(f"center={problem.center}, scale={problem.scale}")
+        if self.fused is False:
+            out.append("fused=False")
+        elif in_range(problem):
+            kernel = "fused" if takes_fused_path(problem) else "unfused"
+            out.append(f"fused=None -> the layer takes the {kernel} kernel for this input")
+        return out
+
+    # -- the layer, built and loaded with the case's state
+
+    def layer(self, problem: Problem) -> tf_keras.layers.BatchNormalization:
+        axis = problem.axes[0] if len(problem.axes) == 1 else list(problem.axes)
+        bn = tf_keras.layers.BatchNormalization(
+            axis=axis, momentum=problem.momentum, epsilon=problem.epsilon, center=problem.center,
+            scale=problem.scale, fused=self.fused, dtype=problem.dtype)
+        bn.build(problem.batches[0].shape)  # raises ValueError for an out-of-range axis
+        for name, values in self.state(problem).items():
+            variable = getattr(bn, name)
+            variable.assign(self.ascending(values, problem).reshape(variable.shape))
+        return bn
+
+    def state(self, problem: Problem) -> dict[str, np.ndarray]:
+        out = {"moving_mean": problem.moving_mean, "moving_variance": problem.moving_variance}
+        if problem.scale:
+            out["gamma"] = problem.gamma
+        if problem.center:
+            out["beta"] = problem.beta
+        return out
+
+    def ascending(self, values: np.ndarray, problem: Problem) -> np.ndarray:
+        """Per-channel values reordered from the case's axis order to ascending axes."""
+        return np.transpose(values, np.argsort([a % problem.rank for a in problem.axes]))
+
+    def per_channel(self, variable: tf.Variable, problem: Problem) -> np.ndarray:
+        """A layer variable back in the case's shape (channel dims in the case's axis order)."""
+        order = np.argsort([a % problem.rank for a in problem.axes])
+        sizes = [problem.batches[0].shape[a] for a in sorted(a % problem.rank for a in problem.axes)]
+        return np.transpose(to_numpy(variable).reshape(sizes), np.argsort(order))
+
+    def tensor(self, x: np.ndarray, problem: Problem) -> tf.Tensor:
+        return tf.cast(tf.constant(x), tf.as_dtype(problem.dtype))
+
+    def train(self, problem: Problem) -> TrainingRun:
+        bn = self.layer(problem)
+        for x in problem.batches:
+            y = bn(self.tensor(x, problem), training=True)
+        run = TrainingRun(output=to_numpy(y), moving_mean=self.per_channel(bn.moving_mean, problem),
+                          moving_variance=self.per_channel(bn.moving_variance, problem))
+        if problem.infer_after_training:
+            run.inference_output = to_numpy(bn(self.tensor(problem.batches[-1], problem), training=False))
+        return run
+
+    def infer(self, problem: Problem) -> np.ndarray:
+        bn = self.layer(problem)
+        return to_numpy(bn(self.tensor(problem.batches[-1], problem), training=False))
+
+    def gradients(self, problem: Problem) -> Gradients:
+        bn = self.layer(problem)
+        x = self.tensor(problem.batches[-1], problem)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = bn(x, training=True)
+        params = [v for v in (bn.gamma, bn.beta) if v is not None]
+        grads = tape.gradient(y, [x, *params], output_gradients=self.tensor(problem.upstream, problem))
+        dx, rest = grads[0], list(grads[1:])
+        return Gradients(
+            input=to_numpy(dx),
+            gamma=self.per_channel(rest.pop(0), problem) if problem.scale else None,
+            beta=self.per_channel(rest.pop(0), problem) if problem.center else None,
+        )
+
+
+class TfKeras(TfKerasLayer):
+    id = "tf-keras"
+    fused = None
+    conventions = Conventions(
+        moving_variance_estimator="unbiased",
+        notes=["fused=None: 4-D/5-D input with the channel axis first or last runs the fused kernel, "
+               "which updates the moving variance with the unbiased batch variance; other inputs run "
+               "the unfused code (biased), checked under tf-keras-unfused"],
+    )
+
+    def not_expressible(self, problem: Problem, check: Check) -> str | None:
+        reason = super().not_expressible(problem, check)
+        if reason is None and problem.rank == 4 and problem.axes == (-4,):
+            # `_raise_if_fused_cannot_be_used` accepts -4 (meant for 5-D input), so fused=None stays
+            # fused; `build` then finds axis 0 on 4-D input and raises "Unsupported axis" (measured).
+            reason = ("fused=None rejects axis=-4 on 4-D input (ValueError: Unsupported axis), though "
+                      "axis=0 is accepted: tf_keras batch_normalization.py _raise_if_fused_cannot_be_used"
+                      " lets -4 through for 5-D and build() then refuses axis 0 for the fused kernel")
+        if reason is None and check == "training" and in_range(problem) and not takes_fused_path(problem):
+            reason = ("fused=None runs the unfused kernel for this input (not 4-D/5-D with the channel "
+                      "axis first or last, or float64), whose moving variance is biased, not the fused "
+                      "path's declared unbiased one; the same code runs as tf-keras-unfused")
+        return reason
+
+
+class TfKerasUnfused(TfKerasLayer):
+    id = "tf-keras-unfused"
+    fused = False
+    conventions = Conventions(
+        moving_variance_estimator="biased",
+        notes=["fused=False: tf.nn.moments statistics, biased moving variance"],
+    )
+
+
+def make(adapter_id: str) -> Adapter:
+    return {"tf-keras": TfKeras, "tf-keras-unfused": TfKerasUnfused}[adapter_id]()

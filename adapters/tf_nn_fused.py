@@ -1,0 +1,138 @@
+"""`tf.compat.v1.nn.fused_batch_norm`: one fused op that normalizes and updates the moving averages.
+
+- Momentum: training passes `exponential_avg_factor = 1 - m` and the op returns
+  `running = (1 - factor) * running + factor * batch`, so the canonical decay-form m becomes
+  `1 - m`; m = null (cumulative average) is factor `1/t` at step t. With factor 1.0 the op returns
+  the batch statistics themselves (the API docs: "If set to 1.0, the current batch average is
+  returned"), so only then does this adapter report `batch_mean` / `batch_variance`.
+- Variance estimator, measured: the variance the op returns (and folds into the running variance)
+  carries Bessel's correction n/(n-1); the output is normalized with the biased one. The CPU kernel
+  computes `batch_var = variance * rest_size_adjust` (tensorflow/core/kernels/fused_batch_norm_op.cc).
+- Layout: no axis argument, a `data_format` instead: 4-D "NHWC" (channel axis 3/-1) or "NCHW"
+  (1/-3), 5-D "NDHWC" (4/-1) or "NCDHW" (1/-4). Any other rank or axis is not expressible.
+- epsilon: `epsilon=`. center/scale off: the op needs `offset` and `scale`, so they are passed as
+  constant zeros / ones (nothing to train).
+- Dtypes: x may be float16, bfloat16 or float32 (the op's `T`); scale, offset and the running
+  statistics are always float32 (its `U`). float64 has no kernel, so it is not expressible.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from adapters.base import Adapter, Check, Conventions, Gradients, Problem, TrainingRun
+
+DATA_FORMATS = {(4, 3): "NHWC", (4, 1): "NCHW", (5, 4): "NDHWC", (5, 1): "NCDHW"}
+
+
+def to_numpy(t: tf.Tensor) -> np.ndarray:
+    return tf.cast(t, tf.float64).numpy()
+
+
+def data_format(problem: Problem) -> str | None:
+    """The data_format that puts the case's channel axis where the op expects it, if any."""
+    if len(problem.axes) != 1 or problem.rank not in (4, 5):
+        return None
+    axis = problem.axes[0]
+    if not -problem.rank <= axis < problem.rank:
+        return None
+    return DATA_FORMATS.get((problem.rank, axis % problem.rank))
+
+
+class TfNnFused(Adapter):
+    id = "tf-nn-fused"
+    family = "tf"
+    conventions = Conventions(
+        moving_variance_estimator="unbiased",
+        batch_variance_estimator="unbiased",
+        notes=["the fused op returns, and averages in, the Bessel-corrected batch variance; "
+               "the output uses the biased one",
+               "batch statistics are returned only when exponential_avg_factor is 1.0"],
+    )
+
+    def versions(self) -> dict[str, str]:
+        return {"tensorflow": tf.__version__}
+
+    def not_expressible(self, problem: Problem, check: Check) -> str | None:
+        if problem.dtype == "float64":
+            return "FusedBatchNormV3 has kernels for float16, bfloat16 and float32 input only"
+        if data_format(problem) is None:
+            return (f"fused_batch_norm takes 4-D/5-D input with the channel axis first or last "
+                    f"(NHWC/NCHW/NDHWC/NCDHW); not axis {list(problem.axes)} on {problem.rank}-D")
+        return None
+
+    def translations(self, problem: Problem) -> list[str]:
+        if problem.momentum is None:
+            out = ["momentum null -> exponential_avg_factor=1/t at step t (cumulative average)"]
+        else:
+            out = [f"momentum {problem.momentum:g} -> exponential_avg_factor={1 - problem.momentum:g} "
+                   "(1 - m)"]
+        out.append(f"channel axis {problem.axes[0]} -> data_format={data_format(problem)!r}")
+        out.append(f"epsilon {problem.epsilon:g} -> epsilon={problem.epsilon:g}")
+        if not problem.scale:
+            out.append("scale off -> scale=ones (a constant)")
+        if not problem.center:
+            out.append("center off -> offset=zeros (a constant)")
+        if problem.dtype in ("float16", "bfloat16"):
+            out.append(f"x in {problem.dtype}; scale, offset and running statistics in float32")
+        return out
+
+    def params(self, problem: Problem) -> dict:
+        f32 = tf.float32
+        return {
+            "scale": tf.Variable(problem.gamma, dtype=f32) if problem.scale else tf.ones_like(
+                problem.gamma, dtype=f32),
+            "offset": tf.Variable(problem.beta, dtype=f32) if problem.center else tf.zeros_like(
+                problem.beta, dtype=f32),
+            "mean": tf.constant(problem.moving_mean, dtype=f32),
+            "variance": tf.constant(problem.moving_variance, dtype=f32),
+        }
+
+    def tensor(self, x: np.ndarray, problem: Problem) -> tf.Tensor:
+        return tf.cast(tf.constant(x), tf.as_dtype(problem.dtype))
+
+    def fused(self, x: tf.Tensor, p: dict, problem: Problem, training: bool,
+              factor: float = 1.0) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        return tf.compat.v1.nn.fused_batch_norm(
+            x, p["scale"], p["offset"], mean=p["mean"], variance=p["variance"],
+            epsilon=problem.epsilon, data_format=data_format(problem), is_training=training,
+            exponential_avg_factor=factor)
+
+    def train(self, problem: Problem) -> TrainingRun:
+        p = self.params(problem)
+        for step, batch in enumerate(problem.batches, start=1):
+            factor = 1.0 / step if problem.momentum is None else 1.0 - problem.momentum
+            y, p["mean"], p["variance"] = self.fused(self.tensor(batch, problem), p, problem, True, factor)
+        run = TrainingRun(output=to_numpy(y), moving_mean=to_numpy(p["mean"]),
+                          moving_variance=to_numpy(p["variance"]))
+        if factor == 1.0:  # the op returned the batch statistics themselves
+            run.batch_mean, run.batch_variance = run.moving_mean, run.moving_variance
+        if problem.infer_after_training:
+            run.inference_output = self.infer_with(p, problem)
+        return run
+
+    def infer_with(self, p: dict, problem: Problem) -> np.ndarray:
+        y, _, _ = self.fused(self.tensor(problem.batches[-1], problem), p, problem, False)
+        return to_numpy(y)
+
+    def infer(self, problem: Problem) -> np.ndarray:
+        return self.infer_with(self.params(problem), problem)
+
+    def gradients(self, problem: Problem) -> Gradients:
+        p = self.params(problem)
+        x = self.tensor(problem.batches[-1], problem)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y, _, _ = self.fused(x, p, problem, True)
+        dx, dscale, doffset = tape.gradient(y, [x, p["scale"], p["offset"]],
+                                            output_gradients=self.tensor(problem.upstream, problem))
+        return Gradients(
+            input=to_numpy(dx),
+            gamma=to_numpy(dscale) if problem.scale else None,
+            beta=to_numpy(doffset) if problem.center else None,
+        )
+
+
+def make(adapter_id: str) -> Adapter:
+    return TfNnFused()
