@@ -125,6 +125,11 @@ class Adapter(ABC):
     def versions(self) -> dict[str, str]:
         """Versions of the packages this adapter drives."""
 
+    def conventions_for(self, problem: Problem) -> Conventions:
+        """The conventions this problem runs under, where the API picks a kernel by input
+        (tf_keras with fused=None: the fused kernel on 4-D/5-D input, the unfused one otherwise)."""
+        return self.conventions
+
     def not_expressible(self, problem: Problem, check: Check) -> str | None:
         """Why this API cannot state the case, or None when it can."""
         return None

@@ -275,7 +275,6 @@ class CaseItem(pytest.Item):
         }
         self.user_properties.append(("bnconform", record))
         adapter = self.config.stash[STATE].adapter(self.adapter_id)
-        record["conventions"] = conventions_of(adapter)
         outcome = Outcome("error")
         started = time.perf_counter()
         try:

@@ -5,10 +5,10 @@ Kept free of pytest so the plugin, `python -m conformance` and the benchmarks sh
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from adapters.base import Adapter, Check, NotExpressible, Problem, TrainingRun
+from adapters.base import Adapter, Check, Conventions, NotExpressible, Problem, TrainingRun
 from conformance import problem as problems
 from conformance.cases import Case
 from conformance.compare import Metric, Tolerance, compare, tolerance
@@ -25,6 +25,7 @@ class Outcome:
     translations: list[str] = field(default_factory=list)
     reason: str = ""  # why not expressible, or what a case that must fail raised
     tolerance: Tolerance | None = None
+    conventions: Conventions | None = None  # as declared for this problem
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -33,6 +34,7 @@ class Outcome:
             "translations": self.translations,
             "reason": self.reason,
             "tolerance_rule": self.tolerance.rule if self.tolerance else "",
+            "conventions": asdict(self.conventions) if self.conventions else None,
         }
 
 
@@ -54,6 +56,7 @@ def evaluate(adapter: Adapter, case: Case, check: Check, outcome: Outcome | None
         outcome.status, outcome.reason = "not-expressible", reason
         return outcome
     outcome.translations = adapter.translations(problem)
+    outcome.conventions = adapter.conventions_for(problem)
     if case.expect_error:
         try:
             execute(adapter, problem, check)
@@ -74,7 +77,7 @@ def evaluate(adapter: Adapter, case: Case, check: Check, outcome: Outcome | None
         outcome.status, outcome.reason = "not-expressible", str(exc)
         return outcome
     if check == "training":
-        outcome.metrics = training_metrics(adapter, expected, got, case.dtype, tol)
+        outcome.metrics = training_metrics(outcome.conventions, expected, got, case.dtype, tol)
     elif check == "gradients":
         outcome.metrics = [
             compare(name, array, getattr(got, name), case.dtype, tol)
@@ -87,17 +90,17 @@ def evaluate(adapter: Adapter, case: Case, check: Check, outcome: Outcome | None
     return outcome
 
 
-def training_metrics(adapter: Adapter, expected: problems.Expected, got: TrainingRun, dtype: str,
+def training_metrics(conventions: Conventions, expected: problems.Expected, got: TrainingRun, dtype: str,
                      tol: Tolerance) -> list[Metric]:
     """Compare what the case gives; where the adapter declares the unbiased estimator, the moving
     variance and the inference output after training are held to the Bessel-corrected track."""
     metrics = []
-    declared = adapter.conventions.moving_variance_estimator
+    declared = conventions.moving_variance_estimator
     for name in ("output", "batch_mean", "moving_mean"):
         if name in expected.given and getattr(got, name) is not None:
             metrics.append(compare(name, expected.given[name], getattr(got, name), dtype, tol))
     follows_estimator = {
-        "batch_variance": adapter.conventions.batch_variance_estimator,
+        "batch_variance": conventions.batch_variance_estimator,
         "moving_variance": declared,
         "inference_output": declared,
     }
