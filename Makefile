@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 # Families for the conformance run: every family by default (`make test FRAMEWORKS=torch` for one).
-FRAMEWORKS ?= torch
+FRAMEWORKS ?= all
 
 .PHONY: report test install clean
 
