@@ -10,14 +10,14 @@ import difflib
 import math
 import types
 import typing
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from conformance.dtypes import DTYPES, round_to
 
@@ -110,6 +110,8 @@ class Tolerance(Strict):
 
 
 class Case(Strict):
+    _memo: dict[Any, Any] = PrivateAttr(default_factory=dict)  # arrays derived from this case
+
     id: str = Field(pattern=r"^[a-z0-9]+(-[a-z0-9.]+)*$", max_length=120)
     title: str = ""
     tags: list[str] = []
@@ -121,6 +123,12 @@ class Case(Strict):
     inference: Inference | None = None
     tolerance: Tolerance | None = None
     expect_error: bool = False
+
+    def memo(self, key: Any, make: Callable[[], Any]) -> Any:
+        """Compute something derived from this (immutable once loaded) case once per process."""
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
 
     @property
     def tensors(self) -> list[Tensor]:
@@ -194,6 +202,8 @@ def _nearest_mark(marks: dict[Loc, tuple[int, int]], loc: Loc, default: tuple[in
     return default
 
 
+# libyaml's C parser when PyYAML was built with it (10x faster); both give node positions
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _PLAIN_TAGS = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"}
 
 
@@ -245,7 +255,7 @@ class _Walker:
 
 def _documents(path: Path, text: str) -> Iterator[tuple[yaml.Node | None, CaseError | None]]:
     try:
-        for node in yaml.compose_all(text, Loader=yaml.SafeLoader):
+        for node in yaml.compose_all(text, Loader=SAFE_LOADER):
             yield node, None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark

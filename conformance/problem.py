@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,7 +25,11 @@ def channel_shape(case: Case) -> tuple[int, ...]:
 
 def build(case: Case, check: Check) -> Problem:
     """The problem for one check: training feeds every step's batch, inference the last batch,
-    gradients the batch of the last training step."""
+    gradients the batch of the last training step. Built once per case and check."""
+    return case.memo(("problem", check), lambda: _build(case, check))
+
+
+def _build(case: Case, check: Check) -> Problem:
     dtype = case.dtype
     tensors = [make_array(t, tuple(t.shape), dtype) for t in case.tensors]
     if check == "inference":
@@ -63,20 +68,29 @@ class Expected:
     """Expected arrays for one check: from the case, or derived from the reference on demand."""
 
     given: dict[str, np.ndarray]
-    reference: dict[str, np.ndarray] = field(repr=False)
+    reference: Callable[[], dict[str, np.ndarray]] = field(repr=False)  # computed only if asked
 
     def get(self, name: str) -> tuple[np.ndarray | None, bool]:
         """(array, derived?): derived means the case left it out and the reference supplied it."""
         if name in self.given:
             return self.given[name], False
-        if name in self.reference:
-            return self.reference[name], True
-        return None, False
+        derived = self.reference().get(name)
+        return derived, derived is not None
 
 
 def expected(case: Case, check: Check, problem: Problem) -> Expected:
+    """The case's expected values as arrays, converted once per case and check."""
+    return case.memo(("expected", check), lambda: _expected(case, check, problem))
+
+
+def _expected(case: Case, check: Check, problem: Problem) -> Expected:
     given: dict[str, np.ndarray] = {}
-    ref: dict[str, np.ndarray] = {}
+
+    def ref() -> dict[str, np.ndarray]:
+        if check != "training" or case.expect_error:
+            return {}
+        return case.memo("reference-training", lambda: vars(reference.train(problem)))
+
     if check == "training":
         assert case.training is not None
         shapes = {"output": problem.batches[-1].shape, "inference_output": problem.batches[-1].shape}
@@ -84,8 +98,6 @@ def expected(case: Case, check: Check, problem: Problem) -> Expected:
             values = getattr(case.training.expected, name)
             if values is not None:
                 given[name] = as_array(values, shapes.get(name, problem.gamma.shape))
-        if not case.expect_error:
-            ref = vars(reference.train(problem))
     elif check == "gradients":
         assert case.training is not None and case.training.gradients is not None
         for name in GRADIENT_FIELDS:
@@ -100,7 +112,12 @@ def expected(case: Case, check: Check, problem: Problem) -> Expected:
     return Expected(given, ref)
 
 
-def conditioning(problem: Problem) -> float:
+def conditioning(case: Case, check: Check, problem: Problem) -> float:
+    """`input_conditioning` of the check's batches, once per case and check."""
+    return case.memo(("conditioning", check), lambda: input_conditioning(problem))
+
+
+def input_conditioning(problem: Problem) -> float:
     """max over channels of |mean| / std of the batches fed: how many digits subtracting the mean
     cancels. Constant channels (std 0) do not count: their output is beta whatever the rounding."""
     worst = 0.0

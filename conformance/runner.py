@@ -69,7 +69,7 @@ def evaluate(adapter: Adapter, case: Case, check: Check, outcome: Outcome | None
         outcome.status, outcome.reason = "fail", "the framework accepted a case it must reject"
         return outcome
     expected = problems.expected(case, check, problem)
-    tol = tolerance(case.dtype, problems.conditioning(problem), case.tolerance)
+    tol = tolerance(case.dtype, problems.conditioning(case, check, problem), case.tolerance)
     outcome.tolerance = tol
     try:
         got = execute(adapter, problem, check)
