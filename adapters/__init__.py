@@ -16,30 +16,46 @@ from adapters.base import Adapter
 class AdapterInfo:
     id: str
     family: str
-    module: str  # adapters.<module> has `make(adapter_id) -> Adapter`
+    module: str  # importable module with `make(adapter_id) -> Adapter`
     environment: tuple[tuple[str, str], ...] = ()  # variables its process needs before imports
 
 
 ADAPTERS: dict[str, AdapterInfo] = {
     info.id: info
     for info in [
-        AdapterInfo("tf-layers", "tf", "tf_layers", (("TF_USE_LEGACY_KERAS", "1"),)),
-        AdapterInfo("tf-keras", "tf", "tf_keras_layer", (("TF_USE_LEGACY_KERAS", "1"),)),
-        AdapterInfo("tf-keras-unfused", "tf", "tf_keras_layer", (("TF_USE_LEGACY_KERAS", "1"),)),
-        AdapterInfo("tf-nn", "tf", "tf_nn"),
-        AdapterInfo("tf-nn-fused", "tf", "tf_nn_fused"),
+        AdapterInfo("tf-layers", "tf", "adapters.tf_layers", (("TF_USE_LEGACY_KERAS", "1"),)),
+        AdapterInfo("tf-keras", "tf", "adapters.tf_keras_layer", (("TF_USE_LEGACY_KERAS", "1"),)),
+        AdapterInfo("tf-keras-unfused", "tf", "adapters.tf_keras_layer", (("TF_USE_LEGACY_KERAS", "1"),)),
+        AdapterInfo("tf-nn", "tf", "adapters.tf_nn"),
+        AdapterInfo("tf-nn-fused", "tf", "adapters.tf_nn_fused"),
         # `keras` runs on the backend the user chose (tensorflow when unset), fixed per process
-        AdapterInfo("keras", "keras", "keras3",
+        AdapterInfo("keras", "keras", "adapters.keras3",
                     (("KERAS_BACKEND", os.environ.get("KERAS_BACKEND", "tensorflow")),)),
-        AdapterInfo("keras-jax", "keras", "keras3", (("KERAS_BACKEND", "jax"),)),
-        AdapterInfo("keras-torch", "keras", "keras3", (("KERAS_BACKEND", "torch"),)),
-        AdapterInfo("torch", "torch", "torch_module"),
-        AdapterInfo("torch-functional", "torch", "torch_functional"),
-        AdapterInfo("flax-linen", "jax", "flax_linen"),
-        AdapterInfo("flax-nnx", "jax", "flax_nnx"),
-        AdapterInfo("onnxruntime", "onnx", "onnx_runtime"),
+        AdapterInfo("keras-jax", "keras", "adapters.keras3", (("KERAS_BACKEND", "jax"),)),
+        AdapterInfo("keras-torch", "keras", "adapters.keras3", (("KERAS_BACKEND", "torch"),)),
+        AdapterInfo("torch", "torch", "adapters.torch_module"),
+        AdapterInfo("torch-functional", "torch", "adapters.torch_functional"),
+        AdapterInfo("flax-linen", "jax", "adapters.flax_linen"),
+        AdapterInfo("flax-nnx", "jax", "adapters.flax_nnx"),
+        AdapterInfo("onnxruntime", "onnx", "adapters.onnx_runtime"),
     ]
 }
+
+def _extra_adapters(spec: str) -> list[AdapterInfo]:
+    """Adapters from outside this package: BNCONFORM_EXTRA_ADAPTERS="id=family:module,..." names
+    an importable module with `make(adapter_id)`. For converter authors running the suite on their
+    own implementation, and for the suite's own crash-isolation tests."""
+    out = []
+    for entry in filter(None, (part.strip() for part in spec.split(","))):
+        adapter_id, _, rest = entry.partition("=")
+        family, _, module = rest.partition(":")
+        if not (adapter_id and family and module):
+            raise ValueError(f"BNCONFORM_EXTRA_ADAPTERS entry {entry!r} is not id=family:module")
+        out.append(AdapterInfo(adapter_id, family, module))
+    return out
+
+
+ADAPTERS.update((i.id, i) for i in _extra_adapters(os.environ.get("BNCONFORM_EXTRA_ADAPTERS", "")))
 
 FAMILIES: dict[str, list[str]] = {}
 for _info in ADAPTERS.values():
@@ -88,5 +104,5 @@ def environment_for(ids: list[str]) -> dict[str, str]:
 def load(adapter_id: str) -> Adapter:
     """Import the adapter's module (and so its framework) and build the adapter."""
     info = ADAPTERS[adapter_id]
-    module = importlib.import_module(f"adapters.{info.module}")
+    module = importlib.import_module(info.module)
     return module.make(adapter_id)

@@ -82,14 +82,14 @@ class TorchFunctional(Adapter):
     def state(self, problem: Problem) -> dict[str, torch.Tensor | None]:
         dtype = TORCH_DTYPES[problem.dtype]
         return {
-            "weight": torch.from_numpy(problem.gamma).to(dtype) if problem.scale else None,
-            "bias": torch.from_numpy(problem.beta).to(dtype) if problem.center else None,
-            "running_mean": torch.from_numpy(problem.moving_mean).to(dtype),
-            "running_var": torch.from_numpy(problem.moving_variance).to(dtype),
+            "weight": torch.tensor(problem.gamma, dtype=dtype) if problem.scale else None,
+            "bias": torch.tensor(problem.beta, dtype=dtype) if problem.center else None,
+            "running_mean": torch.tensor(problem.moving_mean, dtype=dtype),
+            "running_var": torch.tensor(problem.moving_variance, dtype=dtype),
         }
 
     def tensor(self, x: np.ndarray, problem: Problem) -> torch.Tensor:
-        return torch.from_numpy(x).to(TORCH_DTYPES[problem.dtype]).movedim(problem.axes[0], 1)
+        return torch.tensor(x, dtype=TORCH_DTYPES[problem.dtype]).movedim(problem.axes[0], 1)
 
     def back(self, y: torch.Tensor, problem: Problem) -> np.ndarray:
         return to_numpy(y.movedim(1, problem.axes[0]))
@@ -146,7 +146,7 @@ class DefaultCall(DefaultLayer):
     def call(self, x: np.ndarray, mode: Check | None) -> Observed:
         kwargs = {} if mode is None else {"training": mode == "training"}
         with torch.no_grad():
-            y = F.batch_norm(torch.from_numpy(x).to(self.dtype), self.running_mean, self.running_var,
+            y = F.batch_norm(torch.tensor(x, dtype=self.dtype), self.running_mean, self.running_var,
                              **kwargs)
         return Observed(to_numpy(y), str(y.dtype).removeprefix("torch."), to_numpy(self.running_mean),
                         to_numpy(self.running_var), str(self.running_var.dtype).removeprefix("torch."))

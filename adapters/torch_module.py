@@ -96,12 +96,12 @@ class TorchModule(Adapter):
         )
         with torch.no_grad():
             if bn.affine:
-                bn.weight.copy_(torch.from_numpy(problem.gamma))
-                bn.bias.copy_(torch.from_numpy(problem.beta))
+                bn.weight.copy_(torch.tensor(problem.gamma))
+                bn.bias.copy_(torch.tensor(problem.beta))
                 bn.weight.requires_grad_(problem.scale)
                 bn.bias.requires_grad_(problem.center)
-            bn.running_mean.copy_(torch.from_numpy(problem.moving_mean))
-            bn.running_var.copy_(torch.from_numpy(problem.moving_variance))
+            bn.running_mean.copy_(torch.tensor(problem.moving_mean))
+            bn.running_var.copy_(torch.tensor(problem.moving_variance))
         return bn
 
     def default_layer(self, shape: tuple[int, ...], dtype: str = "float32",
@@ -113,7 +113,7 @@ class TorchModule(Adapter):
 
     def tensor(self, x: np.ndarray, problem: Problem) -> torch.Tensor:
         """Input in the case dtype with the channel axis at dim 1 (torch raises if out of range)."""
-        return torch.from_numpy(x).to(TORCH_DTYPES[problem.dtype]).movedim(problem.axes[0], 1)
+        return torch.tensor(x, dtype=TORCH_DTYPES[problem.dtype]).movedim(problem.axes[0], 1)
 
     def back(self, y: torch.Tensor, problem: Problem) -> np.ndarray:
         return to_numpy(y.movedim(1, problem.axes[0]))
@@ -167,7 +167,7 @@ class DefaultModule(DefaultLayer):
         elif mode == "inference":
             self.bn.eval()
         with torch.no_grad():
-            y = self.bn(torch.from_numpy(x).to(self.dtype))
+            y = self.bn(torch.tensor(x, dtype=self.dtype))
         return Observed(to_numpy(y), str(y.dtype).removeprefix("torch."), to_numpy(self.bn.running_mean),
                         to_numpy(self.bn.running_var), str(self.bn.running_var.dtype).removeprefix("torch."))
 

@@ -214,6 +214,7 @@ class _Walker:
         self.path = path
         self.marks: dict[Loc, tuple[int, int]] = {}
         self.errors: list[CaseError] = []
+        self.seen: set[int] = set()
         self.constructor = yaml.SafeLoader("")
 
     def error(self, mark: yaml.Mark, loc: Loc, message: str) -> None:
@@ -221,6 +222,14 @@ class _Walker:
 
     def build(self, node: yaml.Node, loc: Loc = (), depth: int = 0) -> Any:
         self.marks.setdefault(loc, (node.start_mark.line + 1, node.start_mark.column + 1))
+        if isinstance(node, yaml.CollectionNode):
+            # an alias makes the same node appear twice; expanding nested aliases is exponential
+            # ("billion laughs"), and plain case data never needs them
+            if id(node) in self.seen:
+                self.error(node.start_mark, loc, "alias (*name) of the node anchored here: YAML aliases "
+                                                 "are not supported in case files")
+                return None
+            self.seen.add(id(node))
         if depth > MAX_DEPTH:
             self.error(node.start_mark, loc, f"nested deeper than {MAX_DEPTH} levels")
             return None

@@ -26,7 +26,17 @@ def channel_shape(case: Case) -> tuple[int, ...]:
 def build(case: Case, check: Check) -> Problem:
     """The problem for one check: training feeds every step's batch, inference the last batch,
     gradients the batch of the last training step. Built once per case and check."""
-    return case.memo(("problem", check), lambda: _build(case, check))
+    return case.memo(("problem", check), lambda: _frozen(_build(case, check)))
+
+
+def _frozen(problem: Problem) -> Problem:
+    """Make every array read-only: the problem is shared by the checks and the reference, so an
+    adapter that wrote into its input (torch.from_numpy + an in-place update) would corrupt both."""
+    for value in vars(problem).values():
+        for array in value if isinstance(value, tuple) else (value,):
+            if isinstance(array, np.ndarray):
+                array.setflags(write=False)
+    return problem
 
 
 def _build(case: Case, check: Check) -> Problem:
