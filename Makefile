@@ -22,7 +22,14 @@ report: $(STAMP)
 	-$(PY) -m conformance run --framework=$(FRAMEWORKS)
 	@echo "report: $(CURDIR)/results/report.html"
 
-test: $(STAMP)
+# Debian's chromium for the report's browser test (tests/test_report_browser.py); skipped when present.
+CHROMIUM_STAMP := $(VENV)/.chromium-stamp
+
+$(CHROMIUM_STAMP): | $(STAMP)
+	test -x /usr/bin/chromium || { apt-get update && apt-get install -y chromium; }
+	touch $(CHROMIUM_STAMP)
+
+test: $(STAMP) $(CHROMIUM_STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest tests -q -p no:cacheprovider
 	$(PY) -m conformance validate cases

@@ -1,0 +1,233 @@
+"""The report generator: records in the harness's format, content, escaping, self-containment, diff."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import dataclasses
+import hashlib
+import html
+import json
+import re
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from reports import synthetic
+from reports.__main__ import main
+from reports.diff import compare
+from reports.model import load
+from reports.render import render
+
+ROOT = Path(__file__).resolve().parent.parent
+ADAPTERS = ["torch", "torch-functional", "flax-linen", "onnxruntime"]
+# the keys CaseItem.runtest and the makereport hook put in a record (conformance/plugin.py)
+RUNTEST_KEYS = {"case", "file", "line", "adapter", "family", "check", "case_info", "known_failure",
+                "conventions", "duration_s"}
+CASE_INFO_KEYS = {"title", "tags", "dtype", "shapes", "steps", "params", "expect_error", "tolerance_override"}
+
+
+class Tables(HTMLParser):
+    """Rows and header cells of each table with an id; every src/href; the scripts; element ids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: dict[str, dict[str, int]] = {}
+        self.current: list[str | None] = []
+        self.section = ""
+        self.urls: list[tuple[str, str, str]] = []
+        self.ids: list[str] = []
+        self.scripts = 0
+        self.tags: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        self.tags.append(tag)
+        if a.get("id"):
+            self.ids.append(str(a["id"]))
+        for name in ("src", "href", "srcset", "action", "data", "poster", "xlink:href"):
+            if name in a:
+                self.urls.append((tag, name, str(a[name])))
+        if tag == "script":
+            self.scripts += 1
+        if tag == "table":
+            self.current.append(a.get("id"))
+            if a.get("id"):
+                self.tables[str(a["id"])] = {"head_cells": 0, "body_rows": 0}
+        table = self.current[-1] if self.current else None
+        if tag in ("thead", "tbody"):
+            self.section = tag
+        if table and self.section == "thead" and tag == "th":
+            self.tables[table]["head_cells"] += 1
+        if table and self.section == "tbody" and tag == "tr":
+            self.tables[table]["body_rows"] += 1
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "table" and self.current:
+            self.current.pop()
+        if tag in ("thead", "tbody"):
+            self.section = ""
+
+
+def parse(text: str) -> Tables:
+    parser = Tables()
+    parser.feed(text)
+    return parser
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("results")
+    return {
+        "a": synthetic.write(folder / "a.json", synthetic.results(200, ADAPTERS, seed=3, hostile=True)),
+        # the same adapters again, from another machine, without probes
+        "b": synthetic.write(folder / "b.json", synthetic.results(60, ADAPTERS[:2], seed=4, with_probes=False,
+                                                                  hostname="gpu-host")),
+    }
+
+
+@pytest.fixture(scope="module")
+def page(files: dict[str, Path]) -> str:
+    return render(load([files["a"], files["b"]]))
+
+
+def test_synthetic_records_have_the_harness_format() -> None:
+    from conformance.compare import Metric
+    from conformance.runner import Outcome
+
+    payload = synthetic.results(50, ADAPTERS, seed=1)
+    outcome_keys = set(Outcome("pass").as_dict())
+    metric_keys = {f.name for f in dataclasses.fields(Metric)}
+    for record in payload["records"]:
+        assert set(record) == RUNTEST_KEYS | outcome_keys
+        assert set(record["case_info"]) == CASE_INFO_KEYS
+        for metric in record["metrics"]:
+            assert set(metric) == metric_keys
+    json.dumps(payload, allow_nan=False)  # strict JSON, as write_atomically writes it
+
+
+def test_matrix_and_semantic_table_shapes(files: dict[str, Path], page: str) -> None:
+    report = load([files["a"], files["b"]])
+    assert [c.key for c in report.columns] == [*ADAPTERS, "torch @ b", "torch-functional @ b"]
+    tables = parse(page).tables
+    assert tables["matrix"] == {"head_cells": 3 + 6, "body_rows": len(report.cases)}
+    probes = synthetic.probes(ADAPTERS, hostile=True)
+    names = {n for entries in probes.values() for n in entries}
+    assert tables["semantic-table"] == {"head_cells": 1 + len(ADAPTERS), "body_rows": len(names)}
+    # disagreements are marked: tf-layers-like updates flag is absent here, the estimator one is not
+    disagreeing = sum(1 for e in probes.values() for p in e.values() if p["agrees"] is False)
+    assert page.count('class="probe disagree"') == disagreeing
+
+
+def test_every_internal_link_has_a_target_and_ids_are_unique(page: str) -> None:
+    parsed = parse(page)
+    assert len(parsed.ids) == len(set(parsed.ids))
+    targets = {url[1:] for tag, name, url in parsed.urls if name == "href" and url.startswith("#")}
+    assert targets and targets <= set(parsed.ids) | {""}
+
+
+def test_self_contained(page: str) -> None:
+    parsed = parse(page)
+    assert parsed.scripts == 1
+    assert not {"link", "img", "iframe", "object", "embed", "audio", "video", "source"} & set(parsed.tags)
+    for tag, name, url in parsed.urls:
+        assert (tag, name) == ("a", "href"), (tag, name, url)
+        assert url.startswith(("#", "https://", "http://")), url
+    assert "url(" not in page and "@import" not in page
+    csp = html.unescape(re.search(r'http-equiv="Content-Security-Policy" content="([^"]+)"', page).group(1))
+    assert "default-src 'none'" in csp
+    script = re.search(r"<script>(.*?)</script>", page, re.S).group(1)
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    assert f"'sha256-{digest}'" in csp
+
+
+def test_hostile_strings_are_text(page: str) -> None:
+    assert synthetic.HOSTILE not in page and synthetic.HOSTILE_IMG not in page
+    assert "&lt;script&gt;document.documentElement" in page
+    assert "&lt;img src=x onerror=" in page
+    assert "javascript:alert(1)" in page and 'href="javascript' not in page  # a source shown as text only
+    # data-f attributes are single-quoted JSON with <, >, & and ' escaped by tojson
+    for attr in re.findall(r"data-f='([^']*)'", page):
+        json.loads(attr.replace("&#39;", "'"))
+
+
+def test_case_detail_has_parameters_and_figures(files: dict[str, Path], page: str) -> None:
+    report = load([files["a"]])
+    record = next(r for row in report.cases for c in row.cells.values() for r in c.records
+                  if r["status"] == "fail" and r["metrics"] and not r["case"].startswith("xss"))
+    worst = max(record["metrics"], key=lambda m: synthetic_ulp(m["max_ulp"]))
+    assert f"{worst['worst_index']}" in page
+    assert "momentum=" in page and "rtol / atol" in page and "reason, translations, tolerance rule" in page
+
+
+def synthetic_ulp(value: object) -> float:
+    return float("inf") if value == "inf" else float(value)  # type: ignore[arg-type]
+
+
+def test_no_probes_no_semantic_table(files: dict[str, Path]) -> None:
+    text = render(load([files["b"]]))
+    assert 'id="semantic-table"' not in text and "carry no <code>probes</code> key" in text
+
+
+def test_real_results_files_render() -> None:
+    """Whatever the last real run left in results/ (skipped on a fresh clone)."""
+    found = sorted((ROOT / "results").glob("*.json"))
+    if not found:
+        pytest.skip("no results/*.json yet")
+    report = load(found)
+    tables = parse(render(report)).tables
+    assert tables["matrix"]["body_rows"] == len(report.cases)
+
+
+def test_cli_unreadable_and_missing_files(files: dict[str, Path], tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json", encoding="utf-8")
+    out = tmp_path / "r.html"
+    assert main([str(files["a"]), str(bad), "-o", str(out)]) == 1
+    assert "could not be read" in out.read_text(encoding="utf-8")
+    assert "could not read" in capsys.readouterr().err
+    assert main([str(tmp_path / "missing.json"), "-o", str(out)]) == 2
+    with pytest.raises(SystemExit):
+        main(["--compare", str(files["a"]), "-o", str(out)])
+
+
+def test_compare_runs(files: dict[str, Path], tmp_path: Path) -> None:
+    old = json.loads(files["a"].read_text(encoding="utf-8"))
+    new = copy.deepcopy(old)
+    records = new["records"]
+    passing = [r for r in records if r["status"] == "pass" and r["metrics"]]
+    regressed, grew = passing[0], passing[1]
+    fixed = next(r for r in records if r["status"] == "fail")
+    regressed["status"] = "fail"
+    grew["metrics"][0]["max_ulp"] = synthetic_ulp(grew["metrics"][0]["max_ulp"]) * 10 + 5
+    fixed["status"] = "pass"
+    removed = records.pop(records.index(next(r for r in records if r["status"] == "not-expressible")))
+    new["environment"]["adapters"]["torch"]["versions"]["torch"] = "2.14.0+cpu"
+    new["probes"]["torch"]["default_momentum"]["value"] = 0.8
+    old_path, new_path = tmp_path / "old.json", tmp_path / "new.json"
+    synthetic.write(old_path, old)
+    synthetic.write(new_path, new)
+    diff = compare([old_path], [new_path])
+    found = {(c.case, c.adapter, c.check): c.kind for c in diff.changes}
+    key = lambda r: (r["case"], r["adapter"], r["check"])  # noqa: E731
+    assert found == {key(regressed): "regressed", key(grew): "error-up", key(fixed): "fixed",
+                     key(removed): "removed"}
+    assert [v["adapter"] for v in diff.versions if v["changed"]] == ["torch"]
+    assert [(p["probe"], p["adapter"]) for p in diff.probes] == [("default_momentum", "torch")]
+    out = tmp_path / "diff.html"
+    assert main(["--compare", str(old_path), "--against", str(new_path), "-o", str(out)]) == 0
+    text = out.read_text(encoding="utf-8")
+    assert parse(text).tables["changes-table"]["body_rows"] == 4
+    assert "2.14.0+cpu" in text and synthetic.HOSTILE not in text
+
+
+def test_reports_imports_no_framework_and_no_adapters() -> None:
+    code = ("import sys, reports.__main__, reports.render, reports.diff, reports.synthetic\n"
+            "bad = {'adapters', 'torch', 'tensorflow', 'jax', 'flax', 'keras', 'onnxruntime', 'numpy'}\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in bad))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
