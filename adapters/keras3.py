@@ -21,6 +21,8 @@ Three adapters, one per backend, each in a process of its own backend (Keras fix
   averages (biased variance from `ops.moments`, measured); `layer(x, training=False)` is inference.
 - Gradients: each backend's own autodiff on the same eager call: `tf.GradientTape` on tensorflow,
   `jax.vjp` over `layer.stateless_call` on jax, `.backward()` on torch.
+- Default layer (semantic probes): `BatchNormalization()` with no argument but `dtype` for float16
+  and `trainable=False` when asked, called `bn(x)`, `bn(x, training=True)` or `bn(x, training=False)`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,16 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from adapters.base import Adapter, Check, Conventions, Gradients, Problem, TrainingRun
+from adapters.base import (
+    Adapter,
+    Check,
+    Conventions,
+    DefaultLayer,
+    Gradients,
+    Observed,
+    Problem,
+    TrainingRun,
+)
 
 BACKEND = keras.backend.backend()
 if BACKEND == "jax":
@@ -72,6 +83,10 @@ class Keras3(Adapter):
         if len(problem.axes) != 1:
             return "Keras 3 BatchNormalization takes one integer axis (self.axis = int(axis))"
         return None
+
+    def default_layer(self, shape: tuple[int, ...], dtype: str = "float32",
+                      trainable: bool = True) -> DefaultLayer:
+        return DefaultKerasLayer(dtype, trainable)
 
     def translations(self, problem: Problem) -> list[str]:
         out = [f"momentum {problem.momentum:g} -> momentum={problem.momentum:g} (same decay form)",
@@ -127,6 +142,26 @@ class Keras3(Adapter):
             gamma=to_numpy(dparams.pop(0)) if problem.scale else None,
             beta=to_numpy(dparams.pop(0)) if problem.center else None,
         )
+
+
+class DefaultKerasLayer(DefaultLayer):
+    """`keras.layers.BatchNormalization()` called eagerly; a training call assigns the moving
+    statistics at once (`call`: `self.moving_mean.assign(...)`)."""
+
+    def __init__(self, dtype: str, trainable: bool):
+        kwargs: dict = {}
+        if dtype != "float32":
+            kwargs["dtype"] = dtype
+        if not trainable:
+            kwargs["trainable"] = False
+        self.bn = keras.layers.BatchNormalization(**kwargs)
+        self.dtype = dtype
+
+    def call(self, x: np.ndarray, mode: Check | None) -> Observed:
+        kwargs = {} if mode is None else {"training": mode == "training"}
+        y = self.bn(keras.ops.convert_to_tensor(x, dtype=self.dtype), **kwargs)
+        return Observed(to_numpy(y), keras.backend.standardize_dtype(y.dtype), to_numpy(self.bn.moving_mean),
+                        to_numpy(self.bn.moving_variance), self.bn.moving_variance.dtype)
 
 
 class Keras3Jax(Keras3):

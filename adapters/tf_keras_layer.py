@@ -19,8 +19,11 @@ Two adapters: `tf-keras` leaves `fused=None` (the layer picks the fused kernel w
   `build`, tf_keras/src/layers/normalization/batch_normalization.py). The fused kernel updates the
   moving variance with the Bessel-corrected batch variance (measured; eager training passes
   `exponential_avg_factor = 1 - momentum` to `fused_batch_norm`), the unfused one with the biased
-  variance. A declaration is one per adapter, so `tf-keras` declares the fused estimator and leaves
-  training on the shapes it does not fuse to `tf-keras-unfused`, which runs the same code.
+  variance. `tf-keras` declares, per problem (`conventions_for`), the estimator of the kernel the
+  layer picks.
+- Default layer (semantic probes): `BatchNormalization()` with no argument but `dtype` for
+  float16, `trainable=False` when asked, and `fused=False` for `tf-keras-unfused` (that argument is
+  what the adapter id means).
 """
 
 from __future__ import annotations
@@ -29,7 +32,16 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from adapters.base import Adapter, Check, Conventions, Gradients, Problem, TrainingRun
+from adapters.base import (
+    Adapter,
+    Check,
+    Conventions,
+    DefaultLayer,
+    Gradients,
+    Observed,
+    Problem,
+    TrainingRun,
+)
 
 FUSED_AXES = {4: (1, 3), 5: (1, 4)}
 
@@ -60,6 +72,10 @@ class TfKerasLayer(Adapter):
         if problem.momentum is None:
             return "Keras momentum is a fixed decay; it has no cumulative average (momentum null)"
         return None
+
+    def default_layer(self, shape: tuple[int, ...], dtype: str = "float32",
+                      trainable: bool = True) -> DefaultLayer:
+        return DefaultKerasLayer(self.fused, dtype, trainable)
 
     def translations(self, problem: Problem) -> list[str]:
         axis = problem.axes[0] if len(problem.axes) == 1 else list(problem.axes)
@@ -140,15 +156,27 @@ class TfKerasLayer(Adapter):
         )
 
 
+FUSED = Conventions(
+    moving_variance_estimator="unbiased",
+    notes=["fused=None picks the fused kernel for this input (4-D/5-D, channel axis first or last, not "
+           "float64): the moving variance is updated with the unbiased batch variance"],
+)
+UNFUSED = Conventions(
+    moving_variance_estimator="biased",
+    notes=["fused=None picks the unfused kernel for this input (not 4-D/5-D with the channel axis first "
+           "or last, or float64): tf.nn.moments statistics, biased moving variance"],
+)
+
+
 class TfKeras(TfKerasLayer):
     id = "tf-keras"
     fused = None
-    conventions = Conventions(
-        moving_variance_estimator="unbiased",
-        notes=["fused=None: 4-D/5-D input with the channel axis first or last runs the fused kernel, "
-               "which updates the moving variance with the unbiased batch variance; other inputs run "
-               "the unfused code (biased), checked under tf-keras-unfused"],
-    )
+    conventions = FUSED  # the kernel of the layer's typical (4-D) input; see conventions_for
+
+    def conventions_for(self, problem: Problem) -> Conventions:
+        """fused=None: the fused kernel (unbiased moving variance) where the layer fuses, else the
+        unfused one (biased)."""
+        return FUSED if takes_fused_path(problem) else UNFUSED
 
     def not_expressible(self, problem: Problem, check: Check) -> str | None:
         reason = super().not_expressible(problem, check)
@@ -158,10 +186,6 @@ class TfKeras(TfKerasLayer):
             reason = ("fused=None rejects axis=-4 on 4-D input (ValueError: Unsupported axis), though "
                       "axis=0 is accepted: tf_keras batch_normalization.py _raise_if_fused_cannot_be_used"
                       " lets -4 through for 5-D and build() then refuses axis 0 for the fused kernel")
-        if reason is None and check == "training" and in_range(problem) and not takes_fused_path(problem):
-            reason = ("fused=None runs the unfused kernel for this input (not 4-D/5-D with the channel "
-                      "axis first or last, or float64), whose moving variance is biased, not the fused "
-                      "path's declared unbiased one; the same code runs as tf-keras-unfused")
         return reason
 
 
@@ -172,6 +196,28 @@ class TfKerasUnfused(TfKerasLayer):
         moving_variance_estimator="biased",
         notes=["fused=False: tf.nn.moments statistics, biased moving variance"],
     )
+
+
+class DefaultKerasLayer(DefaultLayer):
+    """`tf_keras.layers.BatchNormalization()` called eagerly: `bn(x)`, `bn(x, training=True)` or
+    `bn(x, training=False)`. An eager training call updates the moving statistics at once."""
+
+    def __init__(self, fused: bool | None, dtype: str, trainable: bool):
+        kwargs: dict = {}
+        if fused is False:
+            kwargs["fused"] = False
+        if dtype != "float32":
+            kwargs["dtype"] = dtype
+        if not trainable:
+            kwargs["trainable"] = False
+        self.bn = tf_keras.layers.BatchNormalization(**kwargs)
+        self.dtype = dtype
+
+    def call(self, x: np.ndarray, mode: Check | None) -> Observed:
+        kwargs = {} if mode is None else {"training": mode == "training"}
+        y = self.bn(tf.constant(x, dtype=self.dtype), **kwargs)
+        return Observed(to_numpy(y), y.dtype.name, to_numpy(self.bn.moving_mean),
+                        to_numpy(self.bn.moving_variance), self.bn.moving_variance.dtype.name)
 
 
 def make(adapter_id: str) -> Adapter:

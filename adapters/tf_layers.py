@@ -4,7 +4,8 @@ Each case runs in its own `tf.compat.v1.Graph` with its own `Session` (eager exe
 the rest of the process). The graph is built once per input signature and parameter set and reused
 by the case's three checks, with the case's state assigned into the variables before each run.
 
-- The input is a placeholder; `training` is a boolean placeholder fed True or False.
+- The input is a placeholder (None on a dimension whose size changes from batch to batch); `training`
+  is a boolean placeholder fed True or False.
 - Moving statistics: the layer puts its two assign ops in the UPDATE_OPS collection, and they run
   only when the train op depends on them. As the function's docstring prescribes, the collection is
   read after the layer is created and the train op is built under
@@ -22,9 +23,13 @@ by the case's three checks, with the case's state assigned into the variables be
   4-D input with the channel axis 1 or 3 and 5-D input with axis 1 or 4 unless the dtype is
   float64 (`build` in tf_keras/src/layers/normalization/batch_normalization.py). In a graph the
   fused op returns the Bessel-corrected batch variance and the layer averages that into the moving
-  variance (measured: unbiased); the unfused code averages the biased one. One declaration per
-  adapter: this one declares the fused path, and training on inputs it does not fuse is reported
-  as not expressible (the unfused code is the one `tf-keras-unfused` checks).
+  variance (measured: unbiased); the unfused code averages the biased one. `conventions_for`
+  declares the estimator of the kernel the layer picks for each problem.
+- The V1 layer validates the axis before it decides on fusing (`build`: `validate_axis`, then
+  `_fused_can_be_used` on the non-negative axes), so axis -4 on 4-D input is axis 0 and runs
+  unfused; tf-keras (V2) decides in `__init__` on the raw -4 and then rejects it in `build`.
+- Default layer (semantic probes): `tf.compat.v1.layers.batch_normalization(x)` with no other
+  argument, whose `training` defaults to False; see `DefaultGraphLayer`.
 """
 
 from __future__ import annotations
@@ -36,7 +41,16 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
-from adapters.base import Adapter, Check, Conventions, Gradients, Problem, TrainingRun
+from adapters.base import (
+    Adapter,
+    Check,
+    Conventions,
+    DefaultLayer,
+    Gradients,
+    Observed,
+    Problem,
+    TrainingRun,
+)
 
 FUSED_AXES = {4: (1, 3), 5: (1, 4)}
 GRAPHS_KEPT = 4  # graphs (and sessions) kept for reuse; a case's checks share one
@@ -69,17 +83,23 @@ class BatchNormGraph:
     grads: dict[str, tf.Tensor]  # input, gamma, beta (those present)
 
 
+UPDATE_OPS_NOTE = "moving statistics update only through the UPDATE_OPS collection the train op depends on"
+FUSED = Conventions(
+    moving_variance_estimator="unbiased",
+    notes=["fused=None picks the fused kernel for this input (4-D/5-D, channel axis first or last, not "
+           "float64): the moving variance is updated with the unbiased batch variance", UPDATE_OPS_NOTE],
+)
+UNFUSED = Conventions(
+    moving_variance_estimator="biased",
+    notes=["fused=None picks the unfused kernel for this input (not 4-D/5-D with the channel axis first "
+           "or last, or float64): tf.nn.moments statistics, biased moving variance", UPDATE_OPS_NOTE],
+)
+
+
 class TfLayers(Adapter):
     id = "tf-layers"
     family = "tf"
-    conventions = Conventions(
-        moving_variance_estimator="unbiased",
-        notes=["the default fused kernel (4-D/5-D input, channel axis first or last) updates the "
-               "moving variance with the unbiased batch variance; other inputs run the unfused "
-               "code (biased)",
-               "moving statistics update only through the UPDATE_OPS collection the train op "
-               "depends on"],
-    )
+    conventions = FUSED  # the kernel of the layer's typical (4-D) input; see conventions_for
 
     def __init__(self) -> None:
         self.graphs: OrderedDict[tuple, BatchNormGraph] = OrderedDict()
@@ -89,22 +109,19 @@ class TfLayers(Adapter):
 
         return {"tensorflow": tf.__version__, "tf_keras": tf_keras.__version__}
 
+    def conventions_for(self, problem: Problem) -> Conventions:
+        """fused=None: the fused kernel (unbiased moving variance) where the layer fuses, else the
+        unfused one (biased)."""
+        return FUSED if takes_fused_path(problem) else UNFUSED
+
     def not_expressible(self, problem: Problem, check: Check) -> str | None:
         if problem.momentum is None:
             return "Keras momentum is a fixed decay; it has no cumulative average (momentum null)"
-        if not in_range(problem):
-            return None  # the layer itself must reject it
-        if problem.rank == 4 and problem.axes == (-4,):
-            # `_raise_if_fused_cannot_be_used` accepts -4 (meant for 5-D input), so fused=None stays
-            # fused; `build` then finds axis 0 on 4-D input and raises "Unsupported axis" (measured).
-            return ("fused=None rejects axis=-4 on 4-D input (ValueError: Unsupported axis), though "
-                    "axis=0 is accepted: tf_keras batch_normalization.py _raise_if_fused_cannot_be_used"
-                    " lets -4 through for 5-D and build() then refuses axis 0 for the fused kernel")
-        if check == "training" and not takes_fused_path(problem):
-            return ("fused=None runs the unfused kernel for this input (not 4-D/5-D with the channel "
-                    "axis first or last, or float64), whose moving variance is biased, not the fused "
-                    "path's declared unbiased one; tf-keras-unfused checks the same code")
-        return None
+        return None  # an out-of-range axis is the layer's to reject
+
+    def default_layer(self, shape: tuple[int, ...], dtype: str = "float32",
+                      trainable: bool = True) -> DefaultLayer:
+        return DefaultGraphLayer(shape, dtype, trainable)
 
     def translations(self, problem: Problem) -> list[str]:
         axis = problem.axes[0] if len(problem.axes) == 1 else list(problem.axes)
@@ -122,9 +139,17 @@ class TfLayers(Adapter):
 
     # -- the graph
 
+    @staticmethod
+    def input_shape(problem: Problem) -> tuple[int | None, ...]:
+        """The placeholder's shape: None where the batches differ (a batch size that changes from
+        step to step), as TF1 users declare a variable batch dimension."""
+        shapes = {b.shape for b in problem.batches}
+        return tuple(dims[0] if len(set(dims)) == 1 else None for dims in zip(*shapes, strict=True))
+
     def graph(self, problem: Problem) -> BatchNormGraph:
         axis = problem.axes[0] if len(problem.axes) == 1 else list(problem.axes)
-        key = (problem.batches[0].shape, problem.dtype, problem.axes, problem.momentum, problem.epsilon,
+        shape = self.input_shape(problem)
+        key = (shape, problem.dtype, problem.axes, problem.momentum, problem.epsilon,
                problem.center, problem.scale)
         if key in self.graphs:
             self.graphs.move_to_end(key)
@@ -132,7 +157,7 @@ class TfLayers(Adapter):
         dtype = tf.as_dtype(problem.dtype)
         graph = tf.compat.v1.Graph()
         with graph.as_default():
-            x = tf.compat.v1.placeholder(dtype, problem.batches[0].shape, name="x")
+            x = tf.compat.v1.placeholder(dtype, shape, name="x")
             training = tf.compat.v1.placeholder(tf.bool, (), name="training")
             with warnings.catch_warnings():  # its deprecation notice, once per graph, says nothing new
                 warnings.filterwarnings("ignore", message=".*batch_normalization` is deprecated")
@@ -146,7 +171,7 @@ class TfLayers(Adapter):
             values = {name: tf.compat.v1.placeholder(v.dtype.base_dtype, v.shape)
                       for name, v in variables.items()}
             load_op = tf.group([tf.compat.v1.assign(v, values[name]) for name, v in variables.items()])
-            upstream = tf.compat.v1.placeholder(dtype, problem.batches[0].shape, name="upstream")
+            upstream = tf.compat.v1.placeholder(dtype, shape, name="upstream")
             wrt = {"input": x, **{n: variables[n] for n in ("gamma", "beta") if n in variables}}
             grads = dict(zip(wrt, tf.gradients(y, list(wrt.values()), grad_ys=upstream), strict=True))
             init = tf.compat.v1.global_variables_initializer()
@@ -208,6 +233,73 @@ class TfLayers(Adapter):
             gamma=self.per_channel(got["gamma"], problem) if "gamma" in got else None,
             beta=self.per_channel(got["beta"], problem) if "beta" in got else None,
         )
+
+
+@dataclass
+class ModeGraph:
+    """The default layer's graph for one way of calling it."""
+
+    session: tf.compat.v1.Session
+    x: tf.Tensor
+    output: tf.Tensor
+    train_op: tf.Tensor  # the output, after UPDATE_OPS ran
+    variables: dict[str, tf.Variable]
+    values: dict[str, tf.Tensor]
+    load_op: tf.Operation
+
+
+class DefaultGraphLayer(DefaultLayer):
+    """`tf.compat.v1.layers.batch_normalization(x)` and nothing else (`trainable=False` when asked).
+
+    The call form is fixed when the graph is built, so each mode gets a graph of its own: no
+    `training` argument (the function's default, False), `training=True` or `training=False`. The
+    variables' values are carried from graph to graph, as a checkpoint restore would. `call` runs
+    the output alone, as a TF1 user who forgot UPDATE_OPS does; `train_step` runs it under
+    `tf.control_dependencies(UPDATE_OPS)`, as the function's docstring prescribes."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: str, trainable: bool):
+        self.shape, self.dtype, self.trainable = shape, dtype, trainable
+        self.graphs: dict[Check | None, ModeGraph] = {}
+        self.state: dict[str, np.ndarray] = {}  # variable values after the last run; {} = fresh
+
+    def graph(self, mode: Check | None) -> ModeGraph:
+        if mode in self.graphs:
+            return self.graphs[mode]
+        graph = tf.compat.v1.Graph()
+        with graph.as_default():
+            x = tf.compat.v1.placeholder(tf.as_dtype(self.dtype), self.shape, name="x")
+            kwargs: dict = {} if mode is None else {"training": mode == "training"}
+            if not self.trainable:
+                kwargs["trainable"] = False
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*batch_normalization` is deprecated")
+                y = tf.compat.v1.layers.batch_normalization(x, **kwargs)
+            with tf.control_dependencies(tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.UPDATE_OPS)):
+                train_op = tf.identity(y)
+            variables = {v.op.name.split("/")[-1]: v for v in tf.compat.v1.global_variables()}
+            values = {n: tf.compat.v1.placeholder(v.dtype.base_dtype, v.shape) for n, v in variables.items()}
+            load_op = tf.group([tf.compat.v1.assign(v, values[n]) for n, v in variables.items()])
+            init = tf.compat.v1.global_variables_initializer()
+        session = tf.compat.v1.Session(graph=graph)
+        session.run(init)
+        self.graphs[mode] = ModeGraph(session, x, y, train_op, variables, values, load_op)
+        return self.graphs[mode]
+
+    def run(self, x: np.ndarray, mode: Check | None, fetch: str) -> Observed:
+        g = self.graph(mode)
+        if self.state:
+            g.session.run(g.load_op, {g.values[n]: v for n, v in self.state.items()})
+        y = g.session.run(getattr(g, fetch), {g.x: x.astype(tf.as_dtype(self.dtype).as_numpy_dtype)})
+        self.state = g.session.run(g.variables)
+        mean, var = self.state["moving_mean"], self.state["moving_variance"]
+        return Observed(y.astype(np.float64), y.dtype.name, mean.astype(np.float64), var.astype(np.float64),
+                        var.dtype.name)
+
+    def call(self, x: np.ndarray, mode: Check | None) -> Observed:
+        return self.run(x, mode, "output")
+
+    def train_step(self, x: np.ndarray) -> Observed:
+        return self.run(x, "training", "train_op")
 
 
 def make(adapter_id: str) -> Adapter:

@@ -15,6 +15,10 @@ This is BN as the TF API reference composes it from primitives:
   out-of-range axis is rejected by TensorFlow's `TensorShape`.
 - center/scale off: `offset=None` / `scale=None`, which the function treats as 0 / 1.
 - Dtype: x, gamma, beta and the moving variables all in the case dtype.
+- Default layer (semantic probes): the recipe has almost no defaults to measure: `tf.nn.moments`
+  requires `axes`, `tf.nn.batch_normalization` requires `variance_epsilon`, there is no mode
+  argument, and the moving averages and their decay are the caller's. See `DefaultRecipe` for
+  which probes it answers and why the others do not apply.
 """
 
 from __future__ import annotations
@@ -22,7 +26,17 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from adapters.base import Adapter, Check, Conventions, Gradients, Problem, TrainingRun
+from adapters.base import (
+    Adapter,
+    Check,
+    Conventions,
+    DefaultLayer,
+    Gradients,
+    NotExpressible,
+    Observed,
+    Problem,
+    TrainingRun,
+)
 
 
 def to_numpy(t: tf.Tensor) -> np.ndarray:
@@ -43,6 +57,13 @@ class TfNn(Adapter):
 
     def not_expressible(self, problem: Problem, check: Check) -> str | None:
         return None  # broadcasting states every channel layout
+
+    def default_layer(self, shape: tuple[int, ...], dtype: str = "float32",
+                      trainable: bool = True) -> DefaultLayer:
+        if not trainable:
+            raise NotExpressible("tf.nn.moments and tf.nn.batch_normalization are functions: they have no "
+                                 "trainable flag")
+        return DefaultRecipe(shape, dtype)
 
     def translations(self, problem: Problem) -> list[str]:
         if problem.momentum is None:
@@ -146,6 +167,48 @@ class TfNn(Adapter):
             gamma=self.unbroadcast(found["gamma"], problem, s["channels"]) if problem.scale else None,
             beta=self.unbroadcast(found["beta"], problem, s["channels"]) if problem.center else None,
         )
+
+
+class DefaultRecipe(DefaultLayer):
+    """The documented recipe with nothing but what it requires, and no value made up for a probe to
+    read back as a "default":
+
+    - axes: required by `tf.nn.moments`; the layer reduces over every axis but the last, as the
+      docstring's examples do (axes=[0] for [batch, depth], [0, 1, 2] for [batch, height, width,
+      depth]); gamma/beta are left out (`offset=None, scale=None`).
+    - moving statistics: the caller's variables, fresh mean 0 / variance 1, of the last axis.
+    - training call: `tf.nn.moments` of the batch, then `tf.nn.batch_normalization`; nothing
+      touches the caller's variables. `variance_epsilon` is required and has no default, so it is
+      passed as 0 (nothing added); no probe reads the training output's epsilon.
+    - inference call (the caller's moving averages): its output is all that `default_epsilon`
+      reads, and it would read back whatever epsilon the caller chose: not expressible.
+    - no mode argument: the recipe has none (mode None): not expressible.
+    - train_step: the docstring says only "running averages thereof"; the update and its decay are
+      the caller's, with no default, so default momentum, the moving-variance estimator (measured
+      by the numeric cases instead), the default axis and the float16 dtypes do not apply."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: str):
+        self.dtype = tf.as_dtype(dtype)
+        self.moving_mean = tf.Variable(tf.zeros(shape[-1], self.dtype), trainable=False)
+        self.moving_variance = tf.Variable(tf.ones(shape[-1], self.dtype), trainable=False)
+
+    def call(self, x: np.ndarray, mode: Check | None) -> Observed:
+        if mode is None:
+            raise NotExpressible("tf.nn.batch_normalization has no mode argument: the caller passes "
+                                 "batch moments (training) or its own moving averages (inference)")
+        if mode != "training":
+            raise NotExpressible("tf.nn.batch_normalization requires variance_epsilon (no default), and "
+                                 "inference normalizes with the caller's own moving averages")
+        x = tf.constant(x, dtype=self.dtype)
+        mean, variance = tf.nn.moments(x, axes=list(range(x.shape.rank - 1)))
+        y = tf.nn.batch_normalization(x, mean, variance, offset=None, scale=None, variance_epsilon=0.0)
+        return Observed(to_numpy(y), y.dtype.name, to_numpy(self.moving_mean),
+                        to_numpy(self.moving_variance), self.moving_variance.dtype.name)
+
+    def train_step(self, x: np.ndarray) -> Observed:
+        raise NotExpressible("the TF docs prescribe no moving-average update for tf.nn.moments + "
+                             "tf.nn.batch_normalization ('running averages thereof'): the update, its "
+                             "decay and the variables are the caller's, with no default")
 
 
 def make(adapter_id: str) -> Adapter:

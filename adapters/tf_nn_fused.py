@@ -14,6 +14,14 @@
   constant zeros / ones (nothing to train).
 - Dtypes: x may be float16, bfloat16 or float32 (the op's `T`); scale, offset and the running
   statistics are always float32 (its `U`). float64 has no kernel, so it is not expressible.
+- `train`/`infer`/`gradients` raise NotExpressible for what `not_expressible` rejects, so the
+  semantic probes that call them directly (batch of one on [1, 3], say) report "does not apply"
+  instead of the error of a call with no data_format.
+- Default layer (semantic probes): see `DefaultFused`. What a default means for a function: the
+  arguments it requires (x, scale, offset) and nothing else, so `is_training=True`, `epsilon=0.001`,
+  `data_format="NHWC"` and `exponential_avg_factor=1.0`. With that factor the op returns the batch
+  mean and (Bessel-corrected) variance as its "running" outputs, so a caller who keeps those outputs
+  as the state has a decay-form momentum of 0: the op's own default averages nothing.
 """
 
 from __future__ import annotations
@@ -21,7 +29,17 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from adapters.base import Adapter, Check, Conventions, Gradients, Problem, TrainingRun
+from adapters.base import (
+    Adapter,
+    Check,
+    Conventions,
+    DefaultLayer,
+    Gradients,
+    NotExpressible,
+    Observed,
+    Problem,
+    TrainingRun,
+)
 
 DATA_FORMATS = {(4, 3): "NHWC", (4, 1): "NCHW", (5, 4): "NDHWC", (5, 1): "NCDHW"}
 
@@ -62,6 +80,17 @@ class TfNnFused(Adapter):
                     f"(NHWC/NCHW/NDHWC/NCDHW); not axis {list(problem.axes)} on {problem.rank}-D")
         return None
 
+    def default_layer(self, shape: tuple[int, ...], dtype: str = "float32",
+                      trainable: bool = True) -> DefaultLayer:
+        if not trainable:
+            raise NotExpressible("fused_batch_norm is a function: it has no trainable flag")
+        return DefaultFused(shape, dtype)
+
+    def expressible(self, problem: Problem, check: Check) -> None:
+        reason = self.not_expressible(problem, check)
+        if reason:
+            raise NotExpressible(reason)
+
     def translations(self, problem: Problem) -> list[str]:
         if problem.momentum is None:
             out = ["momentum null -> exponential_avg_factor=1/t at step t (cumulative average)"]
@@ -100,6 +129,7 @@ class TfNnFused(Adapter):
             exponential_avg_factor=factor)
 
     def train(self, problem: Problem) -> TrainingRun:
+        self.expressible(problem, "training")
         p = self.params(problem)
         for step, batch in enumerate(problem.batches, start=1):
             factor = 1.0 / step if problem.momentum is None else 1.0 - problem.momentum
@@ -117,9 +147,11 @@ class TfNnFused(Adapter):
         return to_numpy(y)
 
     def infer(self, problem: Problem) -> np.ndarray:
+        self.expressible(problem, "inference")
         return self.infer_with(self.params(problem), problem)
 
     def gradients(self, problem: Problem) -> Gradients:
+        self.expressible(problem, "gradients")
         p = self.params(problem)
         x = self.tensor(problem.batches[-1], problem)
         with tf.GradientTape() as tape:
@@ -132,6 +164,33 @@ class TfNnFused(Adapter):
             gamma=to_numpy(dscale) if problem.scale else None,
             beta=to_numpy(doffset) if problem.center else None,
         )
+
+
+class DefaultFused(DefaultLayer):
+    """`fused_batch_norm(x, scale, offset)` with only its required arguments: scale ones and offset
+    zeros (float32, the op's `U`) for the last axis, the default data_format "NHWC". The caller keeps
+    the state, fresh mean 0 / variance 1: a training call (no argument, or `is_training=True`, with
+    the default `exponential_avg_factor=1.0`, which requires mean and variance to be None) replaces
+    it with the op's running outputs, i.e. the batch statistics; an inference call
+    (`is_training=False`, which requires mean and variance) reads it."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: str):
+        channels = shape[-1]  # data_format="NHWC"
+        self.dtype = tf.as_dtype(dtype)
+        self.scale, self.offset = tf.ones(channels, tf.float32), tf.zeros(channels, tf.float32)
+        self.mean, self.variance = tf.zeros(channels, tf.float32), tf.ones(channels, tf.float32)
+
+    def call(self, x: np.ndarray, mode: Check | None) -> Observed:
+        x = tf.constant(x, dtype=self.dtype)
+        if mode == "inference":
+            y, _, _ = tf.compat.v1.nn.fused_batch_norm(x, self.scale, self.offset, mean=self.mean,
+                                                       variance=self.variance, is_training=False)
+        else:
+            kwargs = {} if mode is None else {"is_training": True}
+            y, self.mean, self.variance = tf.compat.v1.nn.fused_batch_norm(x, self.scale, self.offset,
+                                                                           **kwargs)
+        return Observed(to_numpy(y), y.dtype.name, to_numpy(self.mean), to_numpy(self.variance),
+                        self.variance.dtype.name)
 
 
 def make(adapter_id: str) -> Adapter:
