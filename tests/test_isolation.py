@@ -53,7 +53,7 @@ def run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     (tmp_path / "misbehaving_adapter.py").write_text(MISBEHAVING)
     env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}",
                BNCONFORM_EXTRA_ADAPTERS="segfaulting=crash:misbehaving_adapter,"
-                                        "hanging=hang:misbehaving_adapter")
+                                        "hanging=hang:misbehaving_adapter,ghost=ghost:no_such_module")
     return subprocess.run([sys.executable, "-m", "conformance", "run", "--no-report", "-j", "2",
                            "--results-dir", str(tmp_path / "results"), *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -72,6 +72,12 @@ def test_a_hanging_family_times_out(tmp_path: Path):
     proc = run(tmp_path, "--framework=hanging", "--timeout", "5", "--cases", str(ROOT / "cases/hand"))
     assert proc.returncode == 1
     assert "hang: timed out after 5 s" in proc.stdout
+
+
+def test_a_family_that_cannot_import_is_reported_as_such(tmp_path: Path):
+    proc = run(tmp_path, "--framework=ghost", "--cases", str(ROOT / "cases/hand"))
+    assert proc.returncode == 1
+    assert "ghost: could not import: ghost: adapter ghost could not be loaded: ModuleNotFoundError" in proc.stdout
 
 
 def test_an_interrupted_write_leaves_the_previous_results(tmp_path: Path, monkeypatch):
