@@ -77,7 +77,8 @@ def test_a_hanging_family_times_out(tmp_path: Path):
 def test_a_family_that_cannot_import_is_reported_as_such(tmp_path: Path):
     proc = run(tmp_path, "--framework=ghost", "--cases", str(ROOT / "cases/hand"))
     assert proc.returncode == 1
-    assert "ghost: could not import: ghost: adapter ghost could not be loaded: ModuleNotFoundError" in proc.stdout
+    expected = "ghost: could not import: ghost: adapter ghost could not be loaded: ModuleNotFoundError"
+    assert expected in proc.stdout
 
 
 def test_an_interrupted_write_leaves_the_previous_results(tmp_path: Path, monkeypatch):
