@@ -462,6 +462,9 @@ def write_atomically(path: Path, payload: Any) -> None:
     """Write to a temporary file beside `path`, then rename: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes the file private; results are for sharing
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(json_safe(payload), f, indent=1, allow_nan=False, default=str)
