@@ -80,7 +80,19 @@ class BatchNormGraph:
     variables: dict[str, tf.Variable]  # gamma, beta, moving_mean, moving_variance (those present)
     values: dict[str, tf.Tensor]  # placeholder per variable, to load the case's state
     load_op: tf.Operation
-    grads: dict[str, tf.Tensor]  # input, gamma, beta (those present)
+    graph: tf.compat.v1.Graph
+    grads: dict[str, tf.Tensor] | None = None  # input, gamma, beta: built when first asked for
+
+    def gradient_ops(self) -> dict[str, tf.Tensor]:
+        """tf.gradients ops, added to the graph on first use (they double its build time, and
+        most checks never fetch them); a Session runs ops added after it was created."""
+        if self.grads is None:
+            with self.graph.as_default():
+                wrt = {"input": self.x, **{n: self.variables[n] for n in ("gamma", "beta")
+                                           if n in self.variables}}
+                self.grads = dict(zip(wrt, tf.gradients(self.output, list(wrt.values()),
+                                                        grad_ys=self.upstream), strict=True))
+        return self.grads
 
 
 UPDATE_OPS_NOTE = "moving statistics update only through the UPDATE_OPS collection the train op depends on"
@@ -172,13 +184,11 @@ class TfLayers(Adapter):
                       for name, v in variables.items()}
             load_op = tf.group([tf.compat.v1.assign(v, values[name]) for name, v in variables.items()])
             upstream = tf.compat.v1.placeholder(dtype, shape, name="upstream")
-            wrt = {"input": x, **{n: variables[n] for n in ("gamma", "beta") if n in variables}}
-            grads = dict(zip(wrt, tf.gradients(y, list(wrt.values()), grad_ys=upstream), strict=True))
             init = tf.compat.v1.global_variables_initializer()
         session = tf.compat.v1.Session(graph=graph)
         session.run(init)
         built = BatchNormGraph(session, x, training, upstream, y, train_op, variables, values, load_op,
-                               grads)
+                               graph)
         self.graphs[key] = built
         while len(self.graphs) > GRAPHS_KEPT:
             self.graphs.popitem(last=False)[1].session.close()
@@ -227,7 +237,7 @@ class TfLayers(Adapter):
         self.load(g, problem)
         feed = self.feed(g, problem.batches[-1], True, problem)
         feed[g.upstream] = problem.upstream.astype(tf.as_dtype(problem.dtype).as_numpy_dtype)
-        got = g.session.run(g.grads, feed)
+        got = g.session.run(g.gradient_ops(), feed)
         return Gradients(
             input=got["input"].astype(np.float64),
             gamma=self.per_channel(got["gamma"], problem) if "gamma" in got else None,
