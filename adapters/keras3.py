@@ -27,6 +27,8 @@ Three adapters, one per backend, each in a process of its own backend (Keras fix
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import keras
 import numpy as np
 
@@ -46,6 +48,10 @@ if BACKEND == "jax":
     import jax
 
     jax.config.update("jax_enable_x64", True)  # float64 cases; see the docstring
+    if not jax.config.jax_compilation_cache_dir:  # as the Flax adapters: compiling dominates the run
+        jax.config.update("jax_compilation_cache_dir",
+                          str(Path(__file__).resolve().parent.parent / "results" / ".jax-cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def to_numpy(t) -> np.ndarray:
