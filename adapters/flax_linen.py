@@ -18,40 +18,29 @@
   float32 (`force_float32_reductions=True`) and `init` creates `batch_stats` in float32, so the
   state is placed in float32 for float16/bfloat16/float32 cases and in float64 for float64 ones
   (init's float32 would round a float64 checkpoint).
-- float64 needs JAX's x64 mode: importing this module calls
-  `jax.config.update("jax_enable_x64", True)` for this process. Every array is given an explicit
-  dtype, so float32 and lower cases run exactly as they do without x64.
 - Variance: linen's default `use_fast_variance=True` computes E[x^2] - E[x]^2 clamped at 0; it is
   left at its default as users run it, so large-mean inputs lose digits (xfails in jax.yaml).
 - Gradients: `jax.grad` of `sum(upstream * y)` in training mode with respect to input and params.
-- Compilation: XLA compiles each layer configuration and shape (~0.2 s each, most of this family's
-  run time), so unless JAX_COMPILATION_CACHE_DIR names a cache, importing this module points JAX's
-  persistent compilation cache at results/.jax-cache: a later run loads the same executables
-  instead of compiling them again (the cache key is the HLO and compile options: same results).
+- x64 mode and JAX's persistent compilation cache are set by adapters/jax_setup.py.
 """
 
 from __future__ import annotations
 
+import adapters.jax_setup  # noqa: F401  (x64 and the compile cache, before any other JAX import)
+
+# isort: split
 import functools
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
+import flax
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
 
-jax.config.update("jax_enable_x64", True)  # float64 cases; see the docstring
-if not jax.config.jax_compilation_cache_dir:  # see the docstring (Compilation)
-    jax.config.update("jax_compilation_cache_dir",
-                      str(Path(__file__).resolve().parent.parent / "results" / ".jax-cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # default 1 s: none of ours
-
-import flax  # noqa: E402
-import flax.linen as nn  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import jaxlib  # noqa: E402
-import numpy as np  # noqa: E402
-
-from adapters.base import (  # noqa: E402
+from adapters.base import (
     Adapter,
     Check,
     Conventions,

@@ -16,37 +16,26 @@
   for inference. Calls go through `nnx.jit`, as users run them.
 - Dtypes: `dtype=` and `param_dtype=` are the case dtype; statistics are computed in at least
   float32 and the constructor makes the `BatchStat`s float32, so they are placed in float32, or in
-  float64 for float64 cases. float64 needs JAX's x64 mode: importing this module calls
-  `jax.config.update("jax_enable_x64", True)` for this process; every array is given an explicit
-  dtype, so lower-precision cases are unaffected.
+  float64 for float64 cases.
 - Variance: `use_fast_variance=True` (default, kept): E[x^2] - E[x]^2 clamped at 0.
 - Gradients: `nnx.grad` of `sum(upstream * y)` in training mode, with respect to the input
   (argnums) and the layer's `nnx.Param`s.
-- Compilation: XLA compiles each layer configuration and shape (~0.2 s each, most of this family's
-  run time), so unless JAX_COMPILATION_CACHE_DIR names a cache, importing this module points JAX's
-  persistent compilation cache at results/.jax-cache: a later run loads the same executables
-  instead of compiling them again (the cache key is the HLO and compile options: same results).
+- x64 mode and JAX's persistent compilation cache are set by adapters/jax_setup.py.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import adapters.jax_setup  # noqa: F401  (x64 and the compile cache, before any other JAX import)
 
+# isort: split
+import flax
 import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+from flax import nnx
 
-jax.config.update("jax_enable_x64", True)  # float64 cases; see the docstring
-if not jax.config.jax_compilation_cache_dir:  # see the docstring (Compilation)
-    jax.config.update("jax_compilation_cache_dir",
-                      str(Path(__file__).resolve().parent.parent / "results" / ".jax-cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # default 1 s: none of ours
-
-import flax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import jaxlib  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from adapters.base import (  # noqa: E402
+from adapters.base import (
     Adapter,
     Check,
     Conventions,

@@ -14,9 +14,7 @@ Three adapters, one per backend, each in a process of its own backend (Keras fix
   as when porting weights.
 - Dtype: `dtype=<case dtype>`. The layer then keeps gamma, beta and the moving statistics in that
   dtype too, and computes in at least float32 (`backend.result_type(inputs.dtype, "float32")`).
-  On JAX, float64 needs x64 mode: importing this module on that backend enables it for the
-  process, as the Flax adapters do; every array is given an explicit dtype, so lower-precision
-  cases run as they would without it.
+  On JAX, adapters/jax_setup.py turns on x64 mode (float64 cases) and the compile cache.
 - Modes: `layer(x, training=True)` normalizes with the batch statistics and assigns the moving
   averages (biased variance from `ops.moments`, measured); `layer(x, training=False)` is inference.
 - Gradients: each backend's own autodiff on the same eager call: `tf.GradientTape` on tensorflow,
@@ -26,8 +24,6 @@ Three adapters, one per backend, each in a process of its own backend (Keras fix
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -47,11 +43,7 @@ BACKEND = keras.backend.backend()
 if BACKEND == "jax":
     import jax
 
-    jax.config.update("jax_enable_x64", True)  # float64 cases; see the docstring
-    if not jax.config.jax_compilation_cache_dir:  # as the Flax adapters: compiling dominates the run
-        jax.config.update("jax_compilation_cache_dir",
-                          str(Path(__file__).resolve().parent.parent / "results" / ".jax-cache"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    import adapters.jax_setup  # noqa: F401  (x64 for float64 cases, the compile cache)
 
 
 def to_numpy(t) -> np.ndarray:
