@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import os
 from dataclasses import dataclass
+from importlib import metadata
 
 from adapters.base import Adapter
 
@@ -16,7 +17,7 @@ from adapters.base import Adapter
 class AdapterInfo:
     id: str
     family: str
-    module: str  # importable module with `make(adapter_id) -> Adapter`
+    module: str  # "module" with `make(adapter_id) -> Adapter`, or "module:factory"
     environment: tuple[tuple[str, str], ...] = ()  # variables its process needs before imports
 
 
@@ -43,19 +44,36 @@ ADAPTERS: dict[str, AdapterInfo] = {
 
 def _extra_adapters(spec: str) -> list[AdapterInfo]:
     """Adapters from outside this package: BNCONFORM_EXTRA_ADAPTERS="id=family:module,..." names
-    an importable module with `make(adapter_id)`. For converter authors running the suite on their
-    own implementation, and for the suite's own crash-isolation tests."""
+    an importable module with `make(adapter_id)`. A shortcut for trying an adapter without
+    installing it; installed packages use the entry-point group below."""
     out = []
     for entry in filter(None, (part.strip() for part in spec.split(","))):
         adapter_id, _, rest = entry.partition("=")
         family, _, module = rest.partition(":")
         if not (adapter_id and family and module):
             raise ValueError(f"BNCONFORM_EXTRA_ADAPTERS entry {entry!r} is not id=family:module")
-        out.append(AdapterInfo(adapter_id, family, module))
+        out.append(AdapterInfo(adapter_id, family, f"{module}:make"))
     return out
 
 
-ADAPTERS.update((i.id, i) for i in _extra_adapters(os.environ.get("BNCONFORM_EXTRA_ADAPTERS", "")))
+ENTRY_POINT_GROUP = "bnconform.adapters"
+
+
+def _installed_adapters() -> list[AdapterInfo]:
+    """Adapters from installed packages, as pytest finds its plugins: entry points in the group
+    `bnconform.adapters`, name = adapter id, value = `module:factory` (called with the id). An
+    entry point may name its family as an extra, `module:factory [family]`; otherwise the
+    adapters of one distribution form one family (one process in `python -m conformance run`)."""
+    out = []
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        dist = getattr(ep, "dist", None)
+        family = ep.extras[0] if ep.extras else (dist.name if dist is not None and dist.name else ep.name)
+        out.append(AdapterInfo(ep.name, family, ep.value.split("[")[0].strip()))
+    return out
+
+
+for _info in [*_installed_adapters(), *_extra_adapters(os.environ.get("BNCONFORM_EXTRA_ADAPTERS", ""))]:
+    ADAPTERS.setdefault(_info.id, _info)  # never replace a built-in id
 
 FAMILIES: dict[str, list[str]] = {}
 for _info in ADAPTERS.values():
@@ -66,24 +84,34 @@ for _info in ADAPTERS.values():
 OWN_PROCESS = {"keras-jax", "keras-torch"}
 
 
-def resolve(selection: str) -> list[str]:
-    """Adapter ids for a `--framework` value: families and/or ids, comma-separated."""
+def resolve(selection: str, own_process_too: bool = False) -> list[str]:
+    """Adapter ids for a `--framework` value: families and/or ids, comma-separated. In one pytest
+    process, `all` and family names leave out OWN_PROCESS adapters (named alone they run);
+    `own_process_too` keeps them, for callers that start a process per group."""
     ids: list[str] = []
     for name in (part.strip() for part in selection.split(",")):
         if not name:
             continue
         if name == "all":
-            chosen = [i for i in ADAPTERS if i not in OWN_PROCESS]
+            chosen = list(ADAPTERS)
         elif name in FAMILIES:
-            chosen = [i for i in FAMILIES[name] if i not in OWN_PROCESS]
+            chosen = FAMILIES[name]
         elif name in ADAPTERS:
             chosen = [name]
         else:
             valid = ", ".join(["all", *FAMILIES, *ADAPTERS])
             raise ValueError(f"unknown framework {name!r}; valid names: {valid}")
+        if not own_process_too and name not in ADAPTERS:
+            chosen = [i for i in chosen if i not in OWN_PROCESS]
         ids.extend(i for i in chosen if i not in ids)
     if not ids:
         raise ValueError("--framework selects no adapter")
+    if not own_process_too:
+        _check_one_environment(ids)
+    return ids
+
+
+def _check_one_environment(ids: list[str]) -> None:
     environment: dict[str, tuple[str, str]] = {}
     for i in ids:
         for key, value in ADAPTERS[i].environment:
@@ -93,7 +121,6 @@ def resolve(selection: str) -> list[str]:
                     "process; run them separately (python -m conformance run does)"
                 )
             environment.setdefault(key, (i, value))
-    return ids
 
 
 def environment_for(ids: list[str]) -> dict[str, str]:
@@ -104,5 +131,6 @@ def environment_for(ids: list[str]) -> dict[str, str]:
 def load(adapter_id: str) -> Adapter:
     """Import the adapter's module (and so its framework) and build the adapter."""
     info = ADAPTERS[adapter_id]
-    module = importlib.import_module(info.module)
-    return module.make(adapter_id)
+    module_name, _, factory = info.module.partition(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, factory or "make")(adapter_id)

@@ -9,13 +9,23 @@ one framework API, runs it, and hands back float64 arrays. It never compares any
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import ClassVar, Literal
 
 import numpy as np
 
 Check = Literal["training", "inference", "gradients"]
-VarianceEstimator = Literal["biased", "unbiased"]
+DTYPES = ("float16", "bfloat16", "float32", "float64")
+CHECKS: tuple[Check, ...] = ("training", "inference", "gradients")
+
+# Optional case features: an adapter runs a case that uses one only if it declares it (see
+# `Capabilities`). A Problem field added for a new BN parameter carries `metadata={"feature": name}`
+# and is listed here, so an adapter that does not know it reports the case not expressible instead
+# of running plain BN.
+FEATURES: dict[str, str] = {
+    "multi-axis": "several channel axes",
+    "momentum-null": "momentum null (a cumulative average)",
+}
 
 
 class NotExpressible(Exception):
@@ -44,6 +54,34 @@ class Problem:
     @property
     def rank(self) -> int:
         return self.batches[0].ndim
+
+    @property
+    def axes_in_range(self) -> bool:
+        return all(-self.rank <= a < self.rank for a in self.axes)
+
+    def features(self) -> list[str]:
+        """The optional features (keys of FEATURES) this problem uses."""
+        used = []
+        if len(self.axes) > 1:
+            used.append("multi-axis")
+        if self.momentum is None:
+            used.append("momentum-null")
+        for f in fields(self):
+            name = f.metadata.get("feature")
+            if name and getattr(self, f.name) != f.default:
+                used.append(name)
+        return used
+
+    def to_ascending(self, per_channel: np.ndarray) -> np.ndarray:
+        """Per-channel values from the case's axis order to ascending axes (the input's order)."""
+        return to_ascending(per_channel, self.channel_axes)
+
+    def to_case_order(self, values: np.ndarray) -> np.ndarray:
+        """Per-channel values an API holds in ascending-axis order (any shape with the right size)
+        back in the case's channel shape and axis order."""
+        ascending = sorted(self.channel_axes)
+        sizes = [self.batches[0].shape[a] for a in ascending]
+        return to_case_order(np.asarray(values).reshape(sizes), self.channel_axes)
 
     @property
     def channel_axes(self) -> tuple[int, ...]:
@@ -76,13 +114,45 @@ class Gradients:
     beta: np.ndarray | None = None
 
 
-@dataclass
-class Conventions:
-    """What the framework does that no parameter changes, declared as data and checked by measuring."""
+@dataclass(frozen=True)
+class Capabilities:
+    """What an API can state, declared as data next to its adapter (like PyTorch's ModuleInfo). The
+    runner reports a case needing anything else as not expressible, with a reason made from
+    `why`, before the adapter is called. Rules that depend on values (torch rejects eps 0 in
+    training) stay in `Adapter.not_expressible`."""
 
-    moving_variance_estimator: VarianceEstimator
-    batch_variance_estimator: VarianceEstimator = "biased"  # of the batch_variance it reports
-    notes: list[str] = field(default_factory=list)
+    dtypes: frozenset[str] = frozenset(DTYPES)
+    checks: frozenset[str] = frozenset(CHECKS)
+    min_rank: int = 1
+    max_rank: int | None = None
+    features: frozenset[str] = frozenset()  # optional FEATURES the API supports
+    why: dict[str, str] = field(default_factory=dict)  # the API's reason, per dtype, check or feature
+
+    def missing(self, problem: Problem, check: str) -> str | None:
+        """Why the API cannot state this problem, or None."""
+        unsupported = [(problem.dtype, f"dtype {problem.dtype}")] if problem.dtype not in self.dtypes else []
+        if check not in self.checks:
+            unsupported.append((check, f"the {check} check"))
+        if problem.rank < self.min_rank or (self.max_rank is not None and problem.rank > self.max_rank):
+            upper = "" if self.max_rank is None else f" to {self.max_rank}"
+            unsupported.append(("rank", f"rank {problem.rank} (takes {self.min_rank}{upper})"))
+        unsupported += [(f, FEATURES.get(f, f)) for f in problem.features() if f not in self.features]
+        if not unsupported:
+            return None
+        key, what = unsupported[0]
+        return f"{what}: {self.why[key]}" if key in self.why else f"{what} is not supported"
+
+
+@dataclass(frozen=True)
+class Conventions:
+    """What the framework does that no parameter changes, as variant names from the conventions
+    catalogue (`conformance/variants.py`). Expected values are computed under them, so a wrong
+    declaration fails, and the diagnosis names the variant the measurement follows instead.
+    Declare only conventions that hold for every input the adapter runs, simulated exactly in
+    float64 (an estimator, not a rounding effect); rounding effects are known-divergence rules."""
+
+    variants: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -120,6 +190,7 @@ class Adapter(ABC):
     id: ClassVar[str]
     family: ClassVar[str]
     conventions: ClassVar[Conventions]
+    capabilities: ClassVar[Capabilities] = Capabilities()
 
     @abstractmethod
     def versions(self) -> dict[str, str]:
@@ -131,8 +202,13 @@ class Adapter(ABC):
         return self.conventions
 
     def not_expressible(self, problem: Problem, check: Check) -> str | None:
-        """Why this API cannot state the case, or None when it can."""
+        """A rule that depends on values rather than on `capabilities` (torch refuses eps 0 in
+        training): why this API cannot state the case, or None. Callers use `why_not_expressible`."""
         return None
+
+    def why_not_expressible(self, problem: Problem, check: Check) -> str | None:
+        """Capabilities first, then the value rules: the one place that decides."""
+        return self.capabilities.missing(problem, check) or self.not_expressible(problem, check)
 
     def translations(self, problem: Problem) -> list[str]:
         """Human-readable list of how the canonical parameters were mapped to this API."""
@@ -158,8 +234,20 @@ class Adapter(ABC):
         return "cpu"
 
 
-def channels_first_permutation(rank: int, channel_axis: int) -> tuple[int, ...]:
-    """Transpose that puts `channel_axis` at dim 1 (others keep their order): for APIs that
-    normalize over dim 1 only. Its inverse is `np.argsort(perm)`."""
-    others = [d for d in range(rank) if d != channel_axis]
-    return (others[0], channel_axis, *others[1:])
+def channels_first_permutation(rank: int, channel_axis: int) -> list[int]:
+    """Transpose that puts `channel_axis` at dim 1 (others keep their order), for APIs that
+    normalize over dim 1 only. Its inverse is `np.argsort(perm)`. A negative axis gets the rank
+    added once; one still out of range stays in the perm, for the framework to reject."""
+    axis = channel_axis + rank if channel_axis < 0 else channel_axis
+    others = [d for d in range(rank) if d != axis]
+    return [others[0], axis, *others[1:]]
+
+
+def to_ascending(per_channel: np.ndarray, channel_axes: tuple[int, ...]) -> np.ndarray:
+    """Per-channel values from the case's axis order (non-negative `channel_axes`) to ascending axes."""
+    return np.transpose(per_channel, np.argsort(channel_axes))
+
+
+def to_case_order(ascending: np.ndarray, channel_axes: tuple[int, ...]) -> np.ndarray:
+    """The inverse of `to_ascending`."""
+    return np.transpose(ascending, np.argsort(np.argsort(channel_axes)))

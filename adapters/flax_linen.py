@@ -42,6 +42,7 @@ import numpy as np
 
 from adapters.base import (
     Adapter,
+    Capabilities,
     Check,
     Conventions,
     DefaultLayer,
@@ -62,19 +63,6 @@ JAX_DTYPES = {
 
 def to_numpy(a: jax.Array) -> np.ndarray:
     return np.asarray(jnp.asarray(a, jnp.float64))
-
-
-def in_range(problem: Problem) -> bool:
-    return all(-problem.rank <= a < problem.rank for a in problem.axes)
-
-
-def to_flax_order(per_channel: np.ndarray, problem: Problem) -> np.ndarray:
-    """Case axis order -> linen's (ascending feature axes), as conformance.reference does."""
-    return per_channel.transpose(np.argsort(problem.channel_axes))
-
-
-def to_case_order(per_channel: np.ndarray, problem: Problem) -> np.ndarray:
-    return per_channel.transpose(np.argsort(np.argsort(problem.channel_axes)))
 
 
 @functools.lru_cache(maxsize=256)
@@ -107,10 +95,9 @@ class FlaxLinen(Adapter):
     id = "flax-linen"
     family = "jax"
     conventions = Conventions(
-        moving_variance_estimator="biased",
-        notes=["batch_stats['var'] is updated with the biased batch variance (measured)",
+        notes=("batch_stats['var'] is updated with the biased batch variance (measured)",
                "variance as E[x^2] - E[x]^2 clamped at 0 (use_fast_variance=True, the default)",
-               "statistics kept in float32 for float16/bfloat16 inputs (force_float32_reductions)"],
+               "statistics kept in float32 for float16/bfloat16 inputs (force_float32_reductions)"),
     )
 
     def versions(self) -> dict[str, str]:
@@ -126,11 +113,10 @@ class FlaxLinen(Adapter):
     def device(self) -> str:
         return jax.devices()[0].platform
 
-    def not_expressible(self, problem: Problem, check: Check) -> str | None:
-        if problem.momentum is None:
-            return ("momentum null (cumulative average) has no linen equivalent: BatchNorm.momentum "
-                    "is a fixed decay rate")
-        return None
+    capabilities = Capabilities(
+        features=frozenset({"multi-axis"}),
+        why={"momentum-null": "linen's BatchNorm.momentum is a fixed decay rate"},
+    )
 
     def translations(self, problem: Problem) -> list[str]:
         axis = problem.axes[0] if len(problem.axes) == 1 else problem.axes
@@ -139,7 +125,7 @@ class FlaxLinen(Adapter):
                f"axis {list(problem.axes)} -> axis={axis}",
                f"dtype {problem.dtype} -> dtype=param_dtype=jnp.{problem.dtype}; batch_stats in "
                f"{self.stats_dtype(problem)}"]
-        if len(problem.axes) > 1 and in_range(problem) and list(problem.channel_axes) != sorted(
+        if len(problem.axes) > 1 and problem.axes_in_range and list(problem.channel_axes) != sorted(
                 problem.channel_axes):
             out.append("per-channel arrays transposed to linen's ascending feature-axis order and back")
         if not problem.center:
@@ -170,24 +156,24 @@ class FlaxLinen(Adapter):
     def variables(self, problem: Problem) -> dict:
         """The Problem's params and state, placed like a loaded checkpoint."""
         fns = self.fns(problem)
-        if not in_range(problem):
+        if not problem.axes_in_range:
             # nothing per-channel to place: let linen create its own and judge the axis itself
             return fns["module"].init(jax.random.key(0), self.tensor(problem.batches[0], problem),
                                       use_running_average=False)
         pdt, sdt = JAX_DTYPES[problem.dtype], JAX_DTYPES[self.stats_dtype(problem)]
         params = {}
         if problem.scale:
-            params["scale"] = jnp.asarray(to_flax_order(problem.gamma, problem), pdt)
+            params["scale"] = jnp.asarray(problem.to_ascending(problem.gamma), pdt)
         if problem.center:
-            params["bias"] = jnp.asarray(to_flax_order(problem.beta, problem), pdt)
-        stats = {"mean": jnp.asarray(to_flax_order(problem.moving_mean, problem), sdt),
-                 "var": jnp.asarray(to_flax_order(problem.moving_variance, problem), sdt)}
+            params["bias"] = jnp.asarray(problem.to_ascending(problem.beta), pdt)
+        stats = {"mean": jnp.asarray(problem.to_ascending(problem.moving_mean), sdt),
+                 "var": jnp.asarray(problem.to_ascending(problem.moving_variance), sdt)}
         return {"params": params, "batch_stats": stats}
 
     def stat(self, a: jax.Array, problem: Problem) -> np.ndarray:
         """A per-channel result in case axis order (as linen gave it when the axis is out of range,
         which linen sometimes accepts: that is for the suite to judge, not for this adapter)."""
-        return to_case_order(to_numpy(a), problem) if in_range(problem) else to_numpy(a)
+        return problem.to_case_order(to_numpy(a)) if problem.axes_in_range else to_numpy(a)
 
     # -- the checks
 

@@ -37,6 +37,7 @@ from flax import nnx
 
 from adapters.base import (
     Adapter,
+    Capabilities,
     Check,
     Conventions,
     DefaultLayer,
@@ -78,9 +79,8 @@ class FlaxNNX(Adapter):
     id = "flax-nnx"
     family = "jax"
     conventions = Conventions(
-        moving_variance_estimator="biased",
-        notes=["BatchStat var is updated with the biased batch variance (measured)",
-               "variance as E[x^2] - E[x]^2 clamped at 0 (use_fast_variance=True, the default)"],
+        notes=("BatchStat var is updated with the biased batch variance (measured)",
+               "variance as E[x^2] - E[x]^2 clamped at 0 (use_fast_variance=True, the default)"),
     )
 
     def versions(self) -> dict[str, str]:
@@ -95,14 +95,11 @@ class FlaxNNX(Adapter):
     def device(self) -> str:
         return jax.devices()[0].platform
 
-    def not_expressible(self, problem: Problem, check: Check) -> str | None:
-        if problem.momentum is None:
-            return ("momentum null (cumulative average) has no nnx equivalent: BatchNorm.momentum "
-                    "is a fixed decay rate")
-        if len(problem.axes) != 1:
-            return ("nnx.BatchNorm takes one feature axis: num_features is an int and its "
-                    "parameters and statistics are 1-D")
-        return None
+    capabilities = Capabilities(
+        why={"momentum-null": "nnx's BatchNorm.momentum is a fixed decay rate",
+             "multi-axis": "nnx.BatchNorm takes one feature axis: num_features is an int and its "
+                           "parameters and statistics are 1-D"},
+    )
 
     def translations(self, problem: Problem) -> list[str]:
         out = [f"momentum {problem.momentum:g} -> momentum={problem.momentum:g} (same decay form)",
@@ -132,8 +129,7 @@ class FlaxNNX(Adapter):
             epsilon=problem.epsilon, dtype=dtype, param_dtype=dtype, use_bias=problem.center,
             use_scale=problem.scale, rngs=nnx.Rngs(0),
         )
-        in_range = -problem.rank <= problem.axes[0] < problem.rank
-        if in_range:  # else there is nothing per-channel to place: the layer keeps its own
+        if problem.axes_in_range:  # else there is nothing per-channel to place: the layer keeps its own
             stats = JAX_DTYPES[self.stats_dtype(problem)]
             if problem.scale:
                 bn.scale.set_value(jnp.asarray(problem.gamma, dtype))

@@ -30,6 +30,7 @@ import numpy as np
 
 from adapters.base import (
     Adapter,
+    Capabilities,
     Check,
     Conventions,
     DefaultLayer,
@@ -56,9 +57,8 @@ class Keras3(Adapter):
     id = "keras"
     family = "keras"
     conventions = Conventions(
-        moving_variance_estimator="biased",
-        notes=["moving variance updated with the biased batch variance of ops.moments",
-               "gamma, beta and the moving statistics are kept in the layer dtype (float16 too)"],
+        notes=("moving variance updated with the biased batch variance of ops.moments",
+               "gamma, beta and the moving statistics are kept in the layer dtype (float16 too)"),
     )
 
     def versions(self) -> dict[str, str]:
@@ -75,12 +75,10 @@ class Keras3(Adapter):
             out["torch"] = torch.__version__
         return out
 
-    def not_expressible(self, problem: Problem, check: Check) -> str | None:
-        if problem.momentum is None:
-            return "Keras momentum is a fixed decay; it has no cumulative average (momentum null)"
-        if len(problem.axes) != 1:
-            return "Keras 3 BatchNormalization takes one integer axis (self.axis = int(axis))"
-        return None
+    capabilities = Capabilities(
+        why={"momentum-null": "Keras momentum is a fixed decay; it has no cumulative average",
+             "multi-axis": "Keras 3 BatchNormalization takes one integer axis (self.axis = int(axis))"},
+    )
 
     def default_layer(self, shape: tuple[int, ...], dtype: str = "float32",
                       trainable: bool = True) -> DefaultLayer:

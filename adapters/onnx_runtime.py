@@ -36,6 +36,7 @@ from onnx import TensorProto, helper
 
 from adapters.base import (
     Adapter,
+    Capabilities,
     Check,
     Conventions,
     DefaultLayer,
@@ -44,6 +45,7 @@ from adapters.base import (
     Observed,
     Problem,
     TrainingRun,
+    channels_first_permutation,
 )
 
 OPSET = 21
@@ -57,20 +59,12 @@ NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.floa
 STAT_INPUTS = ("scale", "B", "input_mean", "input_var")
 
 
-def permutation(rank: int, axis: int) -> list[int]:
-    """Transpose perm that puts `axis` at dim 1. A negative axis gets the rank added once, as
-    ONNX's own axis attributes do; an axis still out of range stays in the perm for ORT to reject."""
-    axis = axis + rank if axis < 0 else axis
-    others = [d for d in range(rank) if d != axis]
-    return [others[0], axis, *others[1:]]
-
-
 @functools.lru_cache(maxsize=256)
 def session(shape: tuple[int, ...], axis: int, dtype: str, training: bool, momentum: float,
             epsilon: float) -> ort.InferenceSession:
     """Transpose -> BatchNormalization -> Transpose, compiled once per shape and attribute set."""
     elem = ELEMENT_TYPES[dtype]
-    perm = permutation(len(shape), axis)
+    perm = channels_first_permutation(len(shape), axis)
     moved = perm != list(range(len(shape)))
     nodes = []
     bn_in = "X"
@@ -137,9 +131,8 @@ class OnnxRuntime(Adapter):
     id = "onnxruntime"
     family = "onnx"
     conventions = Conventions(
-        moving_variance_estimator="biased",
-        notes=["running_var is updated with the biased (population) batch variance (measured)",
-               "momentum and epsilon are float32 attributes, also in double models"],
+        notes=("running_var is updated with the biased (population) batch variance (measured)",
+               "momentum and epsilon are float32 attributes, also in double models"),
     )
 
     def versions(self) -> dict[str, str]:
@@ -154,15 +147,13 @@ class OnnxRuntime(Adapter):
             raise NotExpressible("an ONNX node has no trainable flag")
         return DefaultNode(shape, dtype)
 
-    def not_expressible(self, problem: Problem, check: Check) -> str | None:
-        if check == "gradients":
-            return ("an ONNX Runtime InferenceSession has no autodiff (training needs the separate "
-                    "onnxruntime-training package)")
-        if len(problem.axes) != 1:
-            return "BatchNormalization normalizes over one channel dim (dim 1); several channel axes"
-        if problem.rank < 2:
-            return f"BatchNormalization takes N x C x D1... input (rank >= 2), not {problem.rank}-D"
-        return None
+    capabilities = Capabilities(
+        checks=frozenset({"training", "inference"}), min_rank=2, features=frozenset({"momentum-null"}),
+        why={"gradients": "an ONNX Runtime InferenceSession has no autodiff (training needs the "
+                          "separate onnxruntime-training package)",
+             "multi-axis": "BatchNormalization normalizes over one channel dim (dim 1)",
+             "rank": "BatchNormalization takes N x C x D1... input"},
+    )
 
     def translations(self, problem: Problem) -> list[str]:
         out = [f"opset {OPSET}: BatchNormalization-15"]
@@ -172,7 +163,7 @@ class OnnxRuntime(Adapter):
             out.append(f"momentum {problem.momentum:g} -> momentum={problem.momentum:g} (same decay "
                        "form; a float32 attribute)")
         out.append(f"epsilon {problem.epsilon:g} -> epsilon={problem.epsilon:g} (a float32 attribute)")
-        perm = permutation(problem.rank, problem.axes[0])
+        perm = channels_first_permutation(problem.rank, problem.axes[0])
         if perm != list(range(problem.rank)):
             out.append(f"channel axis {problem.axes[0]} -> Transpose(perm={perm}) before the node and "
                        f"Transpose(perm={np.argsort(perm).tolist()}) after it")
@@ -219,7 +210,7 @@ class OnnxRuntime(Adapter):
         return np.asarray(y, np.float64)
 
     def gradients(self, problem: Problem) -> Gradients:
-        raise NotExpressible(self.not_expressible(problem, "gradients"))
+        raise NotExpressible(self.why_not_expressible(problem, "gradients"))
 
 
 def make(adapter_id: str) -> Adapter:

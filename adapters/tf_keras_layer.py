@@ -34,6 +34,7 @@ import tf_keras
 
 from adapters.base import (
     Adapter,
+    Capabilities,
     Check,
     Conventions,
     DefaultLayer,
@@ -50,10 +51,6 @@ def to_numpy(t: tf.Tensor) -> np.ndarray:
     return tf.cast(t, tf.float64).numpy()
 
 
-def in_range(problem: Problem) -> bool:
-    return all(-problem.rank <= a < problem.rank for a in problem.axes)
-
-
 def takes_fused_path(problem: Problem) -> bool:
     """Whether `fused=None` picks the fused kernel for this input (see the module docstring)."""
     if len(problem.axes) != 1 or problem.dtype == "float64" or problem.rank not in FUSED_AXES:
@@ -68,10 +65,10 @@ class TfKerasLayer(Adapter):
     def versions(self) -> dict[str, str]:
         return {"tensorflow": tf.__version__, "tf_keras": tf_keras.__version__}
 
-    def not_expressible(self, problem: Problem, check: Check) -> str | None:
-        if problem.momentum is None:
-            return "Keras momentum is a fixed decay; it has no cumulative average (momentum null)"
-        return None
+    capabilities = Capabilities(
+        features=frozenset({"multi-axis"}),
+        why={"momentum-null": "Keras momentum is a fixed decay; it has no cumulative average"},
+    )
 
     def default_layer(self, shape: tuple[int, ...], dtype: str = "float32",
                       trainable: bool = True) -> DefaultLayer:
@@ -87,7 +84,7 @@ class TfKerasLayer(Adapter):
             out.append(f"center={problem.center}, scale={problem.scale}")
         if self.fused is False:
             out.append("fused=False")
-        elif in_range(problem):
+        elif problem.axes_in_range:
             kernel = "fused" if takes_fused_path(problem) else "unfused"
             out.append(f"fused=None -> the layer takes the {kernel} kernel for this input")
         return out
@@ -115,13 +112,11 @@ class TfKerasLayer(Adapter):
 
     def ascending(self, values: np.ndarray, problem: Problem) -> np.ndarray:
         """Per-channel values reordered from the case's axis order to ascending axes."""
-        return np.transpose(values, np.argsort([a % problem.rank for a in problem.axes]))
+        return problem.to_ascending(values)
 
     def per_channel(self, variable: tf.Variable, problem: Problem) -> np.ndarray:
         """A layer variable back in the case's shape (channel dims in the case's axis order)."""
-        order = np.argsort([a % problem.rank for a in problem.axes])
-        sizes = [problem.batches[0].shape[a] for a in sorted(a % problem.rank for a in problem.axes)]
-        return np.transpose(to_numpy(variable).reshape(sizes), np.argsort(order))
+        return problem.to_case_order(to_numpy(variable))
 
     def tensor(self, x: np.ndarray, problem: Problem) -> tf.Tensor:
         return tf.cast(tf.constant(x), tf.as_dtype(problem.dtype))
@@ -157,14 +152,13 @@ class TfKerasLayer(Adapter):
 
 
 FUSED = Conventions(
-    moving_variance_estimator="unbiased",
-    notes=["fused=None picks the fused kernel for this input (4-D/5-D, channel axis first or last, not "
-           "float64): the moving variance is updated with the unbiased batch variance"],
+    variants=("moving-variance-unbiased",),
+    notes=("fused=None picks the fused kernel for this input (4-D/5-D, channel axis first or last, not "
+           "float64): the moving variance is updated with the unbiased batch variance",),
 )
 UNFUSED = Conventions(
-    moving_variance_estimator="biased",
-    notes=["fused=None picks the unfused kernel for this input (not 4-D/5-D with the channel axis first "
-           "or last, or float64): tf.nn.moments statistics, biased moving variance"],
+    notes=("fused=None picks the unfused kernel for this input (not 4-D/5-D with the channel axis first "
+           "or last, or float64): tf.nn.moments statistics, biased moving variance",),
 )
 
 
@@ -179,22 +173,20 @@ class TfKeras(TfKerasLayer):
         return FUSED if takes_fused_path(problem) else UNFUSED
 
     def not_expressible(self, problem: Problem, check: Check) -> str | None:
-        reason = super().not_expressible(problem, check)
-        if reason is None and problem.rank == 4 and problem.axes == (-4,):
+        if problem.rank == 4 and problem.axes == (-4,):
             # `_raise_if_fused_cannot_be_used` accepts -4 (meant for 5-D input), so fused=None stays
             # fused; `build` then finds axis 0 on 4-D input and raises "Unsupported axis" (measured).
-            reason = ("fused=None rejects axis=-4 on 4-D input (ValueError: Unsupported axis), though "
-                      "axis=0 is accepted: tf_keras batch_normalization.py _raise_if_fused_cannot_be_used"
-                      " lets -4 through for 5-D and build() then refuses axis 0 for the fused kernel")
-        return reason
+            return ("fused=None rejects axis=-4 on 4-D input (ValueError: Unsupported axis), though "
+                    "axis=0 is accepted: tf_keras batch_normalization.py _raise_if_fused_cannot_be_used"
+                    " lets -4 through for 5-D and build() then refuses axis 0 for the fused kernel")
+        return None
 
 
 class TfKerasUnfused(TfKerasLayer):
     id = "tf-keras-unfused"
     fused = False
     conventions = Conventions(
-        moving_variance_estimator="biased",
-        notes=["fused=False: tf.nn.moments statistics, biased moving variance"],
+        notes=("fused=False: tf.nn.moments statistics, biased moving variance",),
     )
 
 

@@ -43,6 +43,7 @@ import tensorflow as tf
 
 from adapters.base import (
     Adapter,
+    Capabilities,
     Check,
     Conventions,
     DefaultLayer,
@@ -54,10 +55,6 @@ from adapters.base import (
 
 FUSED_AXES = {4: (1, 3), 5: (1, 4)}
 GRAPHS_KEPT = 4  # graphs (and sessions) kept for reuse; a case's checks share one
-
-
-def in_range(problem: Problem) -> bool:
-    return all(-problem.rank <= a < problem.rank for a in problem.axes)
 
 
 def takes_fused_path(problem: Problem) -> bool:
@@ -97,14 +94,13 @@ class BatchNormGraph:
 
 UPDATE_OPS_NOTE = "moving statistics update only through the UPDATE_OPS collection the train op depends on"
 FUSED = Conventions(
-    moving_variance_estimator="unbiased",
-    notes=["fused=None picks the fused kernel for this input (4-D/5-D, channel axis first or last, not "
-           "float64): the moving variance is updated with the unbiased batch variance", UPDATE_OPS_NOTE],
+    variants=("moving-variance-unbiased",),
+    notes=("fused=None picks the fused kernel for this input (4-D/5-D, channel axis first or last, not "
+           "float64): the moving variance is updated with the unbiased batch variance", UPDATE_OPS_NOTE),
 )
 UNFUSED = Conventions(
-    moving_variance_estimator="biased",
-    notes=["fused=None picks the unfused kernel for this input (not 4-D/5-D with the channel axis first "
-           "or last, or float64): tf.nn.moments statistics, biased moving variance", UPDATE_OPS_NOTE],
+    notes=("fused=None picks the unfused kernel for this input (not 4-D/5-D with the channel axis first "
+           "or last, or float64): tf.nn.moments statistics, biased moving variance", UPDATE_OPS_NOTE),
 )
 
 
@@ -126,10 +122,11 @@ class TfLayers(Adapter):
         unfused one (biased)."""
         return FUSED if takes_fused_path(problem) else UNFUSED
 
-    def not_expressible(self, problem: Problem, check: Check) -> str | None:
-        if problem.momentum is None:
-            return "Keras momentum is a fixed decay; it has no cumulative average (momentum null)"
-        return None  # an out-of-range axis is the layer's to reject
+    capabilities = Capabilities(
+        features=frozenset({"multi-axis"}),
+        why={"momentum-null": "Keras momentum is a fixed decay; it has no cumulative average"},
+    )
+    # an out-of-range axis is the layer's to reject
 
     def default_layer(self, shape: tuple[int, ...], dtype: str = "float32",
                       trainable: bool = True) -> DefaultLayer:
@@ -144,7 +141,7 @@ class TfLayers(Adapter):
                "moving statistics updated by UPDATE_OPS under tf.control_dependencies of the train op"]
         if not (problem.center and problem.scale):
             out.append(f"center={problem.center}, scale={problem.scale}")
-        if in_range(problem):
+        if problem.axes_in_range:
             out.append(f"fused=None -> the {'fused' if takes_fused_path(problem) else 'unfused'} kernel "
                        "for this input")
         return out
@@ -198,16 +195,13 @@ class TfLayers(Adapter):
         """Assign the case's gamma, beta and moving statistics, as when restoring weights."""
         state = {"gamma": problem.gamma, "beta": problem.beta, "moving_mean": problem.moving_mean,
                  "moving_variance": problem.moving_variance}
-        order = np.argsort([a % problem.rank for a in problem.axes])  # case order -> ascending axes
-        feed = {g.values[name]: np.transpose(state[name], order).reshape(g.variables[name].shape)
+        feed = {g.values[name]: problem.to_ascending(state[name]).reshape(g.variables[name].shape)
                 for name in g.variables}
         g.session.run(g.load_op, feed)
 
     def per_channel(self, values: np.ndarray, problem: Problem) -> np.ndarray:
         """A variable's value back in the case's shape (channel dims in the case's axis order)."""
-        order = np.argsort([a % problem.rank for a in problem.axes])
-        sizes = [problem.batches[0].shape[a] for a in sorted(a % problem.rank for a in problem.axes)]
-        return np.transpose(np.asarray(values, np.float64).reshape(sizes), np.argsort(order))
+        return problem.to_case_order(np.asarray(values, np.float64))
 
     def feed(self, g: BatchNormGraph, x: np.ndarray, training: bool, problem: Problem) -> dict:
         return {g.x: x.astype(tf.as_dtype(problem.dtype).as_numpy_dtype), g.training: training}

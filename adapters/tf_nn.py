@@ -28,6 +28,7 @@ import tensorflow as tf
 
 from adapters.base import (
     Adapter,
+    Capabilities,
     Check,
     Conventions,
     DefaultLayer,
@@ -47,16 +48,13 @@ class TfNn(Adapter):
     id = "tf-nn"
     family = "tf"
     conventions = Conventions(
-        moving_variance_estimator="biased",
-        batch_variance_estimator="biased",
-        notes=["tf.nn.moments returns the biased variance; the moving update is the caller's"],
+        notes=("tf.nn.moments returns the biased variance; the moving update is the caller's",),
     )
 
     def versions(self) -> dict[str, str]:
         return {"tensorflow": tf.__version__}
 
-    def not_expressible(self, problem: Problem, check: Check) -> str | None:
-        return None  # broadcasting states every channel layout
+    capabilities = Capabilities(features=frozenset({"multi-axis", "momentum-null"}))  # broadcasting
 
     def default_layer(self, shape: tuple[int, ...], dtype: str = "float32",
                       trainable: bool = True) -> DefaultLayer:
@@ -91,13 +89,10 @@ class TfNn(Adapter):
         return channels, reduce, [sizes.get(d, 1) for d in range(rank)]
 
     def broadcast(self, values: np.ndarray, problem: Problem, shape: list[int]) -> np.ndarray:
-        order = np.argsort([a % len(shape) for a in problem.axes])
-        return np.transpose(values, order).reshape(shape)
+        return problem.to_ascending(values).reshape(shape)
 
     def unbroadcast(self, t: tf.Tensor, problem: Problem, channels: list[int]) -> np.ndarray:
-        order = np.argsort([a % t.shape.rank for a in problem.axes])
-        values = to_numpy(t).reshape([t.shape[d] for d in channels])
-        return np.transpose(values, np.argsort(order))
+        return problem.to_case_order(to_numpy(t))
 
     def setup(self, problem: Problem, x: tf.Tensor) -> dict:
         dtype = tf.as_dtype(problem.dtype)

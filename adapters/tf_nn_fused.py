@@ -31,6 +31,7 @@ import tensorflow as tf
 
 from adapters.base import (
     Adapter,
+    Capabilities,
     Check,
     Conventions,
     DefaultLayer,
@@ -62,19 +63,24 @@ class TfNnFused(Adapter):
     id = "tf-nn-fused"
     family = "tf"
     conventions = Conventions(
-        moving_variance_estimator="unbiased",
-        batch_variance_estimator="unbiased",
-        notes=["the fused op returns, and averages in, the Bessel-corrected batch variance; "
+        variants=("moving-variance-unbiased", "batch-variance-unbiased"),
+        notes=("the fused op returns, and averages in, the Bessel-corrected batch variance; "
                "the output uses the biased one",
-               "batch statistics are returned only when exponential_avg_factor is 1.0"],
+               "batch statistics are returned only when exponential_avg_factor is 1.0"),
     )
 
     def versions(self) -> dict[str, str]:
         return {"tensorflow": tf.__version__}
 
+    capabilities = Capabilities(
+        dtypes=frozenset({"float16", "bfloat16", "float32"}), min_rank=4, max_rank=5,
+        features=frozenset({"momentum-null"}),
+        why={"float64": "FusedBatchNormV3 has kernels for float16, bfloat16 and float32 input only",
+             "rank": "fused_batch_norm takes NHWC/NCHW/NDHWC/NCDHW input",
+             "multi-axis": "fused_batch_norm takes one channel axis, first or last (data_format)"},
+    )
+
     def not_expressible(self, problem: Problem, check: Check) -> str | None:
-        if problem.dtype == "float64":
-            return "FusedBatchNormV3 has kernels for float16, bfloat16 and float32 input only"
         if data_format(problem) is None:
             return (f"fused_batch_norm takes 4-D/5-D input with the channel axis first or last "
                     f"(NHWC/NCHW/NDHWC/NCDHW); not axis {list(problem.axes)} on {problem.rank}-D")
@@ -87,7 +93,7 @@ class TfNnFused(Adapter):
         return DefaultFused(shape, dtype)
 
     def expressible(self, problem: Problem, check: Check) -> None:
-        reason = self.not_expressible(problem, check)
+        reason = self.why_not_expressible(problem, check)
         if reason:
             raise NotExpressible(reason)
 

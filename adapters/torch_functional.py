@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from adapters.base import (
     Adapter,
+    Capabilities,
     Check,
     Conventions,
     DefaultLayer,
@@ -50,16 +51,18 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
 class TorchFunctional(Adapter):
     id = "torch-functional"
     family = "torch"
-    conventions = Conventions(moving_variance_estimator="unbiased")
+    conventions = Conventions(variants=("moving-variance-unbiased",))
 
     def versions(self) -> dict[str, str]:
         return {"torch": torch.__version__}
 
+    capabilities = Capabilities(
+        min_rank=2, features=frozenset({"momentum-null"}),
+        why={"multi-axis": "F.batch_norm normalizes over one channel dim (dim 1)",
+             "rank": "F.batch_norm needs at least 2-D input (batch, channels, ...)"},
+    )
+
     def not_expressible(self, problem: Problem, check: Check) -> str | None:
-        if len(problem.axes) != 1:
-            return "F.batch_norm normalizes over one channel dim (dim 1); several channel axes"
-        if problem.rank < 2:
-            return "F.batch_norm needs at least 2-D input (batch, channels, ...)"
         if problem.epsilon <= 0 and check != "inference":
             # torch/nn/functional.py (2.13) batch_norm: `if training and eps <= 0.0: raise ValueError(
             # "batch_norm eps must be positive during training")`

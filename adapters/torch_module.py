@@ -25,6 +25,7 @@ import torch
 
 from adapters.base import (
     Adapter,
+    Capabilities,
     Check,
     Conventions,
     DefaultLayer,
@@ -55,19 +56,21 @@ class TorchModule(Adapter):
     id = "torch"
     family = "torch"
     conventions = Conventions(
-        moving_variance_estimator="unbiased",
-        notes=["running_var is updated with the unbiased (n-1) batch variance; "
-               "the output uses the biased one"],
+        variants=("moving-variance-unbiased",),
+        notes=("running_var is updated with the unbiased (n-1) batch variance; "
+               "the output uses the biased one",),
     )
 
     def versions(self) -> dict[str, str]:
         return {"torch": torch.__version__}
 
+    capabilities = Capabilities(
+        min_rank=2, max_rank=5, features=frozenset({"momentum-null"}),
+        why={"multi-axis": "torch BatchNorm normalizes over one channel dim (dim 1)",
+             "rank": "BatchNorm1d takes 2-D/3-D input, BatchNorm2d 4-D, BatchNorm3d 5-D"},
+    )
+
     def not_expressible(self, problem: Problem, check: Check) -> str | None:
-        if len(problem.axes) != 1:
-            return "torch BatchNorm normalizes over one channel dim (dim 1); several channel axes"
-        if problem.rank not in MODULES:
-            return f"BatchNorm1d/2d/3d take 2-D to 5-D input, not {problem.rank}-D"
         if problem.epsilon <= 0 and check != "inference":
             # torch/nn/functional.py (2.13) batch_norm: `if training and eps <= 0.0: raise ValueError(
             # "batch_norm eps must be positive during training")`

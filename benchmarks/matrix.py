@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from conformance.run import groups_for  # noqa: E402
+from conformance.families import groups_for  # noqa: E402
 
 RSS_LIMIT_MB = 2048
 WALL_LIMIT_S = 120.0

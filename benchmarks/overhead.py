@@ -6,7 +6,7 @@ For each adapter, the same items (case x check) run two ways, in alternating rou
 (harness, bare, harness, bare, ...), after one untimed warm-up of each:
 
 - harness: what one `pytest conformance` run does for them, minus pytest: load and validate every
-  case file (`conformance.cases.load_folders`), build a fresh adapter (one per run, as a pytest
+  case file (`conformance.loader.load_folders`), build a fresh adapter (one per run, as a pytest
   process has), then for each item `conformance.runner.evaluate` (translation, run, comparison)
   and the record dict the plugin stores, and finally the records serialized as the results file is.
 - bare: `benchmarks/bare.py`, the framework API called as a user script would, on the same
@@ -52,12 +52,13 @@ RATIO_TARGET = 1.3
 
 def harness_round(adapter_id: str, items: set[tuple[str, str]], case_dirs: list[Path]) -> float:
     """One run through the harness: load the cases, evaluate each item, build and serialize records."""
-    from conformance import cases as case_loader
-    from conformance.plugin import case_summary, json_safe
-    from conformance.runner import Outcome, evaluate
+    from conformance.evaluate import Outcome, evaluate
+    from conformance.loader import load_folders
+    from conformance.plugin import case_summary
+    from conformance.results import Record, json_safe
 
     started = time.perf_counter()
-    loaded, _ = case_loader.load_folders(case_dirs)
+    loaded, _ = load_folders(case_dirs)
     adapter = registry.load(adapter_id)
     family = registry.ADAPTERS[adapter_id].family
     records = []
@@ -65,17 +66,16 @@ def harness_round(adapter_id: str, items: set[tuple[str, str]], case_dirs: list[
         for check in lc.case.checks:
             if (lc.case.id, check) not in items:
                 continue
-            record: dict[str, Any] = {"case": lc.case.id, "file": str(lc.path), "line": lc.line,
-                                      "adapter": adapter_id, "family": family, "check": check,
-                                      "case_info": case_summary(lc), "known_failure": None}
-            outcome = Outcome("error")
+            record = Record(case=lc.case.id, file=str(lc.path), line=lc.line, adapter=adapter_id,
+                            family=family, check=check, case_info=case_summary(lc))
+            outcome = Outcome()
             item_started = time.perf_counter()
             try:
                 evaluate(adapter, lc.case, check, outcome)  # type: ignore[arg-type]
             finally:
-                record.update(outcome.as_dict())
-                record["duration_s"] = round(time.perf_counter() - item_started, 6)
-            records.append(record)
+                outcome.fill(record)
+                record.duration_s = round(time.perf_counter() - item_started, 6)
+            records.append(record.to_json())
     json.dumps(json_safe(records), allow_nan=False, default=str)
     return time.perf_counter() - started
 
@@ -93,10 +93,10 @@ def bare_round(function: Any, problems: list[tuple[Any, str]]) -> float:
 
 def select(adapter_id: str, case_dirs: list[Path]) -> tuple[set[tuple[str, str]], dict[str, int]]:
     """The items this adapter runs (evaluate says pass or fail), found by running them once."""
-    from conformance import cases as case_loader
-    from conformance.runner import evaluate
+    from conformance.evaluate import evaluate
+    from conformance.loader import load_folders
 
-    loaded, _ = case_loader.load_folders(case_dirs)
+    loaded, _ = load_folders(case_dirs)
     adapter = registry.load(adapter_id)
     items, left_out = set(), {"expect_error": 0, "not-expressible": 0, "error": 0, "gradients": 0}
     for lc in loaded:
@@ -141,14 +141,14 @@ def verify(adapter_id: str, problems: list[tuple[Any, str]]) -> list[str]:
 def child(ids: list[str], rounds: int, case_dirs: list[Path], check_outputs: bool) -> dict[str, Any]:
     """Measure the given adapters in this process (their environment is already set)."""
     from benchmarks.bare import BARE
-    from conformance import cases as case_loader
     from conformance import problem as problems
+    from conformance.loader import load_folders
 
     out: dict[str, Any] = {}
     for adapter_id in ids:
         registry.load(adapter_id)  # the framework import, outside any timing
         items, left_out = select(adapter_id, case_dirs)
-        loaded, _ = case_loader.load_folders(case_dirs)
+        loaded, _ = load_folders(case_dirs)
         work = [(problems.build(lc.case, check), check)  # type: ignore[arg-type]
                 for lc in loaded for check in lc.case.checks if (lc.case.id, check) in items]
         function = BARE[adapter_id]
@@ -171,7 +171,7 @@ def child(ids: list[str], rounds: int, case_dirs: list[Path], check_outputs: boo
 
 
 def process_groups(selection: str | None) -> list[list[str]]:
-    from conformance.run import groups_for
+    from conformance.families import groups_for
 
     return [g.adapter_ids for g in groups_for(selection)]
 

@@ -6,22 +6,14 @@ Imports no framework: `run` starts one pytest process per family for that.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from conformance.cases import Case, CaseErrors, load_folders
+from conformance import DEFAULT_CASES, RESULTS_DIR
+from conformance.loader import CaseErrors, load_folders
+from conformance.schema import schema_text
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CASES = ROOT / "cases"
 SCHEMA_PATH = DEFAULT_CASES / "schema.json"
-
-
-def schema_text() -> str:
-    schema = Case.model_json_schema()
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["title"] = "bnconform case"
-    return json.dumps(schema, indent=2, sort_keys=True) + "\n"
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -100,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--framework", default=None,
                    help="families or adapter ids, comma-separated (default: every family)")
     p.add_argument("-j", "--jobs", type=int, default=None, help="processes at once (default: cores)")
-    p.add_argument("--results-dir", type=Path, default=ROOT / "results")
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--cases", action="append", type=Path, metavar="DIR")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per family process")
     p.add_argument("--no-report", action="store_true")

@@ -18,8 +18,8 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from conformance.cases import Tolerance as CaseTolerance
 from conformance.dtypes import ulp
+from conformance.schema import ToleranceOverride
 
 DEFAULT_TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "float16": 4e-3, "bfloat16": 3e-2}
 
@@ -31,7 +31,7 @@ class Tolerance:
     rule: str  # how it was chosen, for the report
 
 
-def tolerance(dtype: str, conditioning: float, override: CaseTolerance | None) -> Tolerance:
+def tolerance(dtype: str, conditioning: float, override: ToleranceOverride | None) -> Tolerance:
     base = DEFAULT_TOLERANCE[dtype]
     factor = 1.0 + conditioning
     rtol = atol = base * factor

@@ -15,7 +15,9 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
 from conformance import problem as problems
 from conformance import reference
-from conformance.cases import Case, load_one
+from conformance.loader import load_one
+from conformance.outputs import CHECKS, outputs_of
+from conformance.schema import Case
 
 
 def nested(array: np.ndarray) -> CommentedSeq | float:
@@ -29,23 +31,14 @@ def nested(array: np.ndarray) -> CommentedSeq | float:
 
 
 def expected_values(case: Case) -> dict[tuple[str, ...], dict[str, np.ndarray]]:
-    """Mapping path (inside the case) -> expected fields, for every mode the case has."""
+    """Mapping path (inside the case) -> expected fields, for every check the case has."""
     out: dict[tuple[str, ...], dict[str, np.ndarray]] = {}
     if case.expect_error:
         return out
-    if case.training is not None:
-        r = reference.train(problems.build(case, "training"))
-        out[("training", "expected")] = {name: getattr(r, name) for name in problems.TRAINING_FIELDS}
-        if case.training.gradients is not None:
-            g = reference.gradients(problems.build(case, "gradients"))
-            fields = {"input": g["input"]}
-            if case.params.scale:
-                fields["gamma"] = g["gamma"]
-            if case.params.center:
-                fields["beta"] = g["beta"]
-            out[("training", "gradients", "expected")] = fields
-    if case.inference is not None:
-        out[("inference", "expected")] = {"output": reference.infer(problems.build(case, "inference"))}
+    for check in case.checks:
+        computed = reference.outputs(problems.build(case, check), check)
+        out[CHECKS[check].expected_at] = {o.name: computed[o.name] for o in outputs_of(check)
+                                          if o.exists(case.params)}
     return out
 
 

@@ -1,18 +1,20 @@
 """pytest plugin: YAML cases collected as items, one per case x adapter x check.
 
-`pytest conformance --framework=torch` collects the case folders (not the `conformance` package's
-Python files), runs each item through `conformance.runner`, and writes one results JSON file from
-the xdist controller (or the only process). Loaded by `-p conformance.plugin` in pyproject.toml.
+Case files are collected the way pytest's "non-python tests" example collects YAML
+(`pytest_collect_file`), so `pytest cases/hand`, `pytest cases/x.yaml` and any printed item id run
+again as given, and `--lf`/`--ff` work. `pytest conformance --framework=torch` collects the case
+folders (`--cases`, default cases/) instead of the `conformance` package's Python files, plus the
+semantic probes. Each item runs through `conformance.evaluate`; the results file is written once,
+from the xdist controller (or the only process), through `conformance.results`. Loaded by
+`-p conformance.plugin` in pyproject.toml.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import re
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -24,14 +26,20 @@ import pytest
 
 import adapters as registry
 from adapters.base import Adapter
-from conformance import cases as case_loader
-from conformance import probes, xfails
-from conformance.cases import CaseError, LoadedCase
-from conformance.runner import Outcome, evaluate
+from conformance import DEFAULT_CASES, RESULTS_DIR, probes
+from conformance.evaluate import Outcome, evaluate
+from conformance.loader import (
+    CaseErrors,
+    LoadedCase,
+    case_files,
+    duplicate_id_errors,
+    is_case_file,
+    load_file,
+)
+from conformance.results import Record, Results, Status, status_from_pytest, write_atomically
+from conformance.yamlpos import CaseError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-ROOT = PACKAGE_DIR.parent
-DEFAULT_CASES = ROOT / "cases"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -61,10 +69,16 @@ class RunState:
     selection: str
     adapter_ids: list[str]
     case_dirs: list[Path]
-    known_failures: dict
-    active: bool  # the conformance suite is among the collected paths
+    named_files: list[Path]  # case files named on the command line, wherever they are
+    active: bool  # the run collects cases or probes: it writes a results file
     loaded: dict[str, Adapter | BaseException] = field(default_factory=dict)
+    first_seen: dict[str, LoadedCase] = field(default_factory=dict)  # case id -> where, across files
     _documented: dict | None = None
+
+    def selects(self, path: Path) -> bool:
+        """A case file is collected under a selected case folder, or when named on the command line."""
+        path = path.resolve()
+        return path in self.named_files or any(path.is_relative_to(d) for d in self.case_dirs)
 
     def documented(self) -> dict:
         if self._documented is None:
@@ -91,15 +105,14 @@ def pytest_configure(config: pytest.Config) -> None:
     selection = config.getoption("framework")
     try:
         ids = registry.resolve(selection)
-        known = xfails.load()
     except ValueError as exc:
         raise pytest.UsageError(str(exc)) from None
     os.environ.update(registry.environment_for(ids))  # before any framework is imported
-    active = any(PACKAGE_DIR.is_relative_to(Path(str(arg).split("::")[0]).resolve())
-                 for arg in config.args)
     dirs = [p.resolve() for p in config.getoption("cases") or [DEFAULT_CASES]]
-    config.stash[STATE] = RunState(selection, ids, dirs, known, active)
-    config.addinivalue_line("markers", "xfail: known framework failure from adapters/xfails/<family>.yaml")
+    named = [Path(str(arg).split("::")[0]).resolve() for arg in config.args]
+    files = [p for p in named if is_case_file(p)]
+    active = any(PACKAGE_DIR.is_relative_to(p) or any(p.is_relative_to(d) for d in dirs) for p in named)
+    config.stash[STATE] = RunState(selection, ids, dirs, files, active or bool(files))
     if active and not hasattr(config, "workerinput"):
         config.pluginmanager.register(ResultsRecorder(config), "bnconform-results")
 
@@ -129,6 +142,15 @@ def _shown(path: Path) -> str:
 # ---------------------------------------------------------------- collection
 
 
+def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
+    """A case file under a selected case folder, or named on the command line, as pytest's own
+    non-python example collects YAML: `pytest cases/hand` and `pytest cases/x.yaml::id[...]` work."""
+    state = parent.config.stash[STATE]
+    if is_case_file(file_path) and state.selects(file_path):
+        return CaseFile.from_parent(parent, path=file_path)
+    return None
+
+
 def pytest_collect_directory(path: Path, parent: pytest.Collector) -> pytest.Collector | None:
     if path.resolve() == PACKAGE_DIR:
         return CaseSuite.from_parent(parent, path=path)
@@ -140,46 +162,32 @@ class CaseSuite(pytest.Directory):
 
     def collect(self):
         state = self.config.stash[STATE]
-        loaded, errors = case_loader.load_folders(state.case_dirs)
-        by_file: dict[Path, tuple[list[LoadedCase], list[CaseError]]] = {}
-        for case in loaded:
-            by_file.setdefault(case.path, ([], []))[0].append(case)
-        for error in errors:
-            by_file.setdefault(error.path, ([], []))[1].append(error)
-        for path in sorted(by_file):
-            try:
-                name = str(path.relative_to(self.config.rootpath))
-            except ValueError:
-                name = str(path)
-            node = CaseFile.from_parent(self, path=path, name=name)
-            node.cases, node.errors = by_file[path]
-            yield node
-        families = sorted({registry.ADAPTERS[i].family for i in state.adapter_ids})
-        for family in families:
+        for path in case_files(state.case_dirs):
+            yield CaseFile.from_parent(self, path=path)
+        for family in sorted({registry.ADAPTERS[i].family for i in state.adapter_ids}):
             path = probes.SEMANTICS_DIR / f"{family}.yaml"
             yield ProbeFile.from_parent(self, path=path, name=f"adapters/semantics/{family}.yaml")
 
 
 class CaseFile(pytest.File):
-    cases: list[LoadedCase]
+    """One YAML file: an item per case x adapter x check, or one failing item if it is invalid."""
+
     errors: list[CaseError]
 
     def collect(self):
         state = self.config.stash[STATE]
+        cases, self.errors = load_file(self.path)
+        self.errors += duplicate_id_errors(cases, state.first_seen)
         if self.errors:
             yield BrokenCaseFile.from_parent(self, name="invalid-case-file")
-        for loaded in self.cases:
-            case = loaded.case
+        for loaded in cases:
+            if state.first_seen[loaded.case.id] is not loaded:
+                continue
             for adapter_id in state.adapter_ids:
-                for check in case.checks:
-                    item = CaseItem.from_parent(self, name=f"{case.id}[{adapter_id}-{check}]")
+                for check in loaded.case.checks:
+                    item = CaseItem.from_parent(self, name=f"{loaded.case.id}[{adapter_id}-{check}]")
                     item.loaded, item.adapter_id, item.check = loaded, adapter_id, check
-                    item.extra_keyword_matches.update(case.tags)
-                    known = state.known_failures.get((adapter_id, case.id, check))
-                    if known is not None:
-                        item.add_marker(pytest.mark.xfail(
-                            strict=True, raises=CaseMismatch, reason=f"{known.reason} ({known.link})"))
-                        item.known_failure = known.model_dump()
+                    item.extra_keyword_matches.update(loaded.case.tags)
                     yield item
 
 
@@ -207,7 +215,7 @@ class ProbeItem(pytest.Item):
     def runtest(self) -> None:
         state = self.config.stash[STATE]
         documented = state.documented().get(self.adapter_id, {}).get(self.probe)
-        self.record = record = {"adapter": self.adapter_id, "probe": self.probe}
+        self.measured = record = {"adapter": self.adapter_id, "probe": self.probe}
         self.user_properties.append(("bnconform-probe", record))
         record.update(probes.measure(state.adapter(self.adapter_id), self.probe))
         if documented is None:
@@ -222,7 +230,7 @@ class ProbeItem(pytest.Item):
             raise ProbeMismatch()
 
     def repr_failure(self, excinfo, style=None) -> str:
-        record = getattr(self, "record", {})
+        record = getattr(self, "measured", {})
         if isinstance(excinfo.value, ProbeMismatch):
             return (f"probe {self.probe} on {self.adapter_id}: measured {record['value']!r}, documented "
                     f"{record['documented']!r}\n  how: {record['detail']}\n  source: {record['source']}")
@@ -239,14 +247,11 @@ class BrokenCaseFile(pytest.Item):
 
     def runtest(self) -> None:
         errors = self.parent.errors
-        self.user_properties.append(("bnconform", {
-            "case": None, "file": str(self.path), "adapter": None, "check": None,
-            "status": "error", "reason": "\n".join(str(e) for e in errors),
-        }))
-        raise case_loader.CaseErrors(errors)
+        self.record = Record(case=None, file=str(self.path), reason="\n".join(str(e) for e in errors))
+        raise CaseErrors(errors)
 
     def repr_failure(self, excinfo, style=None) -> str:
-        if isinstance(excinfo.value, case_loader.CaseErrors):
+        if isinstance(excinfo.value, CaseErrors):
             return "invalid case file:\n" + "\n".join(f"  {e}" for e in excinfo.value.errors)
         return super().repr_failure(excinfo)
 
@@ -258,33 +263,29 @@ class CaseItem(pytest.Item):
     loaded: LoadedCase
     adapter_id: str
     check: str
-    known_failure: dict | None = None
-    record: dict[str, Any] | None = None
+    record: Record | None = None
+    verdict: Status | None = None  # what the harness decided; None if something raised first
 
     def runtest(self) -> None:
         case = self.loaded.case
-        self.record = record = {
-            "case": case.id,
-            "file": str(self.path),
-            "line": self.loaded.line,
-            "adapter": self.adapter_id,
-            "family": registry.ADAPTERS[self.adapter_id].family,
-            "check": self.check,
-            "case_info": case_summary(self.loaded),
-            "known_failure": self.known_failure,
-        }
-        self.user_properties.append(("bnconform", record))
+        self.record = record = Record(
+            case=case.id, file=str(self.path), line=self.loaded.line, adapter=self.adapter_id,
+            family=registry.ADAPTERS[self.adapter_id].family, check=self.check,
+            case_info=case_summary(self.loaded))
         adapter = self.config.stash[STATE].adapter(self.adapter_id)
-        outcome = Outcome("error")
+        outcome = Outcome()
         started = time.perf_counter()
         try:
             evaluate(adapter, case, self.check, outcome)
         finally:
-            record.update(outcome.as_dict())
-            record["duration_s"] = round(time.perf_counter() - started, 6)
-        if outcome.status == "not-expressible":
+            outcome.fill(record)
+            record.duration_s = round(time.perf_counter() - started, 6)
+        self.verdict = outcome.status
+        if outcome.status == Status.NOT_EXPRESSIBLE:
             pytest.skip(f"not expressible: {outcome.reason}")
-        if outcome.status == "fail":
+        if outcome.status == Status.KNOWN:
+            pytest.xfail(f"known: {', '.join(outcome.explained_by)}: {outcome.reason}")
+        if outcome.status == Status.FAIL:
             raise CaseMismatch(outcome)
 
     def repr_failure(self, excinfo, style=None) -> str:
@@ -308,7 +309,15 @@ class CaseItem(pytest.Item):
 
 
 def format_outcome(outcome: Outcome) -> str:
+    """The diagnosis first, then the error figures of every output."""
     lines = []
+    if outcome.explained_by:
+        lines.append(f"  explained by: {', '.join(outcome.explained_by)}")
+    elif outcome.closest:
+        lines.append(f"  unexplained; closest variant: {outcome.closest['variant']} "
+                     f"(off by {outcome.closest['badness']:.3g}x its tolerance)")
+    if outcome.conventions:
+        lines.append(f"  declared conventions: {', '.join(outcome.conventions)}")
     if outcome.reason:
         lines.append(f"  {outcome.reason}")
     if outcome.tolerance is not None:
@@ -344,31 +353,21 @@ def case_summary(loaded: LoadedCase) -> dict[str, Any]:
     }
 
 
-def conventions_of(adapter: Adapter) -> dict[str, Any]:
-    c = adapter.conventions
-    return {"moving_variance_estimator": c.moving_variance_estimator,
-            "batch_variance_estimator": c.batch_variance_estimator, "notes": c.notes}
-
-
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
-    """Decide each record's final status where the item ran (xdist ships it to the controller)."""
+    """The record's final status, decided where the item ran (xdist ships it to the controller)."""
     report = yield
     record = getattr(item, "record", None)
     if call.when != "call" or record is None:
         return report
-    if report.skipped and record.get("status") == "not-expressible":
-        reason = f"not expressible: {record['reason']}"
-        report.longrepr = (str(item.path), item.loaded.line_of(("id",)), reason)
-    elif hasattr(report, "wasxfail"):
-        record["status"] = "xfail" if report.skipped else "xpass"
-        record["reason"] = record.get("reason") or report.wasxfail
-    elif report.failed and call.excinfo is None:
-        record["status"] = "fail"  # a strict xfail that passed: the framework was fixed
-        record["reason"] = f"XPASS(strict): {report.longrepr}; remove its adapters/xfails/<family>.yaml entry"
-    elif report.failed and not call.excinfo.errisinstance(CaseMismatch):
-        record["status"] = "error"
-        record["reason"] = f"{call.excinfo.typename}: {call.excinfo.value}"
+    outcome = "xfailed" if hasattr(report, "wasxfail") else report.outcome
+    record.status = status_from_pytest(outcome, getattr(item, "verdict", None))
+    if record.status == Status.ERROR and call.excinfo is not None and not isinstance(item, BrokenCaseFile):
+        record.reason = f"{call.excinfo.typename}: {call.excinfo.value}"
+    if record.status == Status.NOT_EXPRESSIBLE and isinstance(item, CaseItem):
+        report.longrepr = (str(item.path), item.loaded.line_of(("id",)),
+                           f"not expressible: {record.reason}")
+    report.user_properties.append(("bnconform", record.to_json()))
     return report
 
 
@@ -380,44 +379,32 @@ class ResultsRecorder:
 
     def __init__(self, config: pytest.Config):
         self.config = config
-        self.records: list[dict[str, Any]] = []
-        self.probes: dict[str, dict[str, Any]] = {}
+        self.results = Results(environment={})
         self.started = datetime.now(UTC)
+        self.path: Path | None = None
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.when != "call":
             return
         for name, value in report.user_properties:
             if name == "bnconform":
-                self.records.append(value)
+                self.results.records.append(Record.from_json(value))
             elif name == "bnconform-probe":
                 entry = {k: v for k, v in value.items() if k not in ("adapter", "probe")}
-                self.probes.setdefault(value["adapter"], {})[value["probe"]] = entry
+                self.results.probes.setdefault(value["adapter"], {})[value["probe"]] = entry
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         state = self.config.stash[STATE]
-        path = self.config.getoption("results") or ROOT / "results" / (
+        self.path = self.config.getoption("results") or RESULTS_DIR / (
             re.sub(r"[^A-Za-z0-9_.-]+", "_", state.selection) + ".json")
-        payload = {
-            "format": "bnconform-results/1",
-            "environment": environment(state, self.started),
-            "records": self.records,
-            "probes": self.probes,
-        }
-        write_atomically(Path(path), payload)
-        self.config.stash[RESULTS_PATH] = Path(path)
+        self.results.environment = environment(state, self.started)
+        write_atomically(Path(self.path), self.results)
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
-        path = self.config.stash.get(RESULTS_PATH, None)
-        if path is not None:
-            counts: dict[str, int] = {}
-            for r in self.records:
-                counts[r.get("status", "?")] = counts.get(r.get("status", "?"), 0) + 1
-            shown = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
-            terminalreporter.write_line(f"bnconform: {len(self.records)} records ({shown}) -> {path}")
-
-
-RESULTS_PATH = pytest.StashKey[Path]()
+        if self.path is not None:
+            counts = ", ".join(f"{n} {s}" for s, n in self.results.counts().items() if n)
+            terminalreporter.write_line(f"bnconform: {len(self.results.records)} records ({counts}) "
+                                        f"-> {self.path}")
 
 
 def environment(state: RunState, started: datetime) -> dict[str, Any]:
@@ -426,8 +413,10 @@ def environment(state: RunState, started: datetime) -> dict[str, Any]:
         info: dict[str, Any] = {"family": registry.ADAPTERS[adapter_id].family}
         try:
             adapter = state.adapter(adapter_id)
-            info.update(versions=adapter.versions(), conventions=conventions_of(adapter),
-                        device=adapter.device())
+            info.update(versions=adapter.versions(), device=adapter.device(),
+                        conventions={"variants": list(adapter.conventions.variants),
+                                     "notes": list(adapter.conventions.notes)},
+                        capabilities=capabilities_of(adapter))
         except AdapterUnavailable as exc:
             info["load_error"] = str(exc)
         adapters[adapter_id] = info
@@ -447,30 +436,7 @@ def environment(state: RunState, started: datetime) -> dict[str, Any]:
     }
 
 
-def json_safe(value: Any) -> Any:
-    """Non-finite floats as strings ("nan", "inf", "-inf"): strict JSON has no NaN."""
-    if (isinstance(value, float) and value != value) or value in (float("inf"), float("-inf")):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    return value
-
-
-def write_atomically(path: Path, payload: Any) -> None:
-    """Write to a temporary file beside `path`, then rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes the file private; results are for sharing
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(json_safe(payload), f, indent=1, allow_nan=False, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def capabilities_of(adapter: Adapter) -> dict[str, Any]:
+    c = adapter.capabilities
+    return {"dtypes": sorted(c.dtypes), "checks": sorted(c.checks), "min_rank": c.min_rank,
+            "max_rank": c.max_rank, "features": sorted(c.features), "why": c.why}

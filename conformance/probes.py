@@ -7,7 +7,7 @@ its type, the detail saying how it was measured. They use two things only: the a
 as data in adapters/semantics/<family>.yaml, and compared with these measurements by the pytest
 plugin.
 
-`python -m conformance.probes --framework IDS --json` measures in this process (the environment the
+`python -m conformance.probes --framework IDS --out FILE` measures in this process (the environment the
 adapters need is set first); `python -m conformance semantics` starts one such process per family.
 """
 
@@ -28,10 +28,11 @@ import yaml
 
 import adapters as registry
 from adapters.base import Adapter, NotExpressible, Observed, Problem
-from conformance import reference
+from conformance import ROOT, reference
 from conformance.dtypes import round_to
+from conformance.results import write_atomically
 
-SEMANTICS_DIR = Path(__file__).resolve().parent.parent / "adapters" / "semantics"
+SEMANTICS_DIR = ROOT / "adapters" / "semantics"
 SHAPE = (2, 3, 4, 5)  # every axis a different size, so the normalized axis can be told apart
 Value = float | str | bool | None
 ProbeFn = Callable[[Adapter], tuple[Value, str]]
@@ -206,7 +207,7 @@ def axis_minus_rank_minus_one(adapter: Adapter) -> tuple[Value, str]:
 
 def _stated_or_run(adapter: Adapter, p: Problem, check: str, ok: Callable[[Any], bool],
                    good: str, what: str) -> tuple[Value, str]:
-    reason = adapter.not_expressible(p, check)  # type: ignore[arg-type]
+    reason = adapter.why_not_expressible(p, check)  # type: ignore[arg-type]
     if reason:
         return "not expressible", reason
     try:
@@ -339,36 +340,36 @@ def agrees(measured: Value, doc: dict[str, Any]) -> bool:
 
 def semantics_main(framework: str | None, as_json: bool, jobs: int | None) -> int:
     """Measure every selected family in its own process (as `run` does) and print one table."""
-    import subprocess
-    from concurrent.futures import ThreadPoolExecutor
+    import tempfile
 
-    from conformance.run import ROOT, groups_for
-
-    def measure_group(ids: list[str]) -> tuple[dict, str]:
-        proc = subprocess.run([sys.executable, "-m", "conformance.probes", f"--framework={','.join(ids)}"],
-                              cwd=ROOT, capture_output=True, text=True, timeout=1800)
-        try:
-            return json.loads(proc.stdout), ""
-        except json.JSONDecodeError:
-            tail = "\n".join(proc.stderr.splitlines()[-10:])
-            failed = {i: {n: {"value": None, "detail": f"probe process failed (exit {proc.returncode})"}
-                          for n in PROBES} for i in ids}
-            return failed, f"{','.join(ids)}: exit {proc.returncode}\n{tail}"
+    from conformance.families import Group, groups_for, run_each, tail
 
     groups = groups_for(framework)
-    with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
-        outcomes = list(pool.map(lambda g: measure_group(g.adapter_ids), groups))
-    merged: dict[str, dict] = {}
-    for measured, problem in outcomes:
-        merged.update(measured)
-        if problem:
-            print(problem, file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="bnconform-semantics-") as tmp:
+        folder = Path(tmp)
+        def command(g: Group) -> list[str]:
+            return [sys.executable, "-m", "conformance.probes", f"--out={folder}/{g.name}.json",
+                    f"--framework={','.join(g.adapter_ids)}"]
+
+        run_each(groups, command, folder / "logs", jobs)
+        merged: dict[str, dict] = {}
+        problems = []
+        for g in groups:
+            try:
+                merged.update(json.loads((folder / f"{g.name}.json").read_text(encoding="utf-8")))
+            except (OSError, json.JSONDecodeError):
+                why = g.problem or f"exit {g.returncode}"
+                problems.append(f"{','.join(g.adapter_ids)}: {why}\n{tail(g.log, 10)}")
+                failed = {"value": None, "detail": f"probe process failed ({why})"}
+                merged.update({i: dict.fromkeys(PROBES, failed) for i in g.adapter_ids})
+    for problem in problems:
+        print(problem, file=sys.stderr)
     if as_json:
         json.dump(merged, sys.stdout, indent=1)
         print()
     else:
         print(table(merged))
-    return 1 if any(problem for _, problem in outcomes) else 0
+    return 1 if problems else 0
 
 
 def table(measured: dict[str, dict[str, dict[str, Value]]]) -> str:
@@ -398,7 +399,7 @@ def table(measured: dict[str, dict[str, dict[str, Value]]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m conformance.probes")
     parser.add_argument("--framework", required=True)
-    parser.add_argument("--json", action="store_true", help="print JSON (the only output form here)")
+    parser.add_argument("--out", type=Path, required=True, help="JSON file to write")
     args = parser.parse_args(argv)
     ids = registry.resolve(args.framework)
     os.environ.update(registry.environment_for(ids))
@@ -411,8 +412,7 @@ def main(argv: list[str] | None = None) -> int:
                                for name in PROBES}
             continue
         out[adapter_id] = {name: measure(adapter, name) for name in PROBES}
-    json.dump(out, sys.stdout, indent=1)
-    print()
+    write_atomically(args.out, out)
     return 0
 
 

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from adapters.base import Check, Problem
 from conformance import reference
-from conformance.cases import Case, as_array, make_array, per_channel
-
-TRAINING_FIELDS = ("output", "batch_mean", "batch_variance", "moving_mean", "moving_variance",
-                   "moving_variance_unbiased", "inference_output")
-GRADIENT_FIELDS = ("input", "gamma", "beta")
+from conformance.dtypes import round_to
+from conformance.outputs import alternatives, outputs_of
+from conformance.schema import Case, Values
+from conformance.validate import flat_numbers
 
 
 def channel_shape(case: Case) -> tuple[int, ...]:
@@ -53,8 +53,7 @@ def _build(case: Case, check: Check) -> Problem:
     if check == "gradients":
         assert case.training is not None and case.training.gradients is not None
         upstream = make_array(case.training.gradients.upstream, batches[-1].shape, dtype)
-    infer_after = bool(check == "training" and case.training is not None
-                       and case.training.expected.inference_output is not None)
+    infer_after = check == "training" and "inference_output" in case.given("training")
     return Problem(
         case_id=case.id,
         dtype=dtype,
@@ -75,51 +74,63 @@ def _build(case: Case, check: Check) -> Problem:
 
 @dataclass
 class Expected:
-    """Expected arrays for one check: from the case, or derived from the reference on demand."""
+    """Expected arrays for one check under the conventions an adapter declares.
+
+    An output the declared variants do not change is held to the case's value (or, where the case
+    leaves it out, the reference's: "derived"). One they change is held to the case's field for
+    that variant where the case gives one (`moving_variance_unbiased`), else to the variant's
+    simulation, derived."""
 
     given: dict[str, np.ndarray]
-    reference: Callable[[], dict[str, np.ndarray]] = field(repr=False)  # computed only if asked
+    declared: tuple[str, ...]
+    canonical: Callable[[], dict[str, np.ndarray]] = field(repr=False)  # computed only if asked
+    under_declared: Callable[[], dict[str, np.ndarray]] = field(repr=False)
+    alternatives: dict[str, dict[str, str]] = field(default_factory=dict)  # output -> variant -> field
 
-    def get(self, name: str) -> tuple[np.ndarray | None, bool]:
-        """(array, derived?): derived means the case left it out and the reference supplied it."""
+    def asks_for(self, name: str) -> bool:
+        """The case gives the output, or its field under some variant."""
+        return name in self.given or any(f in self.given for f in self.alternatives.get(name, {}).values())
+
+    def get(self, name: str) -> tuple[np.ndarray | None, bool, str]:
+        """(array, derived?, the name it is shown under)."""
+        if self.declared and self.changed(name):
+            for variant in reversed(self.declared):
+                alternative = self.alternatives.get(name, {}).get(variant)
+                if alternative in self.given:
+                    return self.given[alternative], False, alternative
+            return self.under_declared().get(name), True, f"{name} ({', '.join(self.declared)})"
         if name in self.given:
-            return self.given[name], False
-        derived = self.reference().get(name)
-        return derived, derived is not None
+            return self.given[name], False, name
+        derived = self.canonical().get(name)
+        return derived, derived is not None, name
+
+    def changed(self, name: str) -> bool:
+        a, b = self.canonical().get(name), self.under_declared().get(name)
+        return a is not None and b is not None and not np.array_equal(a, b, equal_nan=True)
 
 
-def expected(case: Case, check: Check, problem: Problem) -> Expected:
-    """The case's expected values as arrays, converted once per case and check."""
-    return case.memo(("expected", check), lambda: _expected(case, check, problem))
+def expected(case: Case, check: Check, problem: Problem, declared: tuple[str, ...] = ()) -> Expected:
+    """The case's expected values as arrays, converted once per case, check and declaration."""
+    return case.memo(("expected", check, declared), lambda: _expected(case, check, problem, declared))
 
 
-def _expected(case: Case, check: Check, problem: Problem) -> Expected:
-    given: dict[str, np.ndarray] = {}
+def _expected(case: Case, check: Check, problem: Problem, declared: tuple[str, ...]) -> Expected:
+    like = {"input": problem.batches[-1].shape, "channels": problem.gamma.shape}
+    given = case.given(check)
+    arrays = {o.name: as_array(given[o.name], like[o.shape]) for o in outputs_of(check) if o.name in given}
 
-    def ref() -> dict[str, np.ndarray]:
-        if check != "training" or case.expect_error:
-            return {}
-        return case.memo("reference-training", lambda: vars(reference.train(problem)))
+    def canonical() -> dict[str, np.ndarray]:
+        return {} if case.expect_error else case.memo(("reference", check),
+                                                      lambda: reference.outputs(problem, check))
 
-    if check == "training":
-        assert case.training is not None
-        shapes = {"output": problem.batches[-1].shape, "inference_output": problem.batches[-1].shape}
-        for name in TRAINING_FIELDS:
-            values = getattr(case.training.expected, name)
-            if values is not None:
-                given[name] = as_array(values, shapes.get(name, problem.gamma.shape))
-    elif check == "gradients":
-        assert case.training is not None and case.training.gradients is not None
-        for name in GRADIENT_FIELDS:
-            values = getattr(case.training.gradients.expected, name)
-            if values is not None:
-                shape = problem.batches[-1].shape if name == "input" else problem.gamma.shape
-                given[name] = as_array(values, shape)
-    else:
-        assert case.inference is not None
-        if case.inference.expected.output is not None:
-            given["output"] = as_array(case.inference.expected.output, problem.batches[-1].shape)
-    return Expected(given, ref)
+    def under_declared() -> dict[str, np.ndarray]:
+        from conformance import variants
+
+        return case.memo(("declared", check, declared), lambda: variants.simulate_named(
+            problem, check, declared))
+
+    return Expected(arrays, declared, canonical, under_declared,
+                    {o.name: alternatives(check, o.name) for o in outputs_of(check)})
 
 
 def conditioning(case: Case, check: Check, problem: Problem) -> float:
@@ -138,3 +149,36 @@ def input_conditioning(problem: Problem) -> float:
             ratio = np.where(std > 0, np.abs(mean) / std, 0.0)
         worst = max(worst, float(np.nanmax(ratio)) if ratio.size else 0.0)
     return worst
+
+
+# ---------------------------------------------------------------- arrays from the case
+
+
+def make_array(values: Values, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    """float64 array of the given shape holding values representable in `dtype`."""
+    if values.values is not None:
+        flat, _ = flat_numbers(values.values, ())
+        raw = np.array(flat, dtype=np.float64).reshape(shape)
+    else:
+        spec = values.random
+        assert spec is not None
+        rng = np.random.default_rng(spec.seed)
+        if spec.distribution == "normal":
+            raw = rng.normal(spec.mean, spec.std, size=shape)
+        else:
+            raw = rng.uniform(spec.low, spec.high, size=shape)
+    return round_to(raw, dtype)
+
+
+def per_channel(values: list[Any] | None, channel_shape: tuple[int, ...], default: float,
+                dtype: str) -> np.ndarray:
+    if values is None:
+        return np.full(channel_shape, default, dtype=np.float64)
+    flat, _ = flat_numbers(values, ())
+    return round_to(np.array(flat, dtype=np.float64).reshape(channel_shape), dtype)
+
+
+def as_array(values: list[Any], shape: tuple[int, ...]) -> np.ndarray:
+    """An expected field as a float64 array (no rounding: expected values are float64)."""
+    flat, _ = flat_numbers(values, ())
+    return np.array(flat, dtype=np.float64).reshape(shape)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from adapters.base import Problem
+from adapters.base import Problem, to_ascending, to_case_order
 
 
 def reduce_axes(rank: int, channel_axes: tuple[int, ...]) -> tuple[int, ...]:
@@ -24,13 +24,12 @@ def reduce_axes(rank: int, channel_axes: tuple[int, ...]) -> tuple[int, ...]:
 
 def to_channels(stat: np.ndarray, channel_axes: tuple[int, ...]) -> np.ndarray:
     """A statistic reduced with keepdims, laid out in the case's channel-axis order."""
-    squeezed = stat.squeeze(axis=reduce_axes(stat.ndim, channel_axes))
-    return squeezed.transpose(np.argsort(np.argsort(channel_axes)))
+    return to_case_order(stat.squeeze(axis=reduce_axes(stat.ndim, channel_axes)), channel_axes)
 
 
 def broadcastable(per_channel: np.ndarray, rank: int, channel_axes: tuple[int, ...]) -> np.ndarray:
     """A per-channel array (case axis order) reshaped to broadcast against the input."""
-    in_axis_order = per_channel.transpose(np.argsort(channel_axes))
+    in_axis_order = to_ascending(per_channel, channel_axes)
     shape = [1] * rank
     for axis, size in zip(sorted(channel_axes), in_axis_order.shape, strict=True):
         shape[axis] = size
@@ -135,3 +134,13 @@ def gradients(p: Problem) -> dict[str, np.ndarray]:
         "gamma": to_channels((dy * xhat).sum(axis=red, keepdims=True), axes),
         "beta": to_channels(dy.sum(axis=red, keepdims=True), axes),
     }
+
+
+def outputs(p: Problem, check: str) -> dict[str, np.ndarray]:
+    """Every output of a check by its name in `conformance.outputs`, plus the reference's extras
+    (`*_unbiased` tracks) that declared conventions may ask for."""
+    if check == "training":
+        return vars(train(p))
+    if check == "gradients":
+        return gradients(p)
+    return {"output": infer(p)}

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from conformance.__main__ import schema_text
-from conformance.cases import load_file, load_folders
+from conformance.loader import load_file, load_folders
+from conformance.schema import schema_text
 
 ROOT = Path(__file__).resolve().parent.parent
 

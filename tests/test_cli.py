@@ -8,9 +8,9 @@ from pathlib import Path
 
 from ruamel.yaml import YAML
 
-from conformance.cases import load_file
 from conformance.fill import fill_file
-from conformance.problem import TRAINING_FIELDS
+from conformance.loader import load_file
+from conformance.outputs import outputs_of
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,7 +64,7 @@ def test_fill_writes_every_field_and_keeps_comments_and_order(tmp_path: Path):
     assert "axis: 1  # channels" in text
     data = YAML(typ="safe").load(text)
     assert list(data) == ["id", "title", "dtype", "input", "params", "training", "inference"]
-    assert set(data["training"]["expected"]) == set(TRAINING_FIELDS)
+    assert set(data["training"]["expected"]) == {o.name for o in outputs_of("training")}
     assert set(data["training"]["gradients"]["expected"]) == {"input", "gamma", "beta"}
     assert "output" in data["inference"]["expected"]
     [loaded] = load_file(path)[0]

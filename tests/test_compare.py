@@ -7,9 +7,9 @@ import math
 import ml_dtypes
 import numpy as np
 
-from conformance.cases import Tolerance as CaseTolerance
 from conformance.compare import DEFAULT_TOLERANCE, compare, tolerance
 from conformance.dtypes import round_to, ulp
+from conformance.schema import ToleranceOverride
 
 
 def test_ulp_matches_numpy_spacing():
@@ -54,7 +54,7 @@ def test_conditioning_widens_the_default_tolerance():
 
 
 def test_override_keeps_its_reason():
-    t = tolerance("float32", 0.0, CaseTolerance(rtol=0.5, reason="large-mean input"))
+    t = tolerance("float32", 0.0, ToleranceOverride(rtol=0.5, reason="large-mean input"))
     assert t.rtol == 0.5 and t.atol == DEFAULT_TOLERANCE["float32"] and "large-mean input" in t.rule
 
 

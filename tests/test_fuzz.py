@@ -12,7 +12,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conformance.cases import load_text
+from conformance.loader import load_text
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL = sorted((ROOT / "cases").rglob("*.yaml"))

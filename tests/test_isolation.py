@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conformance.plugin import write_atomically
+from conformance.results import write_atomically
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,7 +22,7 @@ from adapters.base import Adapter, Conventions
 
 class Misbehaving(Adapter):
     family = "test"
-    conventions = Conventions(moving_variance_estimator="biased")
+    conventions = Conventions()
 
     def __init__(self, adapter_id):
         self.id = adapter_id

@@ -85,7 +85,7 @@ def test_mismatch_shows_the_case_not_a_harness_traceback(run_on_a_foreign_folder
     proc, _ = run_on_a_foreign_folder
     section = proc.stdout.split("wrong-expectation[torch-inference]")[1]
     assert "FAIL output" in section and "worst at [1, 1]: expected 4.5, got 4.0" in section
-    assert "conformance/runner.py" not in section and "Traceback" not in section
+    assert "conformance/evaluate.py" not in section and "Traceback" not in section
 
 
 def test_expect_error_fails_when_the_framework_accepts(run_on_a_foreign_folder):
@@ -99,7 +99,7 @@ def test_results_file_records_environment_and_metrics(run_on_a_foreign_folder):
     _, results = run_on_a_foreign_folder
     env = results["environment"]
     assert env["adapters"]["torch"]["versions"]["torch"].startswith("2.")
-    assert env["adapters"]["torch"]["conventions"]["moving_variance_estimator"] == "unbiased"
+    assert env["adapters"]["torch"]["conventions"]["variants"] == ["moving-variance-unbiased"]
     [record] = [r for r in results["records"]
                 if (r["case"], r["adapter"], r["check"]) == ("external-nhwc", "torch", "training")]
     names = {m["name"] for m in record["metrics"]}

@@ -11,8 +11,9 @@ import torch
 
 from adapters.base import Problem
 from conformance import reference
-from conformance.cases import load_folders
-from conformance.problem import GRADIENT_FIELDS, TRAINING_FIELDS, build
+from conformance.loader import load_folders
+from conformance.outputs import outputs_of
+from conformance.problem import build
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -117,14 +118,14 @@ def test_reference_reproduces_hand_derived_values(loaded):
     checked = 0
     if case.training is not None:
         r = vars(reference.train(build(case, "training")))
-        for name in TRAINING_FIELDS:
+        for name in (o.name for o in outputs_of("training")):
             given = getattr(case.training.expected, name)
             if given is not None:
                 np.testing.assert_allclose(r[name], np.array(given).reshape(r[name].shape), atol=1e-12)
                 checked += 1
         if case.training.gradients is not None:
             g = reference.gradients(build(case, "gradients"))
-            for name in GRADIENT_FIELDS:
+            for name in (o.name for o in outputs_of("gradients")):
                 given = getattr(case.training.gradients.expected, name)
                 if given is not None:
                     np.testing.assert_allclose(g[name], np.array(given).reshape(g[name].shape), atol=1e-12)

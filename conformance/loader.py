@@ -1,0 +1,132 @@
+"""Loading case files: one YAML file holds one case (or several `---`-separated ones).
+
+Loading never raises for a bad file: it returns the good cases and a list of `CaseError`s naming
+file, line, column and field, so one broken file stops nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from conformance.schema import Case
+from conformance.validate import pydantic_errors, semantic_errors
+from conformance.yamlpos import CaseError, Loc, Walker, documents, dotted, nearest_mark
+
+MAX_FILE_BYTES = 32 * 1024 * 1024
+CASE_SUFFIXES = (".yaml", ".yml")
+NOT_CASES = {"schema.yaml"}
+
+
+@dataclass
+class LoadedCase:
+    case: Case
+    path: Path
+    line: int  # where the document starts
+    marks: dict[Loc, tuple[int, int]] = field(repr=False, default_factory=dict)
+
+    def line_of(self, loc: Loc) -> int:
+        return nearest_mark(self.marks, loc, (self.line, 1))[0]
+
+
+class CaseErrors(Exception):
+    """Raised by `load_one` for callers that want an exception; carries every error."""
+
+    def __init__(self, errors: list[CaseError]):
+        self.errors = errors
+        super().__init__("\n".join(str(e) for e in errors))
+
+
+def load_text(path: Path, text: str) -> tuple[list[LoadedCase], list[CaseError]]:
+    cases: list[LoadedCase] = []
+    errors: list[CaseError] = []
+    for node, syntax_error in documents(path, text):
+        if syntax_error is not None:
+            errors.append(syntax_error)
+            break
+        if node is None:
+            continue
+        walker = Walker(path)
+        data = walker.build(node)
+        start = (node.start_mark.line + 1, node.start_mark.column + 1)
+        if walker.errors:
+            errors.extend(walker.errors)
+            continue
+        if not isinstance(data, dict):
+            errors.append(CaseError(path, *start, "", "a case is a mapping of keys (id, params, ...)"))
+            continue
+        problems: list[tuple[Loc, str]]
+        try:
+            case = Case.model_validate(data)
+            problems = semantic_errors(case)
+        except ValidationError as exc:
+            problems = pydantic_errors(exc)
+        except RecursionError:
+            problems = [((), "document nested too deeply")]
+        if problems:
+            for loc, message in problems:
+                line, col = nearest_mark(walker.marks, loc, start)
+                errors.append(CaseError(path, line, col, dotted(loc), message))
+            continue
+        cases.append(LoadedCase(case, path, start[0], walker.marks))
+    return cases, errors
+
+
+def load_file(path: Path) -> tuple[list[LoadedCase], list[CaseError]]:
+    try:
+        if path.stat().st_size > MAX_FILE_BYTES:
+            return [], [CaseError(path, 1, 1, "", f"file larger than {MAX_FILE_BYTES} bytes")]
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return [], [CaseError(path, 1, 1, "", f"cannot read: {exc}")]
+    return load_text(path, text)
+
+
+def is_case_file(path: Path) -> bool:
+    return path.suffix in CASE_SUFFIXES and path.name not in NOT_CASES
+
+
+def case_files(folders: Iterable[Path]) -> list[Path]:
+    """The case files given, and those below the folders given, each folder's in sorted order."""
+    files: list[Path] = []
+    for folder in folders:
+        if folder.is_file():
+            files.append(folder)
+        else:
+            files.extend(sorted(p for p in folder.rglob("*") if is_case_file(p) and p.is_file()))
+    return files
+
+
+def load_folders(folders: Iterable[Path]) -> tuple[list[LoadedCase], list[CaseError]]:
+    """Every case below the folders; duplicate ids across all of them are errors."""
+    cases: list[LoadedCase] = []
+    errors: list[CaseError] = []
+    for path in case_files(folders):
+        good, bad = load_file(path)
+        cases.extend(good)
+        errors.extend(bad)
+    first: dict[str, LoadedCase] = {}
+    errors.extend(duplicate_id_errors(cases, first))
+    return [c for c in cases if first[c.case.id] is c], errors
+
+
+def load_one(path: Path) -> list[LoadedCase]:
+    cases, errors = load_file(path)
+    if errors:
+        raise CaseErrors(errors)
+    return cases
+
+
+def duplicate_id_errors(cases: Iterable[LoadedCase], first: dict[str, LoadedCase]) -> list[CaseError]:
+    """Errors for ids already in `first` (id -> where it was first seen), which is updated."""
+    errors = []
+    for loaded in cases:
+        other = first.setdefault(loaded.case.id, loaded)
+        if other is not loaded:
+            errors.append(CaseError(loaded.path, loaded.line_of(("id",)), 1, "id",
+                                    f"duplicate id {loaded.case.id!r}, first used at "
+                                    f"{other.path}:{other.line_of(('id',))}"))
+    return errors

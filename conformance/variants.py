@@ -1,0 +1,374 @@
+"""Named variants: the reference recomputed under one changed convention, to say *why* a framework
+differs from it rather than only *that* it does.
+
+`Knobs` holds every convention the simulation can change (defaults = the canonical reference),
+`simulate` recomputes a check's outputs under them, `CATALOGUE` names the variants a diagnosis
+tries (each realised by one or more `forms`, i.e. `Knobs` changes), and `apply` stacks the
+variants an adapter declares with one more on top.
+
+Tolerance rule (`tolerance_for`), c = worst channel |mean| / std as in compare.py:
+
+- A variant simulated in float64 (momentum, estimators, epsilon, frozen or swapped statistics)
+  is an exact model of the convention: it is judged at the case's own tolerance.
+- A variant simulated in a lower dtype (compute-float32, compute-input-dtype) rounds each
+  operation as that dtype would, but cannot reproduce a framework's summation order or fused
+  formula bit for bit: it is judged at the default tolerance of the dtype it simulates, times
+  (1 + c) as usual.
+- variance-sum-of-squares cancels about u·c² (u = unit roundoff of the dtype the variance is
+  evaluated in): which digits survive depends on the summation order, so the simulation only
+  reproduces the size of the error. It is judged at rtol = atol = default(dtype)·(1 + c²).
+
+None of these is ever tighter than the case's own tolerance. At large c the last rule accepts
+nearly anything; a diagnosis should also ask whether the variant moves the result at all.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from adapters.base import Check, Problem
+from conformance import reference
+from conformance.compare import DEFAULT_TOLERANCE
+from conformance.dtypes import round_to
+
+_CHOICES: dict[str, tuple[Any, ...]] = {
+    "momentum_form": ("decay", "complement"),
+    "momentum_float32": (None, "momentum", "complement"),
+    "compute_dtype": (None, "float64", "float32", "float16", "bfloat16"),
+    "variance": ("two-pass", "sum-of-squares"),
+    "moving_variance_estimator": ("biased", "unbiased"),
+    "batch_variance_estimator": ("biased", "unbiased"),
+}
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """Every convention the simulation can change; the defaults are the canonical reference."""
+
+    momentum_form: str = "decay"  # "complement": moving = (1 - m)·moving + m·batch
+    momentum_float32: str | None = None  # which of m ("momentum") or 1 - m ("complement") is float32
+    compute_dtype: str | None = None  # None: float64; else the whole forward in that dtype
+    variance: str = "two-pass"  # "sum-of-squares": E[x²] - E[x]², clamped at 0
+    moving_variance_estimator: str = "biased"  # the batch variance fed to the moving update
+    batch_variance_estimator: str = "biased"  # the batch variance reported
+    stats_frozen: bool = False  # training leaves the moving statistics unchanged
+    inference_uses_batch_stats: bool = False
+    training_uses_moving_stats: bool = False  # the moving statistics as they were before the step
+    epsilon_outside_sqrt: bool = False  # y = (x - mean) / (sqrt(var) + eps)
+    epsilon: float | None = None  # replaces the case's epsilon
+
+    def __post_init__(self) -> None:
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"Knobs.{name} must be one of {allowed}, not {getattr(self, name)!r}")
+
+
+CANONICAL = Knobs()
+
+
+def _rounder(dtype: str | None) -> Callable[[Any], Any]:
+    """Round an intermediate to `dtype`. One float64 operation then one rounding is the correctly
+    rounded float32/float16 result of +, -, *, /, sqrt (53 >= 2p + 2 bits), so a simulation rounds
+    after every operation and differs from a framework only in reduction order. (bfloat16 goes
+    through float32 in ml_dtypes, as a framework computing in float32 and storing bfloat16 does.)"""
+    if dtype in (None, "float64"):
+        return lambda a: a
+    return lambda a: round_to(a, dtype)
+
+
+def _f32(value: float) -> float:
+    return float(np.float32(value))
+
+
+def _lower(knobs: Knobs) -> bool:
+    return knobs.compute_dtype not in (None, "float64")
+
+
+def stats_dtype(knobs: Knobs, problem: Problem) -> str:
+    """The dtype an E[x²] - E[x]² variance is evaluated in: the compute dtype, else the one a
+    framework computes this case's statistics in (float64 for float64, float32 otherwise, as the
+    frameworks upcast float16/bfloat16). In float64 a float32 case would hide the cancellation."""
+    if knobs.compute_dtype is not None:
+        return knobs.compute_dtype
+    return "float64" if problem.dtype == "float64" else "float32"
+
+
+def _stats(x: np.ndarray, p: Problem, k: Knobs) -> tuple[np.ndarray, np.ndarray, int]:
+    """Batch mean and biased variance per channel, as reference.moments but under the knobs."""
+    axes = p.channel_axes
+    red = reference.reduce_axes(x.ndim, axes)
+    count = int(np.prod([x.shape[a] for a in red]))
+    r = _rounder(k.compute_dtype)
+
+    def avg(a: np.ndarray, rr: Callable[[Any], Any] = r) -> np.ndarray:
+        return rr(a.mean(axis=red, keepdims=True))  # float64 accumulation, one rounding
+
+    x = r(x)
+    mean = avg(x)
+    if k.variance == "two-pass":
+        var = avg(r(r(x - mean) ** 2))
+    else:  # Flax use_fast_variance=True, Keras-torch ops.moments
+        s = _rounder(stats_dtype(k, p))
+        xs = s(x)
+        m = avg(xs, s)
+        var = np.maximum(s(avg(s(xs * xs), s) - s(m * m)), 0.0)
+    return reference.to_channels(mean, axes), reference.to_channels(var, axes), count
+
+
+def _normalize(x: np.ndarray, p: Problem, k: Knobs, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
+    """reference.normalize, operation for operation, under the knobs."""
+    r = _rounder(k.compute_dtype)
+
+    def b(v: np.ndarray) -> np.ndarray:
+        return r(reference.broadcastable(v, x.ndim, p.channel_axes))
+
+    eps = r(np.float64(p.epsilon if k.epsilon is None else k.epsilon))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        outside = k.epsilon_outside_sqrt
+        denom = r(r(np.sqrt(b(var))) + eps) if outside else r(np.sqrt(r(b(var) + eps)))
+        return r(r(r(b(p.gamma) * r(r(x) - b(mean))) / denom) + b(p.beta))
+
+
+def _update(moving: np.ndarray, batch: np.ndarray, m: float, k: Knobs) -> np.ndarray:
+    """reference.update under the knobs. Moving statistics are float32 whenever a lower compute dtype
+    is set (Keras keeps float16 layers' statistics in float32 and updates a float64 layer's in
+    float32 off tensorflow)."""
+    rs = _rounder("float32" if _lower(k) else None)
+    if k.momentum_form == "complement":
+        m = 1.0 - m
+    if k.momentum_float32 == "complement":  # tf_keras unfused: moving -= (moving - batch) * decay
+        decay = _f32(1.0 - m)
+        return rs(moving - rs(rs(moving - batch) * decay))
+    if k.momentum_float32 == "momentum":  # ONNX: m32 * moving + (1 - m32) * batch
+        m = _f32(m)
+    m = rs(m)
+    return rs(rs(m * moving) + rs(rs(1.0 - m) * batch))
+
+
+def _momenta(p: Problem) -> list[float]:
+    """The decay-form momentum of each step (1 - 1/t when the case's is None)."""
+    return [1.0 - 1.0 / t if p.momentum is None else p.momentum for t in range(1, len(p.batches) + 1)]
+
+
+def _train(p: Problem, k: Knobs) -> dict[str, np.ndarray]:
+    r, rs = _rounder(k.compute_dtype), _rounder("float32" if _lower(k) else None)
+    moving_mean, moving_var = rs(p.moving_mean), rs(p.moving_variance)
+    for x, m in zip(p.batches, _momenta(p), strict=True):
+        mean, var, count = _stats(x, p, k)
+        used = (moving_mean, moving_var) if k.training_uses_moving_stats else (mean, var)
+        output = _normalize(x, p, k, *used)
+        if not k.stats_frozen:
+            fed = r(reference.unbiased(var, count)) if k.moving_variance_estimator == "unbiased" else var
+            moving_mean, moving_var = _update(moving_mean, mean, m, k), _update(moving_var, fed, m, k)
+    last = (mean, var) if k.inference_uses_batch_stats else (moving_mean, moving_var)
+    return {
+        "output": output,
+        "batch_mean": mean,
+        "batch_variance": r(reference.unbiased(var, count)) if k.batch_variance_estimator == "unbiased"
+        else var,
+        "moving_mean": moving_mean,
+        "moving_variance": moving_var,
+        "inference_output": _normalize(p.batches[-1], p, k, *last),
+    }
+
+
+def _infer(p: Problem, k: Knobs) -> dict[str, np.ndarray]:
+    x = p.batches[-1]
+    used = _stats(x, p, k)[:2] if k.inference_uses_batch_stats else (p.moving_mean, p.moving_variance)
+    return {"output": _normalize(x, p, k, *used)}
+
+
+def _gradients(p: Problem, k: Knobs) -> dict[str, np.ndarray]:
+    """reference.gradients under compute_dtype, variance, epsilon, epsilon_outside_sqrt and
+    training_uses_moving_stats (the other knobs do not touch a training-mode backward pass).
+
+    Epsilon outside the root, s = sigma + eps: ds/dvar = 1/(2 sigma) instead of 1/(2 s), so the
+    xhat term is scaled by s / sigma. Moving statistics are constants: dx = gamma / s * dy."""
+    assert p.upstream is not None, "gradients need an upstream gradient"
+    r = _rounder(k.compute_dtype)
+    axes = p.channel_axes
+    x, dy = r(p.batches[-1]), r(p.upstream)
+    red = reference.reduce_axes(x.ndim, axes)
+    if k.training_uses_moving_stats:
+        mean, var = p.moving_mean, p.moving_variance
+    else:
+        mean, var, _ = _stats(x, p, k)
+
+    def b(v: np.ndarray) -> np.ndarray:
+        return r(reference.broadcastable(v, x.ndim, axes))
+
+    def avg(a: np.ndarray) -> np.ndarray:
+        return r(a.mean(axis=red, keepdims=True))
+
+    def total(a: np.ndarray) -> np.ndarray:
+        return reference.to_channels(r(a.sum(axis=red, keepdims=True)), axes)
+
+    eps = r(np.float64(p.epsilon if k.epsilon is None else k.epsilon))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sigma = r(np.sqrt(b(var)))
+        s = r(sigma + eps) if k.epsilon_outside_sqrt else r(np.sqrt(r(b(var) + eps)))
+        inv_std = r(1.0 / s)
+        xhat = r(r(x - b(mean)) * inv_std)
+        if k.training_uses_moving_stats:
+            dx = r(r(b(p.gamma) * inv_std) * dy)
+        else:
+            correction = r(xhat * avg(r(dy * xhat)))
+            if k.epsilon_outside_sqrt:
+                correction = r(correction * r(s / sigma))
+            dx = r(r(b(p.gamma) * inv_std) * r(r(dy - avg(dy)) - correction))
+    return {"input": dx, "gamma": total(r(dy * xhat)), "beta": total(dy)}
+
+
+def simulate(problem: Problem, check: Check, knobs: Knobs = CANONICAL) -> dict[str, np.ndarray]:
+    """The check's outputs (float64) under `knobs`; with CANONICAL they are reference.train / infer /
+    gradients. training: output, batch_mean, batch_variance (last step), moving_mean,
+    moving_variance (after all steps), inference_output; inference: output; gradients: input,
+    gamma, beta."""
+    run = {"training": _train, "inference": _infer, "gradients": _gradients}[check]
+    return run(problem, knobs)
+
+
+def tolerance_for(knobs: Knobs, problem: Problem, base_rtol: float, base_atol: float,
+                  conditioning: float) -> tuple[float, float]:
+    """(rtol, atol) a framework is held to when compared with `simulate(problem, check, knobs)`.
+
+    base_* is the case's tolerance (its dtype's default x (1 + c), or its override); float64
+    conventions keep it. A lower compute dtype d widens it to default(d)·(1 + c): rounding is
+    simulated, summation order is not. E[x²] - E[x]² in dtype d is off by about u_d·c² in an
+    order-dependent way: default(d)·(1 + c²). The widest rule that applies wins."""
+    c = conditioning
+    widths = [0.0]
+    if _lower(knobs):
+        widths.append(DEFAULT_TOLERANCE[knobs.compute_dtype] * (1.0 + c))  # type: ignore[index]
+    if knobs.variance == "sum-of-squares":
+        widths.append(DEFAULT_TOLERANCE[stats_dtype(knobs, problem)] * (1.0 + c * c))
+    return max(base_rtol, *widths), max(base_atol, *widths)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One named convention: where it can change an output and how it is realised as Knobs."""
+
+    name: str
+    summary: str  # one line, for reports
+    when: Callable[[Problem, Check], bool]  # the checks and cases whose outputs it can change
+    # Knobs changes, or a function of the problem giving the forms that change something there
+    ways: dict[str, Any] | Callable[[Problem], list[dict[str, Any]]] = field(default_factory=dict)
+    raises: bool = False  # explains an exception, not values: nothing to simulate
+
+    def forms(self, problem: Problem, check: Check) -> list[dict[str, Any]]:
+        """The Knobs changes that realise the convention (several where frameworks differ)."""
+        if self.raises:
+            return []
+        return self.ways(problem) if callable(self.ways) else [dict(self.ways)]
+
+    def applies(self, problem: Problem, check: Check) -> bool:
+        """False where the convention cannot change any output of this check."""
+        return self.when(problem, check) and (self.raises or bool(self.forms(problem, check)))
+
+
+def _updates(p: Problem, c: Check) -> bool:
+    """Training where the moving statistics move (momentum 1 keeps them)."""
+    return c == "training" and p.momentum != 1.0
+
+
+def _batch_stats(p: Problem, c: Check) -> bool:
+    """The checks whose output is normalized with the batch's own statistics."""
+    return c in ("training", "gradients")
+
+
+def _momentum_float32(p: Problem) -> list[dict[str, Any]]:
+    # ONNX Runtime: momentum is a float32 attribute, also in double models (m32·moving + (1-m32)·batch).
+    # tf_keras unfused float64 layer: decay = float32(1 - momentum); moving -= (moving - batch)·decay.
+    ms = _momenta(p)
+    forms = []
+    if any(_f32(m) != m for m in ms):
+        forms.append({"momentum_float32": "momentum"})
+    if any(_f32(1.0 - m) != 1.0 - m for m in ms):
+        forms.append({"momentum_float32": "complement"})
+    return forms
+
+
+VARIANTS = [
+    # An adapter or user passing torch's momentum (weight of the batch) to a TF-form API.
+    Variant("momentum-complement", "moving = (1 - m)·moving + m·batch: torch and TF momentum forms swapped",
+            lambda p, c: c == "training" and p.momentum != 0.5,
+            lambda p: [] if p.momentum is None else [{"momentum_form": "complement"}]),
+    Variant("momentum-float32", "momentum m, or 1 - m, held in float32 for the moving update",
+            lambda p, c: c == "training" and p.dtype == "float64", _momentum_float32),
+    # Keras 3 on jax/torch: a float64 layer computes in result_type(float64, float32) = float32.
+    Variant("compute-float32", "a float64 case computed in float32",
+            lambda p, c: p.dtype == "float64", {"compute_dtype": "float32"}),
+    Variant("compute-input-dtype", "float16/bfloat16 statistics computed in that dtype, not float32",
+            lambda p, c: p.dtype in ("float16", "bfloat16"), lambda p: [{"compute_dtype": p.dtype}]),
+    # torch, and TF's fused kernel: the moving variance is updated with var·n/(n-1).
+    Variant("moving-variance-unbiased", "moving variance updated with the Bessel-corrected batch variance",
+            _updates, {"moving_variance_estimator": "unbiased"}),
+    Variant("moving-variance-biased", "moving variance updated with the biased batch variance",
+            _updates, {"moving_variance_estimator": "biased"}),
+    # tf.compat.v1.nn.fused_batch_norm returns var(ddof=1) as batch variance; y uses the biased one.
+    Variant("batch-variance-unbiased", "reported batch variance Bessel-corrected (y uses the biased one)",
+            lambda p, c: c == "training", {"batch_variance_estimator": "unbiased"}),
+    # Flax use_fast_variance=True (the default); Keras 3 ops.moments on torch.
+    Variant("variance-sum-of-squares", "batch variance as E[x²] - E[x]² (clamped at 0) in the compute dtype",
+            _batch_stats, {"variance": "sum-of-squares"}),
+    # TF1 tf.compat.v1.layers run without the UPDATE_OPS dependency.
+    Variant("stats-frozen", "training leaves the moving statistics unchanged",
+            _updates, {"stats_frozen": True}),
+    # torch with track_running_stats=False; a model left in training mode.
+    Variant("inference-uses-batch-stats", "inference normalizes with the batch's own statistics",
+            lambda p, c: c == "inference" or (c == "training" and p.infer_after_training),
+            {"inference_uses_batch_stats": True}),
+    # Keras trainable=False (a frozen layer runs in inference mode); a model left in eval mode.
+    Variant("training-uses-moving-stats", "training normalizes with the moving statistics",
+            _batch_stats, {"training_uses_moving_stats": True}),
+    Variant("epsilon-outside-sqrt", "y = (x - mean) / (sqrt(var) + eps)",
+            lambda p, c: p.epsilon != 0.0, {"epsilon_outside_sqrt": True}),
+    Variant("epsilon-1e-3", "epsilon 1e-3 (the TF/Keras default) instead of the case's",
+            lambda p, c: p.epsilon != 1e-3, {"epsilon": 1e-3}),
+    Variant("epsilon-1e-5", "epsilon 1e-5 (the torch/ONNX/Flax default) instead of the case's",
+            lambda p, c: p.epsilon != 1e-5, {"epsilon": 1e-5}),
+    Variant("rejects", "the framework raises where the reference computes a value",
+            lambda p, c: True, raises=True),
+]
+CATALOGUE: dict[str, Variant] = {v.name: v for v in VARIANTS}
+
+RESERVED: dict[str, str] = {  # named, not computable: the case fields they need do not exist yet
+    "ghost-interleaved": "statistics over ghost batches taken by interleaved rather than contiguous rows",
+    "replica-0-stats": "data-parallel training normalizes with replica 0's statistics only",
+    "replica-mean-stats": "data-parallel training normalizes with statistics averaged over replicas",
+}
+
+
+def apply(declared: list[str], extra: str | None, problem: Problem, check: Check) -> list[Knobs]:
+    """Knobs for the declared variants with `extra` on top: one per combination of forms, without
+    duplicates. A variant that does not apply here is skipped; a later one overrides an earlier
+    one's fields (biased after unbiased: biased). [] when `extra` does not apply or explains an
+    exception (rejects): there is nothing to simulate."""
+    names = [*declared, *([extra] if extra is not None else [])]
+    for name in names:
+        if name not in CATALOGUE:
+            why = "reserved, not computable yet" if name in RESERVED else "unknown"
+            raise ValueError(f"variant {name!r}: {why}")
+    if extra is not None and (CATALOGUE[extra].raises or not CATALOGUE[extra].applies(problem, check)):
+        return []
+    combos: list[dict[str, Any]] = [{}]
+    for name in names:
+        variant = CATALOGUE[name]
+        if variant.applies(problem, check) and not variant.raises:
+            forms = variant.forms(problem, check)
+            combos = [{**a, **b} for a, b in itertools.product(combos, forms)]
+    return list(dict.fromkeys(Knobs(**c) for c in combos))
+
+
+def simulate_named(problem: Problem, check: Check, declared: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The check's outputs under an adapter's declared variants: the expected values it is held to.
+    Declared conventions are exact float64 ones with one form; where a variant has several, the
+    first (as listed by `forms`) is used. Outputs they do not touch equal the reference bit for bit."""
+    return simulate(problem, check, apply(list(declared), None, problem, check)[0])
+

@@ -1,0 +1,330 @@
+"""Variants: the canonical knobs reproduce the reference, and each variant does what its name says."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from adapters.base import Problem
+from conformance import reference
+from conformance.compare import DEFAULT_TOLERANCE
+from conformance.dtypes import round_to
+from conformance.variants import (
+    CANONICAL,
+    CATALOGUE,
+    RESERVED,
+    Knobs,
+    apply,
+    simulate,
+    simulate_named,
+    tolerance_for,
+)
+
+NAMES = {
+    "momentum-complement", "momentum-float32", "compute-float32", "compute-input-dtype",
+    "moving-variance-unbiased", "moving-variance-biased", "variance-sum-of-squares", "stats-frozen",
+    "inference-uses-batch-stats", "training-uses-moving-stats", "epsilon-outside-sqrt", "epsilon-1e-3",
+    "epsilon-1e-5", "rejects", "batch-variance-unbiased",
+}
+CHECKS = ("training", "inference", "gradients")
+LAYOUTS = [((6, 3), (1,)), ((3, 6), (0,)), ((2, 4, 3), (-1,)), ((2, 3, 4, 5), (1, 2)),
+           ((2, 3, 4, 5), (3, 1))]
+
+
+def problem(shape=(6, 3), axes=(1,), *, dtype="float64", momentum=0.9, epsilon=1e-3, steps=1, seed=0,
+            loc=1.0, std=2.0, infer_after=True) -> Problem:
+    """Small random arrays, every value representable in `dtype`, as the harness hands them over."""
+    rng = np.random.default_rng(seed)
+    channels = tuple(shape[a] for a in axes)
+
+    def rd(a: np.ndarray) -> np.ndarray:
+        return round_to(a, dtype)
+
+    return Problem(
+        case_id="t", dtype=dtype, batches=tuple(rd(rng.normal(loc, std, shape)) for _ in range(steps)),
+        axes=tuple(axes), momentum=momentum, epsilon=epsilon, center=True, scale=True,
+        gamma=rd(rng.normal(size=channels)), beta=rd(rng.normal(size=channels)),
+        moving_mean=rd(rng.normal(size=channels)), moving_variance=rd(rng.uniform(0.5, 2, channels)),
+        upstream=rd(rng.normal(size=shape)), infer_after_training=infer_after,
+    )
+
+
+def hand(momentum=0.9, epsilon=1e-3, dtype="float64") -> Problem:
+    """One channel, x = [1, 3]: mean 2, variance 1 (2 unbiased); moving 0 and 1; gamma 1, beta 0."""
+    return Problem(
+        case_id="hand", dtype=dtype, batches=(np.array([[1.0], [3.0]]),), axes=(1,), momentum=momentum,
+        epsilon=epsilon, center=True, scale=True, gamma=np.ones(1), beta=np.zeros(1),
+        moving_mean=np.zeros(1), moving_variance=np.ones(1), upstream=np.array([[1.0], [-2.0]]),
+        infer_after_training=True,
+    )
+
+
+def knobs(name: str, p: Problem, check: str = "training", form: int = 0) -> Knobs:
+    return Knobs(**CATALOGUE[name].forms(p, check)[form])
+
+
+def close(a, b, rtol=1e-12):
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=0)
+
+
+# --- the canonical knobs are the reference -------------------------------------------------------
+
+
+@pytest.mark.parametrize(("shape", "axes"), LAYOUTS)
+@pytest.mark.parametrize("momentum", [0.9, None, 1.0, 0.0])
+def test_canonical_knobs_are_the_reference(shape, axes, momentum):
+    """Bit for bit: the harness tells outputs a declared variant changes by exact comparison."""
+    p = problem(shape, axes, momentum=momentum, steps=3)
+    expected = vars(reference.train(p))
+    for name, got in simulate(p, "training", CANONICAL).items():
+        np.testing.assert_array_equal(got, expected[name])
+    np.testing.assert_array_equal(simulate(p, "inference")["output"], reference.infer(p))
+    for name, got in simulate(p, "gradients").items():
+        np.testing.assert_array_equal(got, reference.gradients(p)[name])
+
+
+def test_declared_variants_change_only_their_outputs():
+    p = problem((2, 3, 4, 5), (3, 1), steps=3)
+    ref = reference.train(p)
+    got = simulate_named(p, "training", ("moving-variance-unbiased",))
+    np.testing.assert_array_equal(got["moving_variance"], ref.moving_variance_unbiased)
+    np.testing.assert_array_equal(got["inference_output"], ref.inference_output_unbiased)
+    for name in ("output", "batch_mean", "batch_variance", "moving_mean"):
+        np.testing.assert_array_equal(got[name], getattr(ref, name))
+    fused = simulate_named(p, "training", ("moving-variance-unbiased", "batch-variance-unbiased"))
+    np.testing.assert_array_equal(fused["batch_variance"], ref.batch_variance_unbiased)
+    np.testing.assert_array_equal(simulate_named(p, "inference", ("moving-variance-unbiased",))["output"],
+                                  reference.infer(dataclasses.replace(p, batches=p.batches[-1:])))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_canonical_low_precision_is_computed_in_float64(dtype):
+    p = problem((4, 2, 3), (1,), dtype=dtype, steps=2)
+    close(simulate(p, "training")["output"], reference.train(p).output)
+
+
+# --- each variant does what its definition says -----------------------------------------------------
+
+
+def test_momentum_complement_swaps_the_weights():
+    p = hand()
+    out = simulate(p, "training", knobs("momentum-complement", p))
+    close(out["moving_mean"], [1.8])  # 0.1 * 0 + 0.9 * 2
+    close(simulate(p, "training")["moving_mean"], [0.2])
+
+
+def test_momentum_float32_has_an_onnx_form_and_a_tf_keras_form():
+    p = hand()
+    forms = CATALOGUE["momentum-float32"].forms(p, "training")
+    assert forms == [{"momentum_float32": "momentum"}, {"momentum_float32": "complement"}]
+    onnx, keras = (simulate(p, "training", Knobs(**f))["moving_mean"][0] for f in forms)
+    assert onnx == (1.0 - float(np.float32(0.9))) * 2.0 == pytest.approx(0.2000000476837158, abs=1e-16)
+    assert keras == float(np.float32(0.1)) * 2.0 == pytest.approx(0.20000000298023224, abs=1e-16)
+    assert abs(onnx - keras) / 0.2 > DEFAULT_TOLERANCE["float64"]  # float64 tolerance tells them apart
+
+
+def test_momentum_float32_covers_the_cumulative_average_onnx_runs_by_hand():
+    p = problem(momentum=None, steps=3)  # step 3 runs momentum 2/3, not a float32 value
+    assert CATALOGUE["momentum-float32"].applies(p, "training")
+    assert not CATALOGUE["momentum-float32"].applies(problem(momentum=None, steps=2), "training")
+
+
+def test_stats_frozen_keeps_the_initial_moving_statistics():
+    p = problem(steps=3)
+    out = simulate(p, "training", knobs("stats-frozen", p))
+    np.testing.assert_array_equal(out["moving_mean"], p.moving_mean)
+    np.testing.assert_array_equal(out["moving_variance"], p.moving_variance)
+    close(out["inference_output"], reference.infer(dataclasses.replace(p, batches=p.batches[-1:])))
+    close(out["output"], reference.train(p).output)
+
+
+def test_estimators():
+    p = problem((5, 3), (1,), steps=2)
+    ref = reference.train(p)
+    unbiased = simulate(p, "training", knobs("moving-variance-unbiased", p))
+    close(unbiased["moving_variance"], ref.moving_variance_unbiased)
+    close(unbiased["inference_output"], ref.inference_output_unbiased)
+    batch = simulate(p, "training", knobs("batch-variance-unbiased", p))
+    close(batch["batch_variance"], ref.batch_variance_unbiased)
+    close(batch["output"], ref.output)  # y still uses the biased variance
+    close(batch["moving_variance"], ref.moving_variance)
+
+
+def test_epsilon_outside_sqrt():
+    p = hand(epsilon=0.5)
+    out = simulate(p, "training", knobs("epsilon-outside-sqrt", p))
+    close(out["output"], [[-1 / 1.5], [1 / 1.5]])  # (x - 2) / (sqrt(1) + 0.5)
+    inf = simulate(p, "inference", knobs("epsilon-outside-sqrt", p))["output"]
+    close(inf, [[1 / 1.5], [3 / 1.5]])  # moving mean 0, variance 1
+
+
+@pytest.mark.parametrize("name", ["epsilon-1e-3", "epsilon-1e-5"])
+def test_default_epsilons(name):
+    p = problem(epsilon=0.25)
+    q = dataclasses.replace(p, epsilon=CATALOGUE[name].forms(p, "training")[0]["epsilon"])
+    close(simulate(p, "training", knobs(name, p))["output"], reference.train(q).output)
+    close(simulate(p, "gradients", knobs(name, p, "gradients"))["input"], reference.gradients(q)["input"])
+
+
+def test_batch_and_moving_statistics_swapped():
+    p = hand(epsilon=0.0)
+    close(simulate(p, "inference", knobs("inference-uses-batch-stats", p, "inference"))["output"],
+          [[-1.0], [1.0]])
+    out = simulate(p, "training", knobs("training-uses-moving-stats", p))
+    close(out["output"], [[1.0], [3.0]])  # moving mean 0, variance 1 before the step
+    close(out["moving_mean"], [0.2])  # the update still happens
+
+
+def test_sum_of_squares_cancels_in_float32():
+    p = problem((64, 2), (1,), dtype="float32", loc=1e4, std=1.0)
+    two_pass = simulate(p, "training")["batch_variance"]
+    fast = simulate(p, "training", knobs("variance-sum-of-squares", p))["batch_variance"]
+    assert np.all(np.abs(fast - two_pass) / two_pass > 0.5)  # O(1): E[x²] and E[x]² are 8 ulps apart
+    assert np.all(fast % 8 == 0)  # a difference of two float32 values near 1e8
+    well_conditioned = problem((64, 2), (1,), dtype="float32")
+    close(simulate(well_conditioned, "training", knobs("variance-sum-of-squares", p))["batch_variance"],
+          simulate(well_conditioned, "training")["batch_variance"], rtol=1e-5)
+
+
+@pytest.mark.parametrize(("name", "dtype"), [("compute-float32", "float64"),
+                                             ("compute-input-dtype", "float16"),
+                                             ("compute-input-dtype", "bfloat16")])
+def test_lower_compute_dtype_rounds_every_output(name, dtype):
+    p = problem((8, 3), (1,), dtype=dtype, steps=2)
+    compute = CATALOGUE[name].forms(p, "training")[0]["compute_dtype"]
+    for check in CHECKS:
+        got, ref = simulate(p, check, knobs(name, p, check)), simulate(p, check)
+        for key, values in got.items():
+            np.testing.assert_array_equal(values, round_to(values, "float32" if key.startswith("moving")
+                                                           else compute))
+            tol = 8 * DEFAULT_TOLERANCE[compute] * (1 + np.abs(ref[key]).max())
+            np.testing.assert_allclose(values, ref[key], rtol=0, atol=tol)
+        if compute == "float32":
+            assert any(not np.array_equal(got[k], ref[k]) for k in got)
+
+
+# --- gradients under the knobs that change them, against finite differences --------------------------
+
+
+@pytest.mark.parametrize("changes", [{"epsilon_outside_sqrt": True}, {"training_uses_moving_stats": True},
+                                     {"epsilon_outside_sqrt": True, "epsilon": 0.3}])
+def test_gradients_match_finite_differences(changes):
+    p = problem((5, 2), (1,), epsilon=0.1)
+    k = Knobs(**changes)
+    got = simulate(p, "gradients", k)
+
+    def loss(**replaced) -> float:
+        q = dataclasses.replace(p, **replaced)
+        return float((p.upstream * simulate(q, "training", k)["output"]).sum())
+
+    def numeric(name: str, base: np.ndarray) -> np.ndarray:
+        grad, h = np.zeros_like(base), 1e-6
+        for i in np.ndindex(base.shape):
+            up, down = base.copy(), base.copy()
+            up[i] += h
+            down[i] -= h
+            plus = loss(**{name: (up,) if name == "batches" else up})
+            minus = loss(**{name: (down,) if name == "batches" else down})
+            grad[i] = (plus - minus) / (2 * h)
+        return grad
+
+    np.testing.assert_allclose(got["input"], numeric("batches", p.batches[-1]), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got["gamma"], numeric("gamma", p.gamma), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got["beta"], numeric("beta", p.beta), rtol=1e-6, atol=1e-7)
+
+
+# --- the catalogue ------------------------------------------------------------------------------------
+
+
+def test_catalogue_names_are_the_contract():
+    assert set(CATALOGUE) == NAMES
+    assert set(RESERVED) == {"ghost-interleaved", "replica-0-stats", "replica-mean-stats"}
+    assert not set(RESERVED) & set(CATALOGUE)
+    assert all(v.summary and "\n" not in v.summary for v in CATALOGUE.values())
+
+
+NO_OP_PROBLEMS = [
+    problem(momentum=0.5, epsilon=1e-3, steps=2),
+    problem((2, 3, 4), (1,), momentum=1.0, epsilon=1e-5, infer_after=False),
+    problem(momentum=0.75, epsilon=0.0),
+    problem(dtype="float32", momentum=None, steps=2),
+    problem(dtype="float16", momentum=0.9, steps=2),
+    problem(dtype="bfloat16", momentum=0.25),
+]
+
+
+@pytest.mark.parametrize("p", NO_OP_PROBLEMS, ids=lambda p: f"{p.dtype}-{p.momentum}-{p.epsilon}")
+@pytest.mark.parametrize("check", CHECKS)
+def test_a_variant_that_does_not_apply_changes_nothing(p, check):
+    """Where `applies` is False every form leaves every output the check reports within the case's
+    tolerance (bit for bit where the simulation stays in float64)."""
+    base = simulate(p, check)
+    tol = DEFAULT_TOLERANCE[p.dtype]
+    for variant in CATALOGUE.values():
+        if variant.applies(p, check):
+            continue
+        for form in variant.forms(p, check):
+            got = simulate(p, check, Knobs(**form))
+            for key in got.keys() - ({"inference_output"} if not p.infer_after_training else set()):
+                np.testing.assert_allclose(got[key], base[key], rtol=tol, atol=tol,
+                                           err_msg=f"{variant.name} {form} {key}")
+
+
+def test_where_variants_apply():
+    def applies(name: str, p: Problem, check: str = "training") -> bool:
+        return CATALOGUE[name].applies(p, check)
+
+    assert not applies("epsilon-1e-3", hand(epsilon=1e-3)) and applies("epsilon-1e-5", hand(epsilon=1e-3))
+    assert not applies("compute-float32", hand(dtype="float32"))
+    assert not applies("compute-input-dtype", hand(dtype="float32"))
+    assert applies("compute-input-dtype", hand(dtype="bfloat16"), "inference")
+    assert not applies("momentum-complement", hand(momentum=None))
+    assert not applies("momentum-complement", hand(momentum=0.5))
+    assert not applies("momentum-complement", hand(), "inference")
+    assert not applies("momentum-float32", hand(momentum=0.75))  # 0.75 and 0.25 are float32 values
+    assert not applies("momentum-float32", hand(dtype="float32"))
+    assert not applies("stats-frozen", hand(momentum=1.0)) and applies("stats-frozen", hand(momentum=None))
+    assert not applies("moving-variance-unbiased", hand(), "gradients")
+    assert not applies("inference-uses-batch-stats", hand(), "gradients")
+    assert not applies("inference-uses-batch-stats", dataclasses.replace(hand(), infer_after_training=False))
+    assert not applies("variance-sum-of-squares", hand(), "inference")
+    assert not applies("epsilon-outside-sqrt", hand(epsilon=0.0))
+    assert applies("rejects", hand(), "gradients") and CATALOGUE["rejects"].forms(hand(), "training") == []
+
+
+# --- stacking and tolerance -------------------------------------------------------------------------
+
+
+def test_apply_stacks_declared_variants_with_one_more():
+    p = hand()
+    assert apply([], None, p, "training") == [CANONICAL]
+    assert apply(["moving-variance-unbiased"], "moving-variance-biased", p, "training") == [CANONICAL]
+    frozen = apply(["momentum-float32"], "stats-frozen", p, "training")
+    assert frozen == [Knobs(momentum_float32="momentum", stats_frozen=True),
+                      Knobs(momentum_float32="complement", stats_frozen=True)]
+    # a declared variant that cannot change this check is skipped; an extra one gives nothing to try
+    assert apply(["moving-variance-unbiased"], None, p, "inference") == [CANONICAL]
+    assert apply(["moving-variance-unbiased"], "stats-frozen", p, "inference") == []
+    assert apply([], "rejects", p, "training") == []
+    with pytest.raises(ValueError, match="reserved"):
+        apply(["replica-0-stats"], None, p, "training")
+    with pytest.raises(ValueError, match="unknown"):
+        apply([], "no-such-variant", p, "training")
+    with pytest.raises(ValueError, match="momentum_form"):
+        Knobs(momentum_form="torch")
+
+
+def test_tolerance_rule():
+    p64, p32, p16 = hand(), hand(dtype="float32"), hand(dtype="float16")
+    c = 3.0
+    assert tolerance_for(CANONICAL, p64, 4e-10, 4e-10, c) == (4e-10, 4e-10)
+    assert tolerance_for(knobs("epsilon-1e-5", p64), p64, 1e-9, 2e-9, c) == (1e-9, 2e-9)
+    assert tolerance_for(knobs("compute-float32", p64), p64, 4e-10, 4e-10, c) == (4e-5, 4e-5)
+    sos = knobs("variance-sum-of-squares", p32)
+    assert tolerance_for(sos, p32, 4e-5, 4e-5, c) == (1e-4, 1e-4)  # float32 default x (1 + c²)
+    assert tolerance_for(sos, p16, 1.6e-2, 1.6e-2, c) == (1.6e-2, 1.6e-2)  # float16's own is wider
+    stacked = apply(["compute-float32"], "variance-sum-of-squares", p64, "training")
+    assert tolerance_for(stacked[0], p64, 4e-10, 4e-10, c) == (1e-4, 1e-4)
+    assert tolerance_for(sos, p64, 4e-10, 4e-10, c) == (1e-9, 1e-9)  # float64 default x (1 + c²)
