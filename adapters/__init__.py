@@ -101,7 +101,7 @@ def resolve(selection: str, own_process_too: bool = False) -> list[str]:
         else:
             valid = ", ".join(["all", *FAMILIES, *ADAPTERS])
             raise ValueError(f"unknown framework {name!r}; valid names: {valid}")
-        if not own_process_too and name not in ADAPTERS:
+        if not own_process_too and (name == "all" or name in FAMILIES):
             chosen = [i for i in chosen if i not in OWN_PROCESS]
         ids.extend(i for i in chosen if i not in ids)
     if not ids:

@@ -5,17 +5,28 @@ Kept free of pytest so the plugin, the fuzzer and the benchmarks share it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from adapters.base import Adapter, Check, NotExpressible, Problem
+from conformance import ROOT, known
 from conformance import problem as problems
 from conformance.compare import Metric, Tolerance, compare, tolerance
+from conformance.diagnose import diagnose, rejects
 from conformance.outputs import outputs_of
 from conformance.results import Record, Status
 from conformance.schema import Case
+
+OWN_CODE = (ROOT / "adapters", ROOT / "conformance")
+
+
+@functools.cache
+def default_rules() -> known.Rules:
+    return known.load()
 
 
 @dataclass
@@ -55,9 +66,12 @@ def execute(adapter: Adapter, problem: Problem, check: Check) -> dict[str, np.nd
     return vars(adapter.gradients(problem))
 
 
-def evaluate(adapter: Adapter, case: Case, check: Check, outcome: Outcome | None = None) -> Outcome:
-    """Run and compare. Exceptions from the adapter propagate (the caller records an error);
-    `outcome`, when given, is filled in place so a caller keeps what was learnt before a raise."""
+def evaluate(adapter: Adapter, case: Case, check: Check, outcome: Outcome | None = None,
+             rules: known.Rules | None = None) -> Outcome:
+    """Run, compare, diagnose a failure and apply the known-divergence rules. An exception from
+    the adapter's own code propagates (the caller records an error); one from the framework is
+    the `rejects` divergence. `outcome`, when given, is filled in place so a caller keeps what was
+    learnt before a raise."""
     outcome = outcome if outcome is not None else Outcome()
     problem = problems.build(case, check)
     reason = adapter.why_not_expressible(problem, check)
@@ -67,32 +81,80 @@ def evaluate(adapter: Adapter, case: Case, check: Check, outcome: Outcome | None
     outcome.translations = adapter.translations(problem)
     outcome.conventions = adapter.conventions_for(problem).variants
     if case.expect_error:
-        return _must_raise(adapter, problem, check, outcome)
-    tol = tolerance(case.dtype, problems.conditioning(case, check, problem), case.tolerance)
-    outcome.tolerance = tol
+        _must_raise(adapter, problem, check, outcome)
+        if outcome.status == Status.FAIL:
+            outcome.explained_by = ["accepts"]
+            apply_rules(outcome, (rules or default_rules()).for_check(adapter.id, case, check))
+        return outcome
+    conditioning = problems.conditioning(case, check, problem)
+    tol = outcome.tolerance = tolerance(case.dtype, conditioning, case.tolerance)
     try:
         got = execute(adapter, problem, check)
     except NotExpressible as exc:
         outcome.status, outcome.reason = Status.NOT_EXPRESSIBLE, str(exc)
         return outcome
-    expected = problems.expected(case, check, problem, outcome.conventions)
-    outcome.metrics = measure(check, expected, got, case.dtype, tol)
-    outcome.status = Status.PASS if all(m.passed for m in outcome.metrics) else Status.FAIL
+    except Exception as exc:
+        if not raised_by_framework(exc):
+            raise
+        outcome.status, outcome.explained_by = Status.FAIL, ["rejects"]
+        outcome.reason = f"the framework raised where the reference computes a value: {rejects(exc)}"
+    else:
+        expected = problems.expected(case, check, problem, outcome.conventions)
+        compared = measure(check, expected, got, case.dtype, tol)
+        outcome.metrics = [m for _, _, _, m in compared]
+        if all(m.passed for m in outcome.metrics):
+            outcome.status = Status.PASS
+            return outcome
+        outcome.status = Status.FAIL
+        found = diagnose(problem, check, outcome.conventions, {name: value for name, _, value, _ in compared},
+                         {name: held for name, held, _, _ in compared}, tol, conditioning)
+        outcome.explained_by, outcome.closest = found.explained_by, found.closest
+    apply_rules(outcome, (rules or default_rules()).for_check(adapter.id, case, check))
     return outcome
 
 
+def apply_rules(outcome: Outcome, rules: list[known.Rule]) -> None:
+    """A failure a rule's variant explains is known; under rules that explain it otherwise, it fails
+    and says what they expected."""
+    for rule in rules:
+        if rule.explained_by in outcome.explained_by:
+            outcome.status, outcome.reason = Status.KNOWN, rule.reason
+            outcome.rule = rule.model_dump()
+            return
+    if rules:
+        expected = ", ".join(f"{r.explained_by} ({r.source})" for r in rules)
+        found = ", ".join(outcome.explained_by) or "no variant"
+        outcome.reason = (f"{outcome.reason}; " if outcome.reason else "") + (
+            f"known-divergence rules expect {expected}; the measurement is explained by {found}")
+
+
+def raised_by_framework(exc: BaseException) -> bool:
+    """The innermost frame outside NumPy is outside this repository's adapters and harness: the
+    framework raised, not the adapter's own code (nor NumPy called by it)."""
+    innermost = None
+    tb = exc.__traceback__
+    while tb is not None:
+        path = Path(tb.tb_frame.f_code.co_filename).resolve()
+        if "numpy" not in path.parts:
+            innermost = path
+        tb = tb.tb_next
+    return innermost is not None and not any(innermost.is_relative_to(own) for own in OWN_CODE)
+
+
 def measure(check: str, expected: problems.Expected, got: dict[str, np.ndarray | None], dtype: str,
-            tol: Tolerance) -> list[Metric]:
-    """Compare every output the case asks for and the framework exposes, in table order."""
-    metrics = []
+            tol: Tolerance) -> list[tuple[str, np.ndarray, np.ndarray, Metric]]:
+    """Compare every output the case asks for and the framework exposes, in table order:
+    (output name, the expected array it was held to, the framework's, the metric)."""
+    compared = []
     for output in outputs_of(check):
         value = got.get(output.name)
         if not output.compared or value is None or not expected.asks_for(output.name):
             continue
         array, derived, shown_as = expected.get(output.name)
         if array is not None:
-            metrics.append(compare(shown_as, array, value, dtype, tol, derived))
-    return metrics
+            compared.append((output.name, array, value,
+                             compare(shown_as, array, value, dtype, tol, derived)))
+    return compared
 
 
 def _must_raise(adapter: Adapter, problem: Problem, check: Check, outcome: Outcome) -> Outcome:

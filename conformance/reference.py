@@ -11,6 +11,7 @@ Statistics reduce over every axis except the channel axes, with the two-pass alg
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,8 +40,10 @@ def broadcastable(per_channel: np.ndarray, rank: int, channel_axes: tuple[int, .
 def moments(x: np.ndarray, channel_axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, int]:
     """Batch mean and biased variance per channel (two-pass), and the count behind each."""
     axes = reduce_axes(x.ndim, channel_axes)
-    mean = x.mean(axis=axes, keepdims=True)
-    var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
+    with warnings.catch_warnings():  # an empty batch has no statistics: NaN, by design
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = x.mean(axis=axes, keepdims=True)
+        var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
     count = int(np.prod([x.shape[a] for a in axes]))
     return to_channels(mean, channel_axes), to_channels(var, channel_axes), count
 

@@ -1,0 +1,75 @@
+"""Diagnosis: which named convention (`conformance.variants`) a failing measurement follows.
+
+For every variant that applies, the reference is recomputed under the adapter's declared
+conventions plus that variant, and the framework's outputs are compared with it at the variant's
+own tolerance (`variants.tolerance_for`). A variant *explains* the failure when every compared
+output is within that tolerance and the variant itself is distinguishable from what the adapter
+was held to (it moves some output beyond the case's tolerance). Otherwise the failure is
+unexplained and the closest variant is reported with how far off it was ("badness": the worst
+error as a multiple of the allowed one; 1 is the edge of a match).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from adapters.base import Check, Problem
+from conformance import variants
+from conformance.compare import Tolerance
+
+
+@dataclass
+class Diagnosis:
+    explained_by: list[str]
+    closest: dict[str, float | str] | None = None  # {"variant", "badness"} when unexplained
+
+
+def badness(expected: np.ndarray, got: np.ndarray, rtol: float, atol: float) -> float:
+    """max |got - expected| / (atol + rtol |expected|); NaN on one side only is infinitely bad."""
+    expected = np.asarray(expected, np.float64)
+    got = np.asarray(got, np.float64).reshape(expected.shape) if np.size(got) == np.size(expected) else None
+    if got is None:
+        return math.inf
+    if expected.size == 0:
+        return 0.0
+    same = (np.isnan(expected) & np.isnan(got)) | (expected == got)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        err = np.where(same, 0.0, np.abs(got - expected))
+        allowed = atol + rtol * np.where(np.isfinite(expected), np.abs(expected), 0.0)
+        ratio = np.where(err == 0, 0.0, err / allowed)
+    ratio = np.where(np.isnan(ratio), np.inf, ratio)
+    return float(ratio.max())
+
+
+def diagnose(problem: Problem, check: Check, declared: tuple[str, ...], got: dict[str, np.ndarray],
+             held_to: dict[str, np.ndarray], tol: Tolerance, conditioning: float) -> Diagnosis:
+    """`got`: the framework's compared outputs by name; `held_to`: what they were compared with."""
+    matched: list[str] = []
+    closest: tuple[float, str] | None = None
+    for name, variant in variants.CATALOGUE.items():
+        if name in declared or variant.raises:
+            continue
+        for knobs in variants.apply(list(declared), name, problem, check):
+            simulated = variants.simulate(problem, check, knobs)
+            if not all(out in simulated for out in got):
+                continue
+            rtol, atol = variants.tolerance_for(knobs, problem, tol.rtol, tol.atol, conditioning)
+            worst = max(badness(simulated[out], value, rtol, atol) for out, value in got.items())
+            moves = any(badness(held_to[out], simulated[out], tol.rtol, tol.atol) > 1 for out in got)
+            if worst <= 1 and moves:
+                matched.append(name)
+                break
+            if moves and (closest is None or worst < closest[0]):
+                closest = (worst, name)
+    if matched or closest is None:
+        return Diagnosis(matched)
+    return Diagnosis([], {"variant": closest[1], "badness": closest[0]})
+
+
+def rejects(exc: BaseException, message_limit: int = 300) -> str:
+    """The framework's own words when it raised where the reference computes a value."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:message_limit]}"

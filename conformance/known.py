@@ -1,0 +1,122 @@
+"""Known divergences as rules: adapters/known/<family>.yaml.
+
+A rule says which adapters, under which conditions on the case, depart from the canonical
+convention in which named way (a variant of `conformance.variants`), with a reason and a link to
+the framework's source line or upstream issue. It is never a list of case ids alone: a case a user
+writes is recognised by the same rule. A failing check under a rule whose variant explains the
+measurement is `known`; under a rule whose variant does not, `fail` (the framework now diverges
+another way); a passing check stays `pass`. See docs/case-format.md, "Known divergences".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from conformance import ROOT
+from conformance.outputs import CHECKS
+from conformance.schema import Case
+from conformance.variants import CATALOGUE
+
+KNOWN_DIR = ROOT / "adapters" / "known"
+
+
+def _listed(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+class When(BaseModel):
+    """Conditions on the case; every one given must hold. A list means any of its values."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dtype: str | list[str] | None = None
+    rank: int | list[int] | None = None
+    tags: list[str] | None = None  # the case has every one of these tags
+    ids: list[str] | None = None  # for a divergence only some inputs show (say why in the reason)
+    params: dict[str, Any] | None = None  # param name -> value or list of values
+    steps: int | list[int] | None = None
+    multi_step: bool | None = None  # more than one training step
+    values_per_channel: int | list[int] | None = None  # of the smallest batch fed: 1 = a batch of one
+
+    @staticmethod
+    def smallest_count(case: Case) -> int:
+        axes = case.params.axis if isinstance(case.params.axis, list) else [case.params.axis]
+        counts = [math.prod(s for d, s in enumerate(t.shape) if d not in {a % len(t.shape) for a in axes})
+                  for t in case.tensors]
+        return min(counts)
+
+    def holds(self, case: Case) -> bool:
+        rank = len(case.tensors[0].shape)
+        params = case.params.model_dump()
+        checks = [
+            self.dtype is None or case.dtype in _listed(self.dtype),
+            self.rank is None or rank in _listed(self.rank),
+            self.tags is None or set(self.tags) <= set(case.tags),
+            self.ids is None or case.id in self.ids,
+            self.steps is None or case.steps in _listed(self.steps),
+            self.multi_step is None or (case.steps > 1) == self.multi_step,
+            self.values_per_channel is None or self.smallest_count(case) in _listed(self.values_per_channel),
+            self.params is None or all(params.get(k) in _listed(v) for k, v in self.params.items()),
+        ]
+        return all(checks)
+
+
+class Rule(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    adapters: list[str] = Field(min_length=1)
+    when: When = When()
+    checks: list[str] = list(CHECKS)
+    explained_by: str
+    reason: str = Field(min_length=1)
+    link: str = Field(pattern=r"^https?://")
+    source: str = ""  # file:line, filled by the loader
+
+    @field_validator("explained_by")
+    @classmethod
+    def _a_variant(cls, name: str) -> str:
+        if name not in CATALOGUE:
+            raise ValueError(f"{name!r} is not a variant of the catalogue ({', '.join(CATALOGUE)})")
+        return name
+
+    @field_validator("checks")
+    @classmethod
+    def _checks(cls, names: list[str]) -> list[str]:
+        unknown = [n for n in names if n not in CHECKS]
+        if unknown:
+            raise ValueError(f"unknown check {unknown[0]!r} ({', '.join(CHECKS)})")
+        return names
+
+    def covers(self, adapter_id: str, case: Case, check: str) -> bool:
+        return adapter_id in self.adapters and check in self.checks and self.when.holds(case)
+
+
+@dataclass
+class Rules:
+    rules: list[Rule]
+
+    def for_check(self, adapter_id: str, case: Case, check: str) -> list[Rule]:
+        return [r for r in self.rules if r.covers(adapter_id, case, check)]
+
+
+def load(folder: Path = KNOWN_DIR) -> Rules:
+    """Every rule under `folder`; a malformed one is an error naming its file and line."""
+    rules = []
+    for path in sorted(folder.glob("*.yaml")):
+        text = path.read_text(encoding="utf-8")
+        node = yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        entries = yaml.safe_load(text) or []
+        lines = [item.start_mark.line + 1 for item in node.value] if node is not None else []
+        for raw, line in zip(entries, lines, strict=True):
+            where = f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}:{line}"
+            try:
+                rules.append(Rule.model_validate({**raw, "source": where}))
+            except (ValidationError, TypeError) as exc:
+                raise ValueError(f"{where}: {exc}") from exc
+    return Rules(rules)
