@@ -1,4 +1,4 @@
-"""Adapter registry: ids and families as DESIGN.md fixes them, modules imported only on demand.
+"""Adapter registry: stable ids and families (README), modules imported only on demand.
 
 Importing this package imports no framework: `load(id)` imports the one module asked for.
 """

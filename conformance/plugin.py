@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _pytest.nodeid import NodeId  # pytest 9 ids keep "[params]" apart: --lf compares them
 
 import adapters as registry
 from adapters.base import Adapter
@@ -147,7 +148,7 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Col
     non-python example collects YAML: `pytest cases/hand` and `pytest cases/x.yaml::id[...]` work."""
     state = parent.config.stash[STATE]
     if is_case_file(file_path) and state.selects(file_path):
-        return CaseFile.from_parent(parent, path=file_path)
+        return CaseFile.collector(parent, file_path)
     return None
 
 
@@ -163,7 +164,7 @@ class CaseSuite(pytest.Directory):
     def collect(self):
         state = self.config.stash[STATE]
         for path in case_files(state.case_dirs):
-            yield CaseFile.from_parent(self, path=path)
+            yield CaseFile.collector(self, path)
         for family in sorted({registry.ADAPTERS[i].family for i in state.adapter_ids}):
             path = probes.SEMANTICS_DIR / f"{family}.yaml"
             yield ProbeFile.from_parent(self, path=path, name=f"adapters/semantics/{family}.yaml")
@@ -173,6 +174,15 @@ class CaseFile(pytest.File):
     """One YAML file: an item per case x adapter x check, or one failing item if it is invalid."""
 
     errors: list[CaseError]
+
+    @classmethod
+    def collector(cls, parent: pytest.Collector, path: Path) -> CaseFile:
+        """Outside the rootdir the node id is the absolute path, so the printed ids run again and
+        `--lf` finds the file; inside it, pytest's own relative path."""
+        path = path.resolve()
+        if path.is_relative_to(parent.config.rootpath):
+            return cls.from_parent(parent, path=path)
+        return cls.from_parent(parent, path=path, nodeid=NodeId(path=path.as_posix()))
 
     def collect(self):
         state = self.config.stash[STATE]
@@ -185,7 +195,9 @@ class CaseFile(pytest.File):
                 continue
             for adapter_id in state.adapter_ids:
                 for check in loaded.case.checks:
-                    item = CaseItem.from_parent(self, name=f"{loaded.case.id}[{adapter_id}-{check}]")
+                    item = CaseItem.from_parent(self, name=f"{loaded.case.id}[{adapter_id}-{check}]",
+                                                nodeid=self.id.child(loaded.case.id).with_params(
+                                                    f"{adapter_id}-{check}"))
                     item.loaded, item.adapter_id, item.check = loaded, adapter_id, check
                     item.extra_keyword_matches.update(loaded.case.tags)
                     yield item
@@ -199,7 +211,8 @@ class ProbeFile(pytest.File):
         family = self.path.stem
         for adapter_id in (i for i in state.adapter_ids if registry.ADAPTERS[i].family == family):
             for name in probes.PROBES:
-                item = ProbeItem.from_parent(self, name=f"{name}[{adapter_id}]")
+                item = ProbeItem.from_parent(self, name=f"{name}[{adapter_id}]",
+                                             nodeid=self.id.child(name).with_params(adapter_id))
                 item.adapter_id, item.probe = adapter_id, name
                 yield item
 

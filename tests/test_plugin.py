@@ -112,3 +112,36 @@ def test_unknown_framework_is_rejected_with_the_valid_names():
     proc = pytest_run("--framework=tensorflw", "--co")
     assert proc.returncode == 4
     assert "unknown framework 'tensorflw'" in proc.stderr and "tf-layers" in proc.stderr
+
+
+def test_a_case_folder_runs_as_a_pytest_path():
+    proc = subprocess.run([sys.executable, "-m", "pytest", "cases/hand", "--framework=torch", "--co", "-q",
+                           "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    files = {line.split("::")[0] for line in proc.stdout.splitlines() if "::" in line}
+    assert len(files) == 6 and all(f.startswith("cases/hand/") for f in files), proc.stdout
+
+
+def test_a_printed_id_runs_that_item_alone_and_lf_reruns_only_failures(tmp_path):
+    folder = ROOT / "results" / "test-lf-cases"  # inside the rootdir, as cases/ is
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "wrong.yaml").write_text(WRONG)
+    (folder / "external.yaml").write_text(EXTERNAL)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pytest", "-q", "-o", f"cache_dir={tmp_path}",
+                               "--framework=torch", "--results", str(tmp_path / "r.json"), *args],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    try:
+        first = run("conformance", "--cases", str(folder))
+        failed = [line.split()[1] for line in first.stdout.splitlines() if line.startswith("FAILED")]
+        assert failed == ["results/test-lf-cases/wrong.yaml::wrong-expectation[torch-inference]",
+                          "results/test-lf-cases/wrong.yaml::wrong-expectation[torch-functional-inference]"]
+        again = run(failed[0])
+        assert again.stdout.strip().splitlines()[-1].startswith("1 failed in")
+        last_failed = run("conformance", "--cases", str(folder), "--lf")
+        assert last_failed.stdout.strip().splitlines()[-1].startswith("2 failed in")
+    finally:
+        for path in folder.iterdir():
+            path.unlink()
+        folder.rmdir()
