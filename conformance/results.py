@@ -90,8 +90,13 @@ class Record:
         known = {f.name for f in RECORD_FIELDS}
         record = cls(**{k: v for k, v in data.items() if k in known})
         record.status = Status.parse(str(data.get("status", "error")))
-        if isinstance(record.conventions, dict):  # format /1 declared an estimator, not variants
-            record.conventions = [f"moving-variance-{record.conventions.get('moving_variance_estimator')}"]
+        if isinstance(record.conventions, dict):  # format /1 declared estimators, not variants
+            record.conventions = [f"{what}-variance-unbiased" for what in ("moving", "batch")
+                                  if record.conventions.get(f"{what}_variance_estimator") == "unbiased"]
+        legacy = data.get("known_failure")  # format /1: a per-case xfail entry
+        if record.rule is None and isinstance(legacy, dict):
+            record.rule = {"adapters": [legacy.get("adapter")], "reason": legacy.get("reason", ""),
+                           "link": legacy.get("link", ""), "source": "adapters/xfails (format /1)"}
         return record
 
 

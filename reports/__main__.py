@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         _write(output, render_diff(diff, args.title or "bnconform comparison"))
         problems = _unreadable(diff.old, diff.new)
         kinds = ", ".join(f"{n} {k}" for k, n in diff.kinds.items()) or "no changes"
-        summary = f"{len(diff.changes)} changed ({kinds}), {diff.unchanged} unchanged"
+        summary = (f"{len(diff.changes)} changed ({kinds}), {len(diff.explanations)} explained differently, "
+                   f"{diff.unchanged} unchanged")
     else:
         from reports.model import load
         from reports.render import render

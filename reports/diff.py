@@ -1,7 +1,10 @@
-"""Two runs compared: which case x adapter x check changed status or error (a framework upgrade, say).
+"""Two runs compared: which case x adapter x check changed status, error or explanation (a framework
+upgrade, say).
 
 Records are matched by (case, adapter id, check), never by results-file name, so an old run from one
-machine compares with a new run from another. Error changes are judged on each output's max ULP.
+machine compares with a new run from another. Error changes are judged on each output's max ULP. A
+record that diverges (fail or known) in both runs, but is explained by other variants, is an explanation
+change, listed on its own whether or not its status changed too.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reports.model import BAD_STATUSES, Report, load, number, status_rank
+from conformance.results import NEEDS_ATTENTION, Record, Status
+from reports.model import Report, load, number, status_rank
 
 # Order of the kinds on the page: what needs attention first.
 KINDS = ["regressed", "fixed", "status", "error-up", "error-down", "added", "removed"]
@@ -21,6 +25,7 @@ KIND_TEXT = {"regressed": "now fails or errors", "fixed": "no longer fails", "st
              "removed": "only in the old run"}
 
 Key = tuple[str, str, str]
+DIVERGING = frozenset({Status.FAIL, Status.KNOWN})
 
 
 @dataclass
@@ -29,49 +34,49 @@ class Change:
     adapter: str
     check: str
     kind: str
-    old: dict[str, Any] | None
-    new: dict[str, Any] | None
+    old: Record | None
+    new: Record | None
     tags: list[str]
     outputs: list[dict[str, Any]] = field(default_factory=list)  # per output: old/new max ULP, ratio
 
     @property
     def old_status(self) -> str:
-        return str(self.old.get("status")) if self.old else "–"
+        return str(self.old.status) if self.old else "–"
 
     @property
     def new_status(self) -> str:
-        return str(self.new.get("status")) if self.new else "–"
+        return str(self.new.status) if self.new else "–"
 
 
 @dataclass
 class Diff:
     old: Report
     new: Report
-    changes: list[Change]
+    changes: list[Change]  # status and error changes, records only in one run
+    explanations: list[Change]  # diverging in both runs, explained by other variants
     unchanged: int
     kinds: Counter
     versions: list[dict[str, Any]]  # per adapter: old and new framework versions
     probes: list[dict[str, Any]]  # probe values that differ
 
 
-def index(report: Report) -> dict[Key, dict[str, Any]]:
+def index(report: Report) -> dict[Key, Record]:
     """(case, adapter, check) -> record; when several files hold one, the worst status wins."""
-    out: dict[Key, dict[str, Any]] = {}
+    out: dict[Key, Record] = {}
     for row in report.cases:
         for cell in row.cells.values():
             for record in cell.records:
-                key = (row.id, str(record.get("adapter")), str(record.get("check")))
+                key = (row.id, str(record.adapter), str(record.check))
                 held = out.get(key)
-                rank = status_rank(str(record.get("status")))
-                if held is None or rank < status_rank(str(held.get("status"))):
+                if held is None or status_rank(record.status) < status_rank(held.status):
                     out[key] = record
     return out
 
 
-def ulps(record: dict[str, Any] | None) -> dict[str, float]:
+def ulps(record: Record | None) -> dict[str, float]:
     """Output name -> max ULP (NaN as infinitely bad)."""
     out = {}
-    for m in (record or {}).get("metrics") or []:
+    for m in record.metrics if record else []:
         value = number(m.get("max_ulp"))
         out[str(m.get("name"))] = math.inf if math.isnan(value) else value
     return out
@@ -93,40 +98,48 @@ def error_change(old: dict[str, float], new: dict[str, float], factor: float, fl
     return "error-up" if up else "error-down" if down else None
 
 
-def classify(old: dict[str, Any] | None, new: dict[str, Any] | None, factor: float,
-             floor: float) -> str | None:
+def classify(old: Record | None, new: Record | None, factor: float, floor: float) -> str | None:
     if old is None:
         return "added"
     if new is None:
         return "removed"
-    a, b = str(old.get("status")), str(new.get("status"))
+    a, b = old.status, new.status
     if a != b:
-        if b in BAD_STATUSES and a not in BAD_STATUSES:
+        if b in NEEDS_ATTENTION and a not in NEEDS_ATTENTION:
             return "regressed"
-        if a in BAD_STATUSES and b not in BAD_STATUSES:
+        if a in NEEDS_ATTENTION and b not in NEEDS_ATTENTION:
             return "fixed"
         return "status"
     return error_change(ulps(old), ulps(new), factor, floor)
+
+
+def explained_differently(old: Record | None, new: Record | None) -> bool:
+    return (old is not None and new is not None and {old.status, new.status} <= DIVERGING
+            and list(old.explained_by) != list(new.explained_by))
 
 
 def compare(old_paths: list[Path], new_paths: list[Path], factor: float = 2.0, floor: float = 1.0) -> Diff:
     old, new = load(old_paths), load(new_paths)
     a, b = index(old), index(new)
     tags = {row.id: row.tags for report in (old, new) for row in report.cases}
-    changes, unchanged = [], 0
+    changes, explanations, unchanged = [], [], 0
     for key in sorted(a.keys() | b.keys()):
-        kind = classify(a.get(key), b.get(key), factor, floor)
-        if kind is None:
+        before, after = a.get(key), b.get(key)
+        kind = classify(before, after, factor, floor)
+        if explained_differently(before, after):
+            explanations.append(Change(*key, "explanation", before, after, tags.get(key[0], [])))
+        elif kind is None:
             unchanged += 1
+        if kind is None:
             continue
-        before, after = ulps(a.get(key)), ulps(b.get(key))
-        outputs = [{"name": n, "old": before.get(n), "new": after.get(n),
-                    "ratio": _ratio(before.get(n), after.get(n))}
-                   for n in sorted(before.keys() | after.keys())]
-        changes.append(Change(*key, kind, a.get(key), b.get(key), tags.get(key[0], []), outputs))
+        old_ulps, new_ulps = ulps(before), ulps(after)
+        outputs = [{"name": n, "old": old_ulps.get(n), "new": new_ulps.get(n),
+                    "ratio": _ratio(old_ulps.get(n), new_ulps.get(n))}
+                   for n in sorted(old_ulps.keys() | new_ulps.keys())]
+        changes.append(Change(*key, kind, before, after, tags.get(key[0], []), outputs))
     changes.sort(key=lambda c: (KINDS.index(c.kind), c.case, c.adapter, c.check))
-    return Diff(old, new, changes, unchanged, Counter(c.kind for c in changes), versions(old, new),
-                probe_changes(old, new))
+    return Diff(old, new, changes, explanations, unchanged, Counter(c.kind for c in changes),
+                versions(old, new), probe_changes(old, new))
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:

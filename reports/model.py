@@ -1,13 +1,13 @@
 """Results files in, one merged view out: columns (adapter runs), cases, cells, probes.
 
-Reads only the JSON the pytest plugin writes; never imports `adapters` or a framework, so a report
-can be made from results produced on other machines and other framework versions.
+Reads results through `conformance.results` (the one owner of the format, standard library only);
+never imports `adapters` or a framework, so a report can be made from results produced on other
+machines and other framework versions.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 from collections import Counter
@@ -15,22 +15,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-FORMAT = "bnconform-results/1"
-# worst first: a cell shows the worst status over its checks (training / inference / gradients)
-STATUS_ORDER = ["error", "fail", "xpass", "xfail", "not-expressible", "pass", "skipped"]
-KNOWN_STATUSES = frozenset(STATUS_ORDER)
-# statuses that ask for someone's attention (used by the comparison to tell regressions from fixes)
-BAD_STATUSES = frozenset({"error", "fail", "xpass"})
+from conformance.results import SEVERITY, Record, Status, read
+
+UNEXPLAINED = "unexplained"  # a failure no variant matches
+UNNAMED = "no variant named"  # a known failure from a format /1 file, which named no variant
 
 
-def status_rank(status: str) -> int:
-    """Unknown statuses (a newer harness, a hand-edited file) rank with errors: never hidden as passes."""
-    return STATUS_ORDER.index(status) if status in KNOWN_STATUSES else 0
+def status_rank(status: Status) -> int:
+    """Position in SEVERITY, worst first."""
+    return SEVERITY.index(status)
 
 
-def status_class(status: str) -> str:
-    """A CSS class token for a status taken from a results file (the file's text never becomes a class)."""
-    return status if status in KNOWN_STATUSES else "unknown"
+def explanation(record: Record) -> str:
+    """What a failing or known record's measurement matches: its variants, or why there are none."""
+    names = ", ".join(map(str, record.explained_by or []))
+    return names or (UNNAMED if record.status is Status.KNOWN else UNEXPLAINED)
 
 
 def number(value: Any) -> float:
@@ -50,13 +49,20 @@ def anchor(prefix: str, text: str) -> str:
     return f"{prefix}-{slug}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
 
 
-def worst_ulp(records: list[dict[str, Any]]) -> float | None:
+def worst_ulp(records: list[Record]) -> float | None:
     """Largest max-ULP error over the records' outputs; NaN (null) counts as infinitely bad."""
-    values = [m.get("max_ulp", None) for r in records for m in r.get("metrics") or []]
+    values = [number(m.get("max_ulp")) for r in records for m in r.metrics or []]
     if not values:
         return None
-    numbers = [number(v) for v in values]
-    return max(math.inf if math.isnan(v) else v for v in numbers)
+    return max(math.inf if math.isnan(v) else v for v in values)
+
+
+def effect(records: list[Record]) -> float | None:
+    """How far off a failure is: the largest max relative error over the outputs that failed."""
+    values = [number(m.get("max_rel")) for r in records for m in r.metrics or [] if not m.get("passed")]
+    if not values:
+        return None
+    return max(math.inf if math.isnan(v) else v for v in values)
 
 
 @dataclass
@@ -83,16 +89,15 @@ class Column:
 
 @dataclass
 class Cell:
-    records: list[dict[str, Any]] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)
 
     @property
-    def status(self) -> str:
-        statuses = [str(r.get("status", "error")) for r in self.records]
-        return min(statuses, key=status_rank) if statuses else "absent"
+    def status(self) -> Status:
+        return min((r.status for r in self.records), key=status_rank)
 
     @property
-    def statuses(self) -> list[str]:
-        return sorted({str(r.get("status", "error")) for r in self.records}, key=status_rank)
+    def statuses(self) -> list[Status]:
+        return sorted({r.status for r in self.records}, key=status_rank)
 
     @property
     def worst_ulp(self) -> float | None:
@@ -129,36 +134,24 @@ class Report:
     columns: list[Column]
     cases: list[CaseRow]
     sources: list[Source]
-    broken_records: list[dict[str, Any]]
+    broken_records: list[tuple[str, Record]]  # (results file, record of a case file that did not validate)
     probe_names: list[str]
     probe_columns: list[Column]
     probes: dict[tuple[str, str], dict[str, Any]]  # (probe name, column key) -> probe entry
 
     def counts(self) -> Counter:
-        return Counter(str(r.get("status")) for row in self.cases for c in row.cells.values()
-                       for r in c.records)
+        return Counter(r.status for row in self.cases for c in row.cells.values() for r in c.records)
 
     @property
     def record_count(self) -> int:
         return sum(len(c.records) for row in self.cases for c in row.cells.values())
 
 
-def read(path: Path) -> tuple[dict[str, Any] | None, str]:
-    """The parsed file, or None and a one-line reason: one bad file must not lose the others."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        return None, f"{type(exc).__name__}: {exc}"
-    if not isinstance(data, dict) or not isinstance(data.get("records", []), list):
-        return None, "not a bnconform results file (no top-level object with a records list)"
-    return data, ""
-
-
 def load(paths: list[Path]) -> Report:
     columns: dict[str, Column] = {}
     cases: dict[str, CaseRow] = {}
     sources: list[Source] = []
-    broken: list[dict[str, Any]] = []
+    broken: list[tuple[str, Record]] = []
     probe_names: dict[str, None] = {}
     probe_columns: dict[str, Column] = {}
     probes: dict[tuple[str, str], dict[str, Any]] = {}
@@ -174,35 +167,32 @@ def load(paths: list[Path]) -> Report:
         return column
 
     for path in paths:
-        data, error = read(path)
-        if data is None:
-            sources.append(Source(str(path), error=error))
+        try:  # one bad file must not lose the others
+            data = read(path)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            sources.append(Source(str(path), error=f"{type(exc).__name__}: {exc}"))
             continue
-        env = data.get("environment") if isinstance(data.get("environment"), dict) else {}
-        records = data.get("records") or []
-        sources.append(Source(str(path), env, str(data.get("format", "")), len(records)))
+        env = data.environment if isinstance(data.environment, dict) else {}
+        sources.append(Source(str(path), env, data.format, len(data.records)))
         keys: dict[str, str] = {}
         adapters = env.get("adapters") if isinstance(env.get("adapters"), dict) else {}
         for adapter_id, info in adapters.items():
             keys[adapter_id] = column_for(adapter_id, path, info if isinstance(info, dict) else {}, env).key
-        for record in records:
-            if not isinstance(record, dict):
+        for record in data.records:
+            if record.case is None or record.adapter is None:
+                broken.append((str(path), record))
                 continue
-            if record.get("case") is None or record.get("adapter") is None:
-                broken.append({"source": str(path), **record})
-                continue
-            adapter_id = str(record["adapter"])
+            adapter_id = str(record.adapter)
             if adapter_id not in keys:  # a record whose adapter the environment does not list
-                keys[adapter_id] = column_for(adapter_id, path, {"family": record.get("family", "")}, env).key
-            case_id = str(record["case"])
+                keys[adapter_id] = column_for(adapter_id, path, {"family": record.family or ""}, env).key
+            case_id = str(record.case)
             row = cases.get(case_id)
             if row is None:
-                info = record.get("case_info") if isinstance(record.get("case_info"), dict) else {}
-                row = cases[case_id] = CaseRow(case_id, anchor("case", case_id), info,
-                                               str(record.get("file", "")), record.get("line"))
+                info = record.case_info if isinstance(record.case_info, dict) else {}
+                row = cases[case_id] = CaseRow(case_id, anchor("case", case_id), info, str(record.file),
+                                               record.line)
             row.cells.setdefault(keys[adapter_id], Cell()).records.append(record)
-        raw_probes = data.get("probes") if isinstance(data.get("probes"), dict) else {}
-        for adapter_id, entries in raw_probes.items():
+        for adapter_id, entries in (data.probes if isinstance(data.probes, dict) else {}).items():
             if adapter_id not in keys:
                 keys[adapter_id] = column_for(adapter_id, path, {}, env).key
             column = columns[keys[adapter_id]]

@@ -26,20 +26,23 @@ from typing import Any
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
 
+from conformance.results import FORMAT, NEEDS_ATTENTION, SEVERITY, Record, Status
 from reports.model import (
-    STATUS_ORDER,
+    UNEXPLAINED,
+    UNNAMED,
     Column,
     Report,
+    effect,
+    explanation,
     number,
-    status_class,
     status_rank,
     worst_ulp,
 )
 
-COLOURS = {"pass": "#2e7d32", "fail": "#c62828", "error": "#6a1b9a", "xfail": "#ef6c00",
-           "xpass": "#ad1457", "not-expressible": "#78909c", "skipped": "#b0bec5", "unknown": "#37474f",
-           "absent": "#eceff1"}
-SHORT = {"not-expressible": "n/e"}
+COLOURS = {Status.PASS: "#2e7d32", Status.FAIL: "#c62828", Status.ERROR: "#6a1b9a", Status.KNOWN: "#ef6c00",
+           Status.NOT_EXPRESSIBLE: "#78909c", "absent": "#eceff1"}
+SHORT = {Status.NOT_EXPRESSIBLE: "n/e"}
+EXAMPLES = 5  # cases (and closest variants) named per divergence group
 # decades of max ULP error, shared by the heatmap and the histograms
 ULP_EDGES = [1, 10, 1e2, 1e3, 1e4, 1e5, 1e6]
 ULP_LABELS = ["≤1", "≤10", "≤1e2", "≤1e3", "≤1e4", "≤1e5", "≤1e6", ">1e6"]
@@ -86,12 +89,17 @@ def ulp_bin(value: float) -> int:
     return next((i for i, edge in enumerate(ULP_EDGES) if value <= edge), len(ULP_EDGES))
 
 
-def badness(status: str, ulp: float | None) -> float:
+def badness(status: Status | str, ulp: float | None) -> float:
     """Sort key of a matrix cell: worse status first, then larger error."""
     if status == "absent":
         return -1.0
     spread = 0.0 if ulp is None else min(math.log10(1.0 + ulp), 999.0) if not math.isnan(ulp) else 999.0
-    return (len(STATUS_ORDER) - status_rank(status)) * 1000.0 + spread
+    return (len(SEVERITY) - status_rank(Status(status))) * 1000.0 + spread
+
+
+def status_class(status: Any) -> str:
+    """A CSS class token: a status's own name, never other text from a results file."""
+    return str(status) if status in COLOURS else "other"
 
 
 @cache
@@ -113,7 +121,8 @@ def environment() -> Environment:
                       autoescape=select_autoescape(default=True, default_for_string=True),
                       trim_blocks=True, lstrip_blocks=True)
     env.filters.update(fmt=fmt, value=fmt_value, link=link, sclass=status_class)
-    env.globals.update(colours=COLOURS, ulp_labels=ULP_LABELS, ulp_palette=ULP_PALETTE)
+    env.globals.update(colours=COLOURS, ulp_labels=ULP_LABELS, ulp_palette=ULP_PALETTE, severity=SEVERITY,
+                       attention=[s for s in SEVERITY if s in NEEDS_ATTENTION], current_format=FORMAT)
     return env
 
 
@@ -127,8 +136,23 @@ def page(template: str, **context: Any) -> str:
 # ------------------------------------------------------------------ views of the report
 
 
+
+def short_explanation(record: Record) -> str:
+    """A matrix cell's note for a failing or known record: its variants, "?" when unexplained."""
+    why = explanation(record)
+    return {UNEXPLAINED: "?", UNNAMED: ""}.get(why, why)
+
+
+def record_title(record: Record) -> str:
+    """One line per check in a matrix cell's tooltip."""
+    text = f"{record.check}: {record.status}"
+    if record.status in (Status.FAIL, Status.KNOWN):
+        text += f" [{explanation(record)}]"
+    return text + (f" ({record.reason})" if record.reason else "")
+
+
 def matrix_rows(report: Report) -> list[dict[str, Any]]:
-    """Per case: one entry per column with status, worst ULP and the filter data of the row."""
+    """Per case: one entry per column with status, worst ULP, explanation and the row's filter data."""
     rows = []
     for row in report.cases:
         cells, pairs, statuses = [], [], set()
@@ -141,16 +165,48 @@ def matrix_rows(report: Report) -> list[dict[str, Any]]:
             for s in cell.statuses:
                 pairs.append(f"{column.key}\n{s}")
                 statuses.add(s)
-            checks = [f"{r.get('check')}: {r.get('status')}"
-                      + (f" ({r['reason']})" if r.get("reason") else "") for r in cell.records]
-            text = " / ".join(SHORT.get(s, s) for s in cell.statuses)
+            why = dict.fromkeys(short_explanation(r) for r in cell.records
+                                if r.status in (Status.FAIL, Status.KNOWN))
             cells.append({"status": status, "ulp": ulp, "sort": f"{badness(status, ulp):.3f}",
-                          "title": "\n".join(checks), "text": text})
+                          "title": "\n".join(map(record_title, cell.records)),
+                          "text": " / ".join(SHORT.get(s, s) for s in cell.statuses),
+                          "why": " / ".join(w for w in why if w)})
         rows.append({"row": row, "cells": cells,
-                     "filter": {"tag": row.tags, "status": sorted(statuses),
+                     "filter": {"tag": row.tags, "status": sorted(statuses, key=status_rank),
                                 "adapter": [c.key for c in report.columns if c.key in row.cells],
                                 "pair": pairs}})
     return rows
+
+
+def divergences(report: Report) -> list[dict[str, Any]]:
+    """Failing and known records grouped by adapter x explanation (x status): unexplained failures
+    first, then failures a variant explains but no rule expected, then known; larger groups first."""
+    groups: dict[tuple[str, str, Status], list[tuple[Any, Record]]] = defaultdict(list)
+    for row in report.cases:
+        for key, cell in row.cells.items():
+            for r in cell.records:
+                if r.status in (Status.FAIL, Status.KNOWN):
+                    groups[(key, explanation(r), r.status)].append((row, r))
+    index = {c.key: c.index for c in report.columns}
+    out = []
+    for (key, why, status), items in groups.items():
+        records = [r for _, r in items]
+        rules = {tuple(str(r.rule.get(k) or "") for k in ("reason", "link", "source")): None
+                 for r in records if isinstance(r.rule, dict)}
+        closest: dict[str, list[float]] = defaultdict(list)
+        for r in records:
+            if isinstance(r.closest, dict):
+                closest[str(r.closest.get("variant"))].append(number(r.closest.get("badness")))
+        category = 2 if status is Status.KNOWN else 0 if why == UNEXPLAINED else 1
+        out.append({"column": key, "explanation": why, "status": status, "count": len(items),
+                    "examples": [(row, r.check) for row, r in items[:EXAMPLES]],
+                    "more": max(0, len(items) - EXAMPLES), "effect": effect(records),
+                    "rules": [{"reason": a, "link": b, "source": c} for a, b, c in rules],
+                    "closest": sorted(({"variant": v, "badness": min(b), "count": len(b)}
+                                       for v, b in closest.items()),
+                                      key=lambda c: (-c["count"], c["badness"]))[:EXAMPLES],
+                    "order": (category, -len(items), index.get(key, 0), why)})
+    return sorted(out, key=lambda d: d["order"])
 
 
 def heatmap_svg(report: Report) -> dict[str, Any]:
@@ -168,10 +224,10 @@ def heatmap_svg(report: Report) -> dict[str, Any]:
                 colour = ULP_PALETTE[ulp_bin(ulp)]
                 shown = f"{fmt(ulp, 3)} ulp"
             else:
-                colour = COLOURS[status_class(status)] if status != "absent" else COLOURS["absent"]
+                colour = COLOURS[status]
                 shown = "no error figures"
             cells.append({"x": left + x * size, "y": top + y * size, "colour": colour,
-                          "outline": status in ("fail", "error", "xpass") or status not in COLOURS,
+                          "outline": status in NEEDS_ATTENTION,
                           "title": f"{row.id} / {column.key}: {status}, {shown}"})
     return {"size": size, "left": left, "top": top, "cells": cells,
             "width": left + size * len(report.columns) + 20, "height": top + size * len(report.cases) + 10,
@@ -189,7 +245,7 @@ def ulp_histograms(report: Report) -> list[dict[str, Any]]:
         for row in report.cases:
             cell = row.cells.get(column.key)
             for record in cell.records if cell else []:
-                for metric in record.get("metrics") or []:
+                for metric in record.metrics or []:
                     value = number(metric.get("max_ulp"))
                     index = ulp_bin(math.inf if math.isnan(value) else value)
                     (passed if metric.get("passed") else failed)[index] += 1
@@ -204,41 +260,54 @@ def ulp_histograms(report: Report) -> list[dict[str, Any]]:
     return out
 
 
+def capabilities(info: dict[str, Any]) -> dict[str, Any] | None:
+    """An adapter's declared capabilities as lists of text (None when the file has none: format /1)."""
+    cap = info.get("capabilities")
+    if not isinstance(cap, dict):
+        return None
+    low, high = cap.get("min_rank"), cap.get("max_rank")
+    ranks = (f"{low} – {high}" if low is not None and high is not None else f"≥ {low}" if low is not None
+             else f"≤ {high}" if high is not None else "any")
+    why = cap.get("why") if isinstance(cap.get("why"), dict) else {}
+    return {key: [str(v) for v in cap.get(key) or []] for key in ("dtypes", "checks", "features")} | {
+        "ranks": ranks, "why": sorted((str(k), str(v)) for k, v in why.items())}
+
+
 def adapter_summaries(report: Report) -> list[dict[str, Any]]:
-    """Per column: translations made (with counts), what it cannot state, known and other failures."""
+    """Per column: declared conventions and capabilities, translations made (with counts), what it
+    cannot state, known divergences and other failures."""
     out = []
     for column in report.columns:
         translations: Counter = Counter()
         example: dict[str, str] = {}
-        not_expressible, xfails, failures = [], [], []
-        counts: Counter = Counter()
-        held: Counter = Counter()  # conventions each record was held to (they may depend on the case)
+        not_expressible, known, failures = [], [], []
+        held: Counter = Counter()  # variants each record was held to (they may depend on the case)
         for row in report.cases:
             cell = row.cells.get(column.key)
             for record in cell.records if cell else []:
-                status = str(record.get("status"))
-                counts[status] += 1
-                for k, v in (record.get("conventions") or {}).items():
-                    if k != "notes":
-                        held[(str(k), fmt_value(v))] += 1
-                for t in record.get("translations") or []:
+                if record.status not in (Status.NOT_EXPRESSIBLE, Status.ERROR):
+                    held[", ".join(map(str, record.conventions or [])) or "none (canonical)"] += 1
+                for t in record.translations or []:
                     translations[str(t)] += 1
                     example.setdefault(str(t), row.id)
-                item = {"case": row.id, "anchor": row.anchor, "check": record.get("check"),
-                        "reason": record.get("reason") or "", "status": status}
-                if status == "not-expressible":
+                item = {"case": row.id, "anchor": row.anchor, "check": record.check, "status": record.status,
+                        "reason": record.reason or "",
+                        "explanation": explanation(record) if record.status is not Status.ERROR else "",
+                        "rule": record.rule if isinstance(record.rule, dict) else {}}
+                if record.status is Status.NOT_EXPRESSIBLE:
                     not_expressible.append(item)
-                elif status in ("xfail", "xpass") or record.get("known_failure"):
-                    known = record.get("known_failure") or {}
-                    xfails.append({**item, "reason": known.get("reason") or item["reason"],
-                                   "link": known.get("link", "")})
-                if status in ("fail", "error", "xpass") or status_class(status) == "unknown":
+                elif record.status is Status.KNOWN:
+                    known.append(item)
+                elif record.status in NEEDS_ATTENTION:
                     failures.append(item)
-        conventions = column.info.get("conventions") or {}
+        conventions = column.info.get("conventions")
+        conventions = conventions if isinstance(conventions, dict) else {}
         out.append({"column": column, "translations": translations.most_common(), "example": example,
-                    "conventions": {k: v for k, v in conventions.items() if k != "notes"},
-                    "notes": conventions.get("notes") or [], "counts": counts, "held": sorted(held.items()),
-                    "not_expressible": not_expressible, "xfails": xfails, "failures": failures})
+                    "variants": [str(v) for v in conventions.get("variants") or []],
+                    "legacy": {k: v for k, v in conventions.items() if k not in ("variants", "notes")},
+                    "notes": conventions.get("notes") or [], "held": held.most_common(),
+                    "capabilities": capabilities(column.info),
+                    "not_expressible": not_expressible, "known": known, "failures": failures})
     return out
 
 
@@ -262,10 +331,22 @@ class Line:
     worst: str = ""
     note: str = ""
     reason: str = ""
-    known_reason: str = ""
-    known_link: str = ""
+    diagnosis: str = ""  # explained by / closest variant
+    rule_reason: str = ""
+    rule_link: str = ""
+    rule_source: str = ""
+    conventions: str = ""
     translations: str = ""
     rule: str = ""
+
+
+def diagnosis(record: Record) -> str:
+    if record.explained_by:
+        return f"explained by: {', '.join(map(str, record.explained_by))}"
+    if isinstance(record.closest, dict) and record.status is Status.FAIL:
+        return (f"unexplained; closest variant: {record.closest.get('variant')} "
+                f"({fmt(record.closest.get('badness'))}× its tolerance)")
+    return ""
 
 
 def case_details(report: Report) -> list[tuple[Any, Markup]]:
@@ -276,15 +357,15 @@ def case_details(report: Report) -> list[tuple[Any, Markup]]:
         lines: list[Line] = []
         for key in sorted(row.cells, key=lambda k: order.get(k, 0)):
             for record in row.cells[key].records:
-                known = record.get("known_failure") or {}
-                metrics = record.get("metrics") or []
-                head = Line(key, str(record.get("check")), str(record.get("status")), True,
-                            max(1, len(metrics)),
-                            reason=str(record.get("reason") or ""),
-                            known_reason=str(known.get("reason") or "") if known else "",
-                            known_link=str(known.get("link") or "") if known else "",
-                            translations="; ".join(map(str, record.get("translations") or [])),
-                            rule=str(record.get("tolerance_rule") or ""))
+                rule = record.rule if isinstance(record.rule, dict) else {}
+                metrics = record.metrics or []
+                head = Line(key, str(record.check), str(record.status), True, max(1, len(metrics)),
+                            reason=str(record.reason or ""), diagnosis=diagnosis(record),
+                            rule_reason=str(rule.get("reason") or ""), rule_link=str(rule.get("link") or ""),
+                            rule_source=str(rule.get("source") or ""),
+                            conventions=", ".join(map(str, record.conventions or [])),
+                            translations="; ".join(map(str, record.translations or [])),
+                            rule=str(record.tolerance_rule or ""))
                 if not metrics:
                     lines.append(head)
                 for i, m in enumerate(metrics):
@@ -324,15 +405,21 @@ def line_html(line: Line) -> str:
     parts.append(f"<td>{e(line.note)}</td>")
     if line.first:
         notes = []
+        if line.diagnosis:
+            notes.append(f"<b>{e(line.diagnosis)}</b>")
         if line.reason:
             notes.append(f"<pre>{e(line.reason)}</pre>")
-        if line.known_reason:
-            url = link(line.known_link)
-            text = e(line.known_reason)
+        if line.rule_reason or line.rule_link:
+            url = link(line.rule_link)
+            text = e(line.rule_reason or line.rule_link)
             shown = f'<a href="{e(url)}" rel="noreferrer">{text}</a>' if url else text
-            if line.known_link and not url:
-                shown += f" ({e(line.known_link)})"
-            notes.append(f"known failure: {shown}")
+            if line.rule_link and not url:
+                shown += f" ({e(line.rule_link)})"
+            if line.rule_source:
+                shown += f" <small>{e(line.rule_source)}</small>"
+            notes.append(f"known divergence: {shown}")
+        if line.conventions:
+            notes.append(f"<small>declared: {e(line.conventions)}</small>")
         if line.translations:
             notes.append(f"<small>{e(line.translations)}</small>")
         if line.rule:
@@ -352,7 +439,7 @@ def environments(report: Report) -> dict[str, Any]:
     for row in report.cases:
         for key, cell in row.cells.items():
             for r in cell.records:
-                per_column[key][str(r.get("status"))] += 1
+                per_column[key][r.status] += 1
     return {"python": distinct("python"), "os": distinct("os"), "hosts": distinct("hostname"),
             "started": min(distinct("started"), default=""),
             "finished": max(distinct("finished"), default=""),
@@ -364,9 +451,10 @@ def render(report: Report, title: str = "bnconform report") -> str:
     statuses = sorted({s for row in report.cases for c in row.cells.values() for s in c.statuses},
                       key=status_rank)
     return page("report.html.j2", title=title, report=report, counts=report.counts(), tags=tags,
-                statuses=statuses, matrix=matrix_rows(report), heatmap=heatmap_svg(report),
-                histograms=ulp_histograms(report), adapters=adapter_summaries(report),
-                details=case_details(report), env=environments(report), column_of=_columns(report))
+                statuses=statuses, divergences=divergences(report), matrix=matrix_rows(report),
+                heatmap=heatmap_svg(report), histograms=ulp_histograms(report),
+                adapters=adapter_summaries(report), details=case_details(report), env=environments(report),
+                column_of=_columns(report))
 
 
 def _columns(report: Report) -> dict[str, Column]:
@@ -383,8 +471,10 @@ def render_diff(diff: Any, title: str = "bnconform comparison") -> str:
         rows.append({"change": c, "old_ulp": old_ulp, "new_ulp": new_ulp,
                      "filter": {"kind": [c.kind], "adapter": [c.adapter], "tag": c.tags,
                                 "status": sorted({c.old_status, c.new_status} - {"–"})}})
+    explanations = [{"change": c, "old": ", ".join(c.old.explained_by) or "none",
+                     "new": ", ".join(c.new.explained_by) or "none"} for c in diff.explanations]
     adapters = sorted({c.adapter for c in diff.changes})
     tags = sorted({t for c in diff.changes for t in c.tags})
-    statuses = sorted({s for r in rows for s in r["filter"]["status"]}, key=status_rank)
-    return page("diff.html.j2", title=title, diff=diff, rows=rows, kinds=KINDS, kind_text=KIND_TEXT,
-                adapters=adapters, tags=tags, statuses=statuses)
+    statuses = [s for s in SEVERITY if any(s in r["filter"]["status"] for r in rows)]
+    return page("diff.html.j2", title=title, diff=diff, rows=rows, explanations=explanations, kinds=KINDS,
+                kind_text=KIND_TEXT, adapters=adapters, tags=tags, statuses=statuses)

@@ -1,9 +1,10 @@
-"""Synthetic results files in the plugin's real format, for the report's tests and benchmark.
+"""Synthetic results files in the harness's real format, for the report's tests and benchmark.
 
 Real runs give a few hundred records and no probes yet; these give any number, every status, probes
-(in the shape the probes work will write) and, on request, a hostile case whose id, title, tags and
-tolerance reason carry HTML and <script>. The record keys follow `CaseItem.runtest` and
-`Outcome.as_dict` (conformance/plugin.py, conformance/runner.py); tests/test_report.py checks that.
+(in the shape the probes work will write) and, on request, a hostile case whose id, title, tags,
+variant names, rule and tolerance reason carry HTML and <script>. Records are made with
+`conformance.results.Record`, so they have its keys; known records carry `explained_by` and the `rule`
+that matched, failures either a variant no rule expected or, unexplained, the `closest` one.
 
     python -m reports.synthetic OUT.json [--records N] [--probes] [--hostile]
 """
@@ -15,6 +16,8 @@ import json
 import random
 from pathlib import Path
 from typing import Any
+
+from conformance.results import FORMAT, Record, Status
 
 ADAPTERS = {
     "tf-layers": "tf", "tf-keras": "tf", "tf-keras-unfused": "tf", "tf-nn": "tf", "tf-nn-fused": "tf",
@@ -54,36 +57,56 @@ def case_info(rng: random.Random, index: int) -> dict[str, Any]:
             "expect_error": False, "tolerance_override": None}
 
 
+VARIANTS = ["moving-variance-unbiased", "epsilon-outside-sqrt", "compute-input-dtype", "momentum-complement",
+            "variance-sum-of-squares", "epsilon-1e-3", "stats-frozen", "compute-float32"]
+# the variant each adapter's known-divergence rule names (its signature), and one no rule expects
+KNOWN = {a: VARIANTS[i % len(VARIANTS)] for i, a in enumerate(ADAPTERS)}
+UNEXPECTED = {a: VARIANTS[(i + 3) % len(VARIANTS)] for i, a in enumerate(ADAPTERS)}
+
+
+def rule(adapter: str, check: str, variant: str) -> dict[str, Any]:
+    """A known-divergence rule as the harness records the one that matched."""
+    family = ADAPTERS.get(adapter, "torch")
+    return {"adapters": [adapter], "when": {"dtype": ["float16", "bfloat16", "float32"]}, "checks": [check],
+            "explained_by": variant, "reason": f"{adapter} computes with {variant}",
+            "link": f"https://github.com/example/{family}/issues/{len(adapter) * 7}",
+            "source": f"adapters/known/{family}.yaml:{3 + len(variant)}"}
+
+
 def record(rng: random.Random, info: dict[str, Any], adapter: str, check: str) -> dict[str, Any]:
-    """One record as `CaseItem.runtest` + `Outcome.as_dict()` + makereport leave it."""
+    """One record as the pytest plugin writes it (`CaseItem.runtest` + `Outcome.fill`)."""
     roll = rng.random()
-    status = ("pass" if roll < 0.85 else "not-expressible" if roll < 0.91 else "xfail" if roll < 0.95
-              else "fail" if roll < 0.985 else "error")
+    status = (Status.PASS if roll < 0.85 else Status.NOT_EXPRESSIBLE if roll < 0.91 else Status.KNOWN
+              if roll < 0.95 else Status.FAIL if roll < 0.985 else Status.ERROR)
     shape = info["shapes"][0]
     names = (["output", "batch_mean", "batch_variance", "moving_mean", "moving_variance"]
              if check == "training" else ["input", "gamma", "beta"] if check == "gradients" else ["output"])
-    metrics = []
-    if status in ("pass", "fail", "xfail"):
-        bad = rng.randrange(len(names))
-        metrics = [metric(rng, n, info["dtype"], status == "pass" or i != bad, shape)
+    out = Record(case=info["id"], file=f"/work/main/cases/synthetic/{info['id']}.yaml", line=2,
+                 adapter=adapter, family=ADAPTERS.get(adapter, "torch"), check=check, status=status,
+                 case_info={k: v for k, v in info.items() if k != "id"},
+                 duration_s=round(rng.uniform(0.0005, 0.05), 6))
+    if status is Status.NOT_EXPRESSIBLE:
+        out.reason = f"{adapter} cannot state momentum=None"
+        return out.to_json()
+    out.conventions = conventions(adapter)["variants"]
+    momentum = info["params"]["momentum"]
+    out.translations = [f"momentum {momentum} -> momentum={_flip(momentum)} (1 - m)"]
+    if status is Status.ERROR:
+        out.reason = "RuntimeError: synthetic failure\n  in a framework frame"
+        return out.to_json()
+    bad = rng.randrange(len(names))
+    out.metrics = [metric(rng, n, info["dtype"], status is Status.PASS or i != bad, shape)
                    for i, n in enumerate(names)]
-    reason = {"not-expressible": f"{adapter} cannot state momentum=None",
-              "error": "RuntimeError: synthetic failure\n  in a framework frame",
-              "xfail": "float16 statistics lose digits"}.get(status, "")
-    known = ({"adapter": adapter, "case": info["id"], "check": check, "reason": "known numerical issue",
-              "link": "https://github.com/example/framework/issues/1"} if status == "xfail" else None)
-    return {
-        "case": info["id"], "file": f"/work/main/cases/synthetic/{info['id']}.yaml", "line": 2,
-        "adapter": adapter, "family": ADAPTERS.get(adapter, "torch"), "check": check,
-        "case_info": {k: v for k, v in info.items() if k != "id"}, "known_failure": known,
-        "conventions": conventions(adapter),
-        "status": status, "metrics": metrics,
-        "translations": [] if status == "not-expressible" else
-        [f"momentum {info['params']['momentum']} -> momentum={_flip(info['params']['momentum'])} (1 - m)"],
-        "reason": reason,
-        "tolerance_rule": "" if not metrics else f"{info['dtype']} default x (1 + conditioning 0.3)",
-        "duration_s": round(rng.uniform(0.0005, 0.05), 6),
-    }
+    out.tolerance_rule = f"{info['dtype']} default x (1 + conditioning 0.3)"
+    if status is Status.KNOWN:
+        out.explained_by = [KNOWN.get(adapter, VARIANTS[0])]
+        out.rule = rule(adapter, check, out.explained_by[0])
+        out.reason = out.rule["reason"]
+    elif status is Status.FAIL and rng.random() < 0.35:  # a variant explains it, but no rule expects that
+        out.explained_by = [UNEXPECTED.get(adapter, VARIANTS[1])]
+    elif status is Status.FAIL:
+        out.closest = {"variant": rng.choice(VARIANTS), "badness": round(10 ** rng.uniform(0.2, 3), 3)}
+    return out.to_json()
 
 
 def _flip(momentum: float | None) -> str:
@@ -91,9 +114,19 @@ def _flip(momentum: float | None) -> str:
 
 
 def conventions(adapter: str) -> dict[str, Any]:
+    """The environment's `conventions` of an adapter: the variants it declares, and notes."""
     unbiased = adapter.startswith("torch") or adapter in ("tf-nn-fused", "tf-keras")
-    return {"moving_variance_estimator": "unbiased" if unbiased else "biased",
-            "batch_variance_estimator": "biased", "notes": [f"synthetic convention note for {adapter}"]}
+    return {"variants": ["moving-variance-unbiased"] if unbiased else [],
+            "notes": [f"synthetic convention note for {adapter}"]}
+
+
+def capabilities(adapter: str) -> dict[str, Any]:
+    """The environment's `capabilities` of an adapter."""
+    torch_like = adapter.startswith("torch")
+    return {"dtypes": ["bfloat16", "float16", "float32", "float64"],
+            "checks": ["gradients", "inference", "training"], "min_rank": 2,
+            "max_rank": 5 if torch_like else None, "features": ["momentum-null"] if torch_like else [],
+            "why": {"multi-axis": f"{adapter} normalizes over one channel axis"} if torch_like else {}}
 
 
 def hostile_records(adapters: list[str]) -> list[dict[str, Any]]:
@@ -104,12 +137,20 @@ def hostile_records(adapters: list[str]) -> list[dict[str, Any]]:
             "expect_error": False,
             "tolerance_override": {"rtol": 1e-4, "atol": 1e-6, "reason": f"reason {HOSTILE}"}}
     out = []
-    for adapter in adapters:
+    for i, adapter in enumerate(adapters):
         r = record(random.Random(0), info, adapter, "inference")
-        r.update(status="fail", reason=f"reason {HOSTILE_IMG}", translations=[HOSTILE],
-                 tolerance_rule=f"case override: reason {HOSTILE}",
+        r.update(status=str(Status.FAIL), reason=f"reason {HOSTILE_IMG}", translations=[HOSTILE],
+                 tolerance_rule=f"case override: reason {HOSTILE}", conventions=[f"declared {HOSTILE}"],
                  metrics=[{**metric(random.Random(1), f"output{HOSTILE}", "float32", False, [2, 3]),
-                           "note": HOSTILE_IMG}])
+                           "note": HOSTILE_IMG}],
+                 explained_by=[], closest={"variant": HOSTILE_IMG, "badness": 4.5}, rule=None)
+        if i == 0:  # explained by a variant with a hostile name
+            r.update(explained_by=[f"variant {HOSTILE}"], closest=None)
+        if i == 1:  # known, by a hostile rule
+            r.update(status=str(Status.KNOWN), explained_by=[f"variant {HOSTILE_IMG}"], closest=None,
+                     rule={"adapters": [adapter], "when": {}, "checks": ["inference"],
+                           "explained_by": HOSTILE, "reason": f"rule {HOSTILE}",
+                           "link": "javascript:alert(1)", "source": HOSTILE_IMG})
         out.append(r)
     return out
 
@@ -120,6 +161,7 @@ def probes(adapters: list[str], hostile: bool = False) -> dict[str, dict[str, di
     for adapter in adapters:
         torch_like = adapter.startswith("torch") or adapter == "onnxruntime"
         momentum = 0.9 if torch_like else 0.99
+        estimator = "unbiased" if "moving-variance-unbiased" in conventions(adapter)["variants"] else "biased"
         entries = {
             "default_momentum": {"value": momentum,
                                  "detail": "one step from moving_mean=0 on a constant batch",
@@ -128,12 +170,11 @@ def probes(adapters: list[str], hostile: bool = False) -> dict[str, dict[str, di
             "default_epsilon": {"value": 1e-5 if torch_like else 1e-3, "detail": "output on a known batch",
                                 "documented": 1e-5 if torch_like else 1e-3,
                                 "source": f"adapters/{adapter}.py:12", "agrees": True},
-            "moving_variance_estimator": {"value": conventions(adapter)["moving_variance_estimator"],
+            "moving_variance_estimator": {"value": estimator,
                                           "detail": "moving variance after one step vs n/(n-1)",
                                           "documented": "unbiased" if torch_like else "biased",
                                           "source": "https://example.org/docs/bn#variance",
-                                          "agrees": conventions(adapter)["moving_variance_estimator"]
-                                          == ("unbiased" if torch_like else "biased")},
+                                          "agrees": estimator == ("unbiased" if torch_like else "biased")},
             "default_axis": {"value": 1 if torch_like else -1,
                              "detail": "which axis keeps its own statistics",
                              "documented": 1 if torch_like else -1, "source": "docs", "agrees": True},
@@ -176,9 +217,10 @@ def results(records: int = 1000, adapters: list[str] | None = None, seed: int = 
     if hostile:
         out.extend(hostile_records(adapters))
     env_adapters = {a: {"family": ADAPTERS.get(a, "torch"), "versions": VERSIONS[ADAPTERS.get(a, "torch")],
-                        "conventions": conventions(a), "device": "cpu"} for a in adapters}
+                        "conventions": conventions(a), "capabilities": capabilities(a), "device": "cpu"}
+                    for a in adapters}
     payload: dict[str, Any] = {
-        "format": "bnconform-results/1",
+        "format": FORMAT,
         "environment": {"selection": ",".join(adapters), "adapters": env_adapters, "case_dirs": ["cases"],
                         "keras_backend": None, "python": "3.11.7", "os": "Linux-synthetic-x86_64",
                         "machine": "x86_64", "cpu_count": 2, "hostname": hostname, "argv": ["synthetic"],

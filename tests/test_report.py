@@ -16,17 +16,16 @@ from pathlib import Path
 
 import pytest
 
+from conformance.results import FORMAT, RECORD_FIELDS, Record, Status
 from reports import synthetic
 from reports.__main__ import main
 from reports.diff import compare
 from reports.model import load
-from reports.render import render
+from reports.render import divergences, render
 
 ROOT = Path(__file__).resolve().parent.parent
 ADAPTERS = ["torch", "torch-functional", "flax-linen", "onnxruntime"]
-# the keys CaseItem.runtest and the makereport hook put in a record (conformance/plugin.py)
-RUNTEST_KEYS = {"case", "file", "line", "adapter", "family", "check", "case_info", "known_failure",
-                "conventions", "duration_s"}
+# the keys conformance.plugin.case_summary puts in a record's case_info
 CASE_INFO_KEYS = {"title", "tags", "dtype", "shapes", "steps", "params", "expect_error", "tolerance_override"}
 
 
@@ -96,16 +95,25 @@ def page(files: dict[str, Path]) -> str:
 
 def test_synthetic_records_have_the_harness_format() -> None:
     from conformance.compare import Metric
-    from conformance.runner import Outcome
 
-    payload = synthetic.results(50, ADAPTERS, seed=1)
-    outcome_keys = set(Outcome("pass").as_dict())
+    payload = synthetic.results(400, ADAPTERS, seed=1)
+    assert payload["format"] == FORMAT
     metric_keys = {f.name for f in dataclasses.fields(Metric)}
     for record in payload["records"]:
-        assert set(record) == RUNTEST_KEYS | outcome_keys
+        assert set(record) == {f.name for f in RECORD_FIELDS}
         assert set(record["case_info"]) == CASE_INFO_KEYS
         for metric in record["metrics"]:
             assert set(metric) == metric_keys
+    records = [Record.from_json(r) for r in payload["records"]]
+    assert {r.status for r in records} == set(Status)
+    known = [r for r in records if r.status is Status.KNOWN]
+    assert known and all(r.rule and r.rule["explained_by"] in r.explained_by for r in known)
+    failing = [r for r in records if r.status is Status.FAIL]
+    assert any(r.explained_by and not r.closest for r in failing)  # a failure no rule expected
+    assert any(not r.explained_by and r.closest for r in failing)  # unexplained, with the nearest variant
+    for env in payload["environment"]["adapters"].values():
+        assert set(env["conventions"]) == {"variants", "notes"}
+        assert set(env["capabilities"]) == {"dtypes", "checks", "min_rank", "max_rank", "features", "why"}
     json.dumps(payload, allow_nan=False)  # strict JSON, as write_atomically writes it
 
 
@@ -126,7 +134,8 @@ def test_every_internal_link_has_a_target_and_ids_are_unique(page: str) -> None:
     parsed = parse(page)
     assert len(parsed.ids) == len(set(parsed.ids))
     targets = {url[1:] for tag, name, url in parsed.urls if name == "href" and url.startswith("#")}
-    assert targets and targets <= set(parsed.ids) | {""}
+    filters = {t for t in targets if t.startswith("filter:")}
+    assert filters and targets - filters and targets - filters <= set(parsed.ids) | {""}
 
 
 def test_self_contained(page: str) -> None:
@@ -157,10 +166,18 @@ def test_hostile_strings_are_text(page: str) -> None:
 def test_case_detail_has_parameters_and_figures(files: dict[str, Path], page: str) -> None:
     report = load([files["a"]])
     record = next(r for row in report.cases for c in row.cells.values() for r in c.records
-                  if r["status"] == "fail" and r["metrics"] and not r["case"].startswith("xss"))
-    worst = max(record["metrics"], key=lambda m: synthetic_ulp(m["max_ulp"]))
+                  if r.status is Status.FAIL and r.metrics and not r.case.startswith("xss"))
+    worst = max(record.metrics, key=lambda m: synthetic_ulp(m["max_ulp"]))
     assert f"{worst['worst_index']}" in page
     assert "momentum=" in page and "rtol / atol" in page and "reason, translations, tolerance rule" in page
+    assert "unexplained; closest variant: " in page and "explained by: " in page
+    assert "known divergence: <a href=\"https://github.com/example/" in page
+
+
+def test_adapter_section_shows_variants_and_capabilities(page: str) -> None:
+    assert "Declared conventions: <code>moving-variance-unbiased</code>" in page
+    assert "rank 2 – 5" in page and "features momentum-null" in page
+    assert "<td>multi-axis</td><td>torch normalizes over one channel axis</td>" in page
 
 
 def synthetic_ulp(value: object) -> float:
@@ -233,3 +250,114 @@ def test_reports_imports_no_framework_and_no_adapters() -> None:
             "print(sorted(m for m in sys.modules if m.split('.')[0] in bad))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def failing(case: str, adapter: str, status: Status, explained_by: tuple[str, ...] = (),
+            max_rel: float = 0.01, check: str = "training", **extra: object) -> dict:
+    """A record whose one output is `max_rel` off (within tolerance when it passes)."""
+    passed = status is Status.PASS
+    metric = {**synthetic.metric(synthetic.random.Random(0), "output", "float32", passed, [2, 3]),
+              "max_rel": max_rel}
+    return Record(case=case, file=f"cases/{case}.yaml", adapter=adapter, family="torch", check=check,
+                  status=status, case_info={"title": case, "tags": [], "dtype": "float32"}, metrics=[metric],
+                  explained_by=list(explained_by), **extra).to_json()
+
+
+def run_file(path: Path, records: list[dict], adapters: tuple[str, ...] = ("torch", "flax-linen")) -> Path:
+    env = {"adapters": {a: {"family": "torch", "conventions": synthetic.conventions(a),
+                            "capabilities": synthetic.capabilities(a)} for a in adapters}}
+    return synthetic.write(path, {"format": FORMAT, "environment": env, "records": records})
+
+
+def test_divergences_grouped_unexplained_first(tmp_path: Path) -> None:
+    rule = synthetic.rule("torch", "training", "moving-variance-unbiased")
+    records = [
+        *(failing(f"k{i}", "torch", Status.KNOWN, ("moving-variance-unbiased",), 0.2, rule=rule)
+          for i in range(4)),
+        failing("e0", "torch", Status.FAIL, ("epsilon-outside-sqrt",), 0.03),
+        failing("e1", "torch", Status.FAIL, ("epsilon-outside-sqrt",), 0.05, check="inference"),
+        failing("u0", "torch", Status.FAIL, (), 0.5, closest={"variant": "stats-frozen", "badness": 12.0}),
+        *(failing(f"u{i}", "flax-linen", Status.FAIL, (), rel,
+                  closest={"variant": "compute-float32", "badness": bad})
+          for i, rel, bad in ((1, 0.7, 3.0), (2, 2.5, 2.0))),
+        failing("p0", "torch", Status.PASS),
+        failing("n0", "flax-linen", Status.NOT_EXPRESSIBLE, reason="cannot"),
+    ]
+    report = load([run_file(tmp_path / "run.json", records)])
+    groups = [(d["column"], d["explanation"], str(d["status"]), d["count"]) for d in divergences(report)]
+    assert groups == [("flax-linen", "unexplained", "fail", 2), ("torch", "unexplained", "fail", 1),
+                      ("torch", "epsilon-outside-sqrt", "fail", 2),
+                      ("torch", "moving-variance-unbiased", "known", 4)]
+    first, _, explained, known = divergences(report)
+    assert first["effect"] == 2.5 and explained["effect"] == 0.05
+    assert first["closest"] == [{"variant": "compute-float32", "badness": 2.0, "count": 2}]
+    assert [(row.id, c) for row, c in explained["examples"]] == [("e0", "training"), ("e1", "inference")]
+    assert known["rules"] == [{"reason": rule["reason"], "link": rule["link"], "source": rule["source"]}]
+
+    text = render(report)
+    assert text.index('id="divergences"') < text.index('id="matrix"')
+    assert parse(text).tables["divergence-table"]["body_rows"] == 4
+    start = text.index('id="divergence-table"')
+    table = text[start:text.index("</table>", start)]
+    assert table.index("flax-linen") < table.index("epsilon-outside-sqrt") < table.index(rule["link"])
+    assert 'href="#filter:status=fail&amp;adapter=flax-linen">2</a>' in table
+    assert "closest: compute-float32 ×2 <small>(2 records)</small>" in table
+    # the matrix cell names what explains it, "?" when nothing does
+    matrix = text[text.index('id="matrix"'):]
+    assert "fail<small>?</small>" in matrix and "fail<small>epsilon-outside-sqrt</small>" in matrix
+    assert "known<small>moving-variance-unbiased</small>" in matrix
+
+
+def test_format_1_file_with_xfail_renders_as_known(files: dict[str, Path], tmp_path: Path) -> None:
+    """An old results file: status xfail / xpass, conventions as estimators, known_failure."""
+    data = json.loads(files["a"].read_text(encoding="utf-8"))
+    data["format"] = "bnconform-results/1"
+    for env in data["environment"]["adapters"].values():
+        env["conventions"] = {"moving_variance_estimator": "unbiased", "batch_variance_estimator": "biased",
+                              "notes": ["an old note"]}
+        del env["capabilities"]
+    for r in data["records"]:
+        for key in ("explained_by", "closest", "rule"):
+            del r[key]
+        r["conventions"] = {"moving_variance_estimator": "unbiased", "batch_variance_estimator": "biased"}
+        if r["status"] == "known":
+            r["status"], r["known_failure"] = "xfail", {"reason": "old reason", "link": "https://example.org/1"}
+    xpass = next(r for r in data["records"] if r["status"] == "pass")
+    xpass["status"] = "xpass"
+    old = synthetic.write(tmp_path / "old.json", data)
+    report = load([old])
+    assert not [s for s in report.sources if s.error]
+    counts = report.counts()
+    assert counts[Status.KNOWN] == sum(1 for r in data["records"] if r["status"] == "xfail") > 0
+    text = render(report)
+    assert not re.search(r"\bx(fail|pass)\b", text.replace(str(tmp_path), ""))
+    assert 'class="cell st-known"' in text
+    assert "bnconform-results/1</td>" not in text and "(older; read as" in text
+    assert "<code>moving_variance_estimator = unbiased</code>" in text
+    assert "No capabilities recorded" in text
+    groups = {(d["explanation"], str(d["status"])) for d in divergences(report)}
+    assert ("no variant named", "known") in groups and ("unexplained", "fail") in groups
+
+
+def test_compare_reports_an_explanation_change(tmp_path: Path) -> None:
+    old = [failing("a", "torch", Status.FAIL, ("epsilon-outside-sqrt",)),
+           failing("b", "torch", Status.FAIL, ()),
+           failing("c", "torch", Status.KNOWN, ("stats-frozen",)),
+           failing("d", "torch", Status.PASS),
+           failing("e", "torch", Status.PASS)]
+    new = copy.deepcopy(old)
+    new[0]["explained_by"] = ["epsilon-1e-3"]  # same status, other variant
+    new[1]["status"], new[1]["explained_by"] = "known", ["compute-float32"]  # and a status change
+    new[4]["status"], new[4]["explained_by"] = "known", ["stats-frozen"]  # a status change only
+    old_path, new_path = run_file(tmp_path / "old.json", old), run_file(tmp_path / "new.json", new)
+    diff = compare([old_path], [new_path])
+    assert [(c.case, c.old.explained_by, c.new.explained_by) for c in diff.explanations] == [
+        ("a", ["epsilon-outside-sqrt"], ["epsilon-1e-3"]), ("b", [], ["compute-float32"])]
+    assert [(c.case, c.kind) for c in diff.changes] == [("b", "fixed"), ("e", "status")]
+    assert diff.unchanged == 2
+    out = tmp_path / "diff.html"
+    assert main(["--compare", str(old_path), "--against", str(new_path), "-o", str(out)]) == 0
+    text = out.read_text(encoding="utf-8")
+    assert parse(text).tables["explanation-table"]["body_rows"] == 2
+    assert "<td>epsilon-outside-sqrt</td><td>epsilon-1e-3</td>" in text
+    assert "<td>none</td><td>compute-float32</td>" in text

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import pytest
 
+from conformance.results import Status
 from reports import synthetic
 from reports.__main__ import main
 from reports.model import Report, load
+from reports.render import divergences
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
@@ -125,6 +127,7 @@ def test_matrix_and_semantic_table_render(browsed: Browsed) -> None:
     assert dom.root.get("data-script") == "ready", "the page's script did not run to its end"
     assert dom.tables["matrix"] == {"columns": 3 + len(ADAPTERS), "rows": len(browsed.report.cases)}
     assert dom.tables["semantic-table"] == {"columns": 1 + len(ADAPTERS), "rows": len(browsed.probe_names)}
+    assert dom.tables["divergence-table"] == {"columns": 7, "rows": len(divergences(browsed.report))}
     assert dom.hidden_rows == 0
 
 
@@ -146,8 +149,8 @@ def test_hostile_case_is_text_and_no_script_ran(browsed: Browsed) -> None:
 def test_filter_link_hides_rows(browsed: Browsed) -> None:
     dom, _ = browsed.dom("filtered")
     cases = browsed.report.cases
-    failing = sum(1 for row in cases
-                  if "torch" in row.cells and any(r["status"] == "fail" for r in row.cells["torch"].records))
+    failing = sum(1 for row in cases if "torch" in row.cells
+                  and any(r.status is Status.FAIL for r in row.cells["torch"].records))
     assert 0 < failing < len(cases)
     assert dom.tables["matrix"]["rows"] - dom.hidden_rows == failing
 
