@@ -6,7 +6,7 @@ Kept free of pytest so the plugin, the fuzzer and the benchmarks share it.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +100,9 @@ def evaluate(adapter: Adapter, case: Case, check: Check, outcome: Outcome | None
         outcome.reason = f"the framework raised where the reference computes a value: {rejects(exc)}"
     else:
         expected = problems.expected(case, check, problem, outcome.conventions)
-        compared = measure(check, expected, got, case.dtype, tol)
+        scales = case.memo(("gradient-scales",), lambda: problems.gradient_scales(problem)) \
+            if check == "gradients" and case.tolerance is None else {}
+        compared = measure(check, expected, got, case.dtype, tol, scales)
         outcome.metrics = [m for _, _, _, m in compared]
         if all(m.passed for m in outcome.metrics):
             outcome.status = Status.PASS
@@ -114,12 +116,16 @@ def evaluate(adapter: Adapter, case: Case, check: Check, outcome: Outcome | None
 
 
 def apply_rules(outcome: Outcome, rules: list[known.Rule]) -> None:
-    """A failure a rule's variant explains is known; under rules that explain it otherwise, it fails
-    and says what they expected."""
-    for rule in rules:
-        if rule.explained_by in outcome.explained_by:
-            outcome.status, outcome.reason = Status.KNOWN, rule.reason
-            outcome.rule = rule.model_dump()
+    """A failure that rules explain is known: one rule's variant, or for a pair "a+b" a rule for
+    each. Under rules that explain it otherwise, it fails and says what they expected."""
+    named = {rule.explained_by: rule for rule in rules}
+    for explanation in outcome.explained_by:
+        parts = explanation.split("+")
+        if all(part in named for part in parts):
+            first, *others = (named[part] for part in parts)
+            outcome.status = Status.KNOWN
+            outcome.reason = "; ".join(r.reason for r in (first, *others))
+            outcome.rule = first.model_dump() | ({"with": [r.model_dump() for r in others]} if others else {})
             return
     if rules:
         expected = ", ".join(f"{r.explained_by} ({r.source})" for r in rules)
@@ -128,9 +134,16 @@ def apply_rules(outcome: Outcome, rules: list[known.Rule]) -> None:
             f"known-divergence rules expect {expected}; the measurement is explained by {found}")
 
 
+PROGRAMMING_ERRORS = (AssertionError, AttributeError, NameError, TypeError, KeyError, ImportError)
+
+
 def raised_by_framework(exc: BaseException) -> bool:
-    """The innermost frame outside NumPy is outside this repository's adapters and harness: the
-    framework raised, not the adapter's own code (nor NumPy called by it)."""
+    """The framework raised, not the adapter's own code: the innermost frame outside NumPy is
+    outside this repository's adapters and harness, or, for an error a framework's compiled code
+    raises from inside the adapter's call (torch's IndexError from `movedim`), it is not the kind
+    of exception a programming error makes."""
+    if not isinstance(exc, PROGRAMMING_ERRORS):
+        return True
     innermost = None
     tb = exc.__traceback__
     while tb is not None:
@@ -142,9 +155,11 @@ def raised_by_framework(exc: BaseException) -> bool:
 
 
 def measure(check: str, expected: problems.Expected, got: dict[str, np.ndarray | None], dtype: str,
-            tol: Tolerance) -> list[tuple[str, np.ndarray, np.ndarray, Metric]]:
+            tol: Tolerance, atol_scales: dict[str, float] | None = None,
+            ) -> list[tuple[str, np.ndarray, np.ndarray, Metric]]:
     """Compare every output the case asks for and the framework exposes, in table order:
-    (output name, the expected array it was held to, the framework's, the metric)."""
+    (output name, the expected array it was held to, the framework's, the metric). An output
+    in `atol_scales` has its atol multiplied by that scale (`problem.gradient_scales`)."""
     compared = []
     for output in outputs_of(check):
         value = got.get(output.name)
@@ -152,19 +167,25 @@ def measure(check: str, expected: problems.Expected, got: dict[str, np.ndarray |
             continue
         array, derived, shown_as = expected.get(output.name)
         if array is not None:
-            compared.append((output.name, array, value,
-                             compare(shown_as, array, value, dtype, tol, derived)))
+            scale = (atol_scales or {}).get(output.name, 1.0)
+            held = tol if scale == 1.0 else replace(
+                tol, atol=tol.atol * scale, rule=f"{tol.rule}; atol x {scale:.3g} (size of the summed terms)")
+            metric = compare(shown_as, array, value, dtype, held, derived)
+            compared.append((output.name, array, value, metric))
     return compared
 
 
 def _must_raise(adapter: Adapter, problem: Problem, check: Check, outcome: Outcome) -> Outcome:
-    """`expect_error: true`: pass only if the framework itself raises."""
+    """`expect_error: true`: pass only if the framework itself raises (the adapter's own code
+    raising propagates, as an error)."""
     try:
         execute(adapter, problem, check)
     except NotExpressible as exc:
         outcome.status, outcome.reason = Status.NOT_EXPRESSIBLE, str(exc)
         return outcome
-    except Exception as exc:  # the framework rejected the case, as it must
+    except Exception as exc:
+        if not raised_by_framework(exc):
+            raise
         outcome.status, outcome.reason = Status.PASS, f"raised {type(exc).__name__}: {exc}".strip()
         return outcome
     outcome.status, outcome.reason = Status.FAIL, "the framework accepted a case it must reject"

@@ -112,8 +112,9 @@ def pytest_configure(config: pytest.Config) -> None:
     dirs = [p.resolve() for p in config.getoption("cases") or [DEFAULT_CASES]]
     named = [Path(str(arg).split("::")[0]).resolve() for arg in config.args]
     files = [p for p in named if is_case_file(p)]
-    active = any(PACKAGE_DIR.is_relative_to(p) or any(p.is_relative_to(d) for d in dirs) for p in named)
-    config.stash[STATE] = RunState(selection, ids, dirs, files, active or bool(files))
+    active = bool(files) or any(PACKAGE_DIR.is_relative_to(p) or any(p.is_relative_to(d) for d in dirs)
+                                for p in named)
+    config.stash[STATE] = RunState(selection, ids, dirs, files, active)
     if active and not hasattr(config, "workerinput"):
         config.pluginmanager.register(ResultsRecorder(config), "bnconform-results")
 

@@ -138,6 +138,29 @@ def conditioning(case: Case, check: Check, problem: Problem) -> float:
     return case.memo(("conditioning", check), lambda: input_conditioning(problem))
 
 
+def gradient_scales(problem: Problem) -> dict[str, float]:
+    """The size of the terms each gradient sums, for its absolute tolerance. A floating-point sum
+    is off by about u * sum|a_i| (Higham, "Accuracy and Stability of Numerical Algorithms", 4.2),
+    however small the sum itself: dL/dx = gamma/s * (dy - mean(dy) - xhat * mean(dy * xhat))
+    cancels to 0 with two values per channel, leaving rounding of size u * |gamma|/s * |dy|.
+    So the default atol is scaled by max |gamma|/s * max |dy| for dL/dx, by max over channels
+    of sum |dy * xhat| for dL/dgamma and of sum |dy| for dL/dbeta (never below 1)."""
+    x, dy = problem.batches[-1], problem.upstream
+    if dy is None or x.size == 0:
+        return {}
+    axes = problem.channel_axes
+    red = reference.reduce_axes(x.ndim, axes)
+    mean, var, _ = reference.moments(x, axes)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = np.abs(problem.gamma) / np.sqrt(var + problem.epsilon)
+        xhat = (x - reference.broadcastable(mean, x.ndim, axes)) * reference.broadcastable(
+            1 / np.sqrt(var + problem.epsilon), x.ndim, axes)
+    scales = {"input": float(np.nanmax(inv)) * float(np.abs(dy).max()),
+              "gamma": float(np.nanmax(np.abs(dy * xhat).sum(axis=red))),
+              "beta": float(np.abs(dy).sum(axis=red).max())}
+    return {k: max(1.0, v) for k, v in scales.items() if np.isfinite(v)}
+
+
 def input_conditioning(problem: Problem) -> float:
     """max over channels of |mean| / std of the batches fed: how many digits subtracting the mean
     cancels. Constant channels (std 0) do not count: their output is beta whatever the rounding."""

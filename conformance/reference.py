@@ -125,7 +125,8 @@ def gradients(p: Problem) -> dict[str, np.ndarray]:
     def b(v: np.ndarray) -> np.ndarray:
         return broadcastable(v, x.ndim, axes)
 
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an empty batch: means of nothing are NaN
         inv_std = 1.0 / np.sqrt(b(var) + p.epsilon)
         xhat = (x - b(mean)) * inv_std
         dx = b(p.gamma) * inv_std * (

@@ -56,7 +56,8 @@ def summary(groups: list[Group], seconds: float) -> str:
 def stale_rules(results: list[Path]) -> list[known.Rule]:
     """Rules that no record of these results files was known by: stale data, once the run covered
     every family over the repository's own cases."""
-    used = {r.rule.get("source") for path in results for r in read(path).records if r.rule}
+    used = {rule.get("source") for path in results for r in read(path).records if r.rule
+            for rule in (r.rule, *r.rule.get("with", []))}
     return [rule for rule in known.load().rules if rule.source not in used]
 
 

@@ -35,6 +35,7 @@ import numpy as np
 from adapters.base import Check, Problem
 from conformance import reference
 from conformance.compare import DEFAULT_TOLERANCE
+from conformance.dtypes import eps as unit_roundoff_eps
 from conformance.dtypes import round_to
 
 _CHOICES: dict[str, tuple[Any, ...]] = {
@@ -62,6 +63,8 @@ class Knobs:
     training_uses_moving_stats: bool = False  # the moving statistics as they were before the step
     epsilon_outside_sqrt: bool = False  # y = (x - mean) / (sqrt(var) + eps)
     epsilon: float | None = None  # replaces the case's epsilon
+    normalize_folded: bool = False  # y = x·s + (beta - mean·s), s = gamma / sqrt(var + eps)
+    empty_gamma_gradient_nan: bool = False  # dgamma = inv_std · Σ dy·(x - mean): NaN over no samples
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -131,6 +134,10 @@ def _normalize(x: np.ndarray, p: Problem, k: Knobs, mean: np.ndarray, var: np.nd
         return r(reference.broadcastable(v, x.ndim, p.channel_axes))
 
     eps = r(np.float64(p.epsilon if k.epsilon is None else k.epsilon))
+    if k.normalize_folded:  # tf.nn.batch_normalization, Keras 3's jax backend: x·s + (beta - mean·s)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            s = r(r(1.0 / r(np.sqrt(r(b(var) + eps)))) * b(p.gamma))
+            return r(r(r(x) * s) + r(b(p.beta) - r(b(mean) * s)))
     with np.errstate(divide="ignore", invalid="ignore"):
         outside = k.epsilon_outside_sqrt
         denom = r(r(np.sqrt(b(var))) + eps) if outside else r(np.sqrt(r(b(var) + eps)))
@@ -206,7 +213,9 @@ def _gradients(p: Problem, k: Knobs) -> dict[str, np.ndarray]:
         return r(reference.broadcastable(v, x.ndim, axes))
 
     def avg(a: np.ndarray) -> np.ndarray:
-        return r(a.mean(axis=red, keepdims=True))
+        with warnings.catch_warnings():  # an empty batch: means of nothing are NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return r(a.mean(axis=red, keepdims=True))
 
     def total(a: np.ndarray) -> np.ndarray:
         return reference.to_channels(r(a.sum(axis=red, keepdims=True)), axes)
@@ -224,7 +233,10 @@ def _gradients(p: Problem, k: Knobs) -> dict[str, np.ndarray]:
             if k.epsilon_outside_sqrt:
                 correction = r(correction * r(s / sigma))
             dx = r(r(b(p.gamma) * inv_std) * r(r(dy - avg(dy)) - correction))
-    return {"input": dx, "gamma": total(r(dy * xhat)), "beta": total(dy)}
+    gamma = total(r(dy * xhat))
+    if k.empty_gamma_gradient_nan and x.size == 0:
+        gamma = np.full_like(gamma, np.nan)
+    return {"input": dx, "gamma": gamma, "beta": total(dy)}
 
 
 def simulate(problem: Problem, check: Check, knobs: Knobs = CANONICAL) -> dict[str, np.ndarray]:
@@ -250,7 +262,27 @@ def tolerance_for(knobs: Knobs, problem: Problem, base_rtol: float, base_atol: f
         widths.append(DEFAULT_TOLERANCE[knobs.compute_dtype] * (1.0 + c))  # type: ignore[index]
     if knobs.variance == "sum-of-squares":
         widths.append(DEFAULT_TOLERANCE[stats_dtype(knobs, problem)] * (1.0 + c * c))
-    return max(base_rtol, *widths), max(base_atol, *widths)
+    atol_widths = [folded_error(knobs, problem)] if knobs.normalize_folded else []
+    return max(base_rtol, *widths), max(base_atol, *widths, *atol_widths)
+
+
+def folded_error(knobs: Knobs, problem: Problem) -> float:
+    """How far two folded evaluations may differ: x·s and mean·s each round to u|x·s|, and their sum
+    cancels to a value near beta, so each is off by up to 2u·max|x·s|; two of them by 4u·max|x·s|
+    (u = eps/2 of the compute dtype). A channel with one value has var 0 and s = gamma/sqrt(eps)."""
+    dtype = knobs.compute_dtype or "float64"
+    eps = problem.epsilon if knobs.epsilon is None else knobs.epsilon
+    worst = 0.0
+    for x in problem.batches:
+        if x.size == 0:
+            continue
+        _, var, _ = reference.moments(x, problem.channel_axes)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            s = np.abs(problem.gamma) / np.sqrt(var + eps)
+            xs = np.abs(x) * reference.broadcastable(s, x.ndim, problem.channel_axes)
+        finite = xs[np.isfinite(xs)]
+        worst = max(worst, float(finite.max()) if finite.size else 0.0)
+    return 2.0 * unit_roundoff_eps(dtype) * worst
 
 
 @dataclass(frozen=True)
@@ -297,6 +329,15 @@ def _momentum_float32(p: Problem) -> list[dict[str, Any]]:
     return forms
 
 
+def _folded(p: Problem) -> list[dict[str, Any]]:
+    """Folded in float64 for float64 cases, in float32 for float32, and for float16/bfloat16 in
+    float32 (Keras upcasts) or in the input dtype (tf.nn on a float16 tensor)."""
+    if p.dtype == "float64":
+        return [{"normalize_folded": True}]
+    low = [{"normalize_folded": True, "compute_dtype": p.dtype}] if p.dtype != "float32" else []
+    return [{"normalize_folded": True, "compute_dtype": "float32"}, *low]
+
+
 VARIANTS = [
     # An adapter or user passing torch's momentum (weight of the batch) to a TF-form API.
     Variant("momentum-complement", "moving = (1 - m)·moving + m·batch: torch and TF momentum forms swapped",
@@ -330,6 +371,20 @@ VARIANTS = [
     # Keras trainable=False (a frozen layer runs in inference mode); a model left in eval mode.
     Variant("training-uses-moving-stats", "training normalizes with the moving statistics",
             _batch_stats, {"training_uses_moving_stats": True}),
+    # tensorflow/python/ops/nn_impl.py batch_normalization (L1491-1497) and Keras 3's jax backend
+    # (keras/src/backend/jax/nn.py L1080-1090) fold the normalization: the output of a channel with
+    # one value (var 0, s = gamma/sqrt(eps)) is beta plus the rounding of x·s, not beta exactly.
+    Variant("normalize-folded", "y = x·s + (beta - mean·s), s = gamma/sqrt(var + eps), in the compute dtype",
+            lambda p, c: c in ("training", "inference"), _folded),
+    # Every framework here but torch: with no samples the statistics are NaN and dL/dgamma, computed
+    # through them, is NaN; the reference's sum over no elements is 0 (torch returns early, 0).
+    Variant("empty-gamma-gradient-nan", "dL/dgamma of an empty batch is NaN (through NaN statistics)",
+            lambda p, c: c == "gradients" and p.scale and p.batches[-1].size == 0,
+            {"empty_gamma_gradient_nan": True}),
+    # ONNX attributes are 32-bit floats: a double model runs with float32(epsilon).
+    Variant("epsilon-float32", "epsilon held in float32",
+            lambda p, c: p.dtype == "float64" and _f32(p.epsilon) != p.epsilon,
+            lambda p: [{"epsilon": _f32(p.epsilon)}]),
     Variant("epsilon-outside-sqrt", "y = (x - mean) / (sqrt(var) + eps)",
             lambda p, c: p.epsilon != 0.0, {"epsilon_outside_sqrt": True}),
     Variant("epsilon-1e-3", "epsilon 1e-3 (the TF/Keras default) instead of the case's",

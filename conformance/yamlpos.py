@@ -5,6 +5,7 @@ files are data) and nesting deeper than any real case.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ import yaml
 MAX_DEPTH = 64  # YAML nesting, far above any real case (a 5-D tensor nests 5 deep)
 
 Loc = tuple[str | int, ...]
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 @dataclass(frozen=True)
@@ -117,11 +119,14 @@ class Walker:
 
     def scalar(self, node: yaml.Node, loc: Loc) -> Any:
         try:
-            return self.constructor.construct_object(node, deep=True)
+            value = self.constructor.construct_object(node, deep=True)
         except yaml.YAMLError as exc:  # e.g. !!python/object: the safe loader refuses any tag
             self.error(node.start_mark, loc, f"unsupported YAML tag {node.tag!r} (case files are data)")
             del exc
             return None
+        if isinstance(value, str) and not node.style and _EXPONENT_FLOAT.fullmatch(value):  # plain, unquoted
+            return float(value)  # YAML 1.1 reads a plain 1e-5 as a string; YAML 1.2 and people, a number
+        return value
 
 
 def documents(path: Path, text: str) -> Iterator[tuple[yaml.Node | None, CaseError | None]]:
