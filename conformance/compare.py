@@ -5,8 +5,8 @@ bfloat16, 84 for float32 and 450,000 for float64 (float64 cases check the algori
 
     float64 1e-10   float32 1e-5   float16 4e-3   bfloat16 3e-2
 
-widened by the input's conditioning c = max over channels of |mean| / std: an element held to one
-ulp of its own magnitude is off by c ulps of the standard deviation once the mean is subtracted,
+widened by the input's conditioning c = max over channels of |mean| / sqrt(var + eps): an element
+held to one ulp of its own magnitude is off by c ulps of sqrt(var + eps) once the mean is subtracted,
 so a correct two-pass implementation is off by about eps * c, and both tolerances are multiplied by
 (1 + c). An E[x^2] - E[x]^2 implementation is off by about eps * c^2 and still fails. A case may
 override rtol/atol only with a written reason. Where the reference is NaN (undefined), any

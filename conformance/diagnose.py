@@ -46,17 +46,21 @@ def badness(expected: np.ndarray, got: np.ndarray, rtol: float, atol: float) -> 
 
 
 def diagnose(problem: Problem, check: Check, declared: tuple[str, ...], got: dict[str, np.ndarray],
-             held_to: dict[str, np.ndarray], tol: Tolerance, conditioning: float) -> Diagnosis:
-    """`got`: the framework's compared outputs by name; `held_to`: what they were compared with.
+             held_to: dict[str, np.ndarray], tol: Tolerance, conditioning: float,
+             atol_scales: dict[str, float] | None = None) -> Diagnosis:
+    """`got`: the framework's compared outputs by name; `held_to`: what they were compared with;
+    `atol_scales`: per output, the factor its atol was scaled by (gradients).
     Single variants, then pairs of variants neither of which explains it alone (ONNX's float32
     momentum *and* epsilon attributes, say), named "a+b"."""
     names = [n for n, v in variants.CATALOGUE.items()
              if n not in declared and not v.raises and v.applies(problem, check)]
-    scored = [(score(problem, check, (*declared, n), got, held_to, tol, conditioning), n) for n in names]
+    scored = [(score(problem, check, (*declared, n), got, held_to, tol, conditioning, atol_scales), n)
+              for n in names]
     matched = [n for (worst, moves), n in scored if worst <= 1 and moves]
     for a, b in itertools.combinations(names, 2):  # a pair only where neither explains it alone
         if a not in matched and b not in matched:
-            worst, moves = score(problem, check, (*declared, a, b), got, held_to, tol, conditioning)
+            worst, moves = score(problem, check, (*declared, a, b), got, held_to, tol, conditioning,
+                                 atol_scales)
             if worst <= 1 and moves:
                 matched.append(f"{a}+{b}")
     if matched:
@@ -69,7 +73,8 @@ def diagnose(problem: Problem, check: Check, declared: tuple[str, ...], got: dic
 
 
 def score(problem: Problem, check: Check, names: tuple[str, ...], got: dict[str, np.ndarray],
-          held_to: dict[str, np.ndarray], tol: Tolerance, conditioning: float) -> tuple[float, bool]:
+          held_to: dict[str, np.ndarray], tol: Tolerance, conditioning: float,
+          atol_scales: dict[str, float] | None = None) -> tuple[float, bool]:
     """(the best form's worst badness, whether the variants move the result at all). A variant
     moves it when its simulation leaves the case's tolerance, or, for one that only predicts the
     size of a rounding error (sum of squares, a lower compute dtype, a folded formula), when the
@@ -80,10 +85,13 @@ def score(problem: Problem, check: Check, names: tuple[str, ...], got: dict[str,
         if not all(out in simulated for out in got):
             continue
         rtol, atol = variants.tolerance_for(knobs, problem, tol.rtol, tol.atol, conditioning)
-        worst = max(badness(simulated[out], value, rtol, atol) for out, value in got.items())
+        scale = atol_scales or {}
+        worst = max(badness(simulated[out], value, rtol, atol * scale.get(out, 1.0))
+                    for out, value in got.items())
         wider = rtol > tol.rtol or atol > tol.atol
-        moves = moves or wider or any(badness(held_to[out], simulated[out], tol.rtol, tol.atol) > 1
-                                      for out in got)
+        moves = moves or wider or any(
+            badness(held_to[out], simulated[out], tol.rtol, tol.atol * scale.get(out, 1.0)) > 1
+            for out in got)
         best = min(best, worst)
     return best, moves
 

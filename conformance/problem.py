@@ -162,15 +162,19 @@ def gradient_scales(problem: Problem) -> dict[str, float]:
 
 
 def input_conditioning(problem: Problem) -> float:
-    """max over channels of |mean| / std of the batches fed: how many digits subtracting the mean
-    cancels. Constant channels (std 0) do not count: their output is beta whatever the rounding."""
+    """max over channels of |mean| / sqrt(var + eps) of the batches fed: how many digits
+    subtracting the mean cancels, relative to what the output is divided by. An element rounded to
+    one ulp of its own magnitude (and a mean rounded likewise) leaves (x - mean) off by about
+    u |mean|, which the normalization scales by 1 / sqrt(var + eps): for a constant channel that is
+    1 / sqrt(eps), not 0 (a float32 mean of equal values need not equal them). A channel with
+    var + eps = 0 (eps 0, constant) is left out: its output is undefined (NaN) anyway."""
     worst = 0.0
     for x in problem.batches:
         mean, var, _ = reference.moments(x, problem.channel_axes)
-        std = np.sqrt(var)
         with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.where(std > 0, np.abs(mean) / std, 0.0)
-        worst = max(worst, float(np.nanmax(ratio)) if ratio.size else 0.0)
+            ratio = np.abs(mean) / np.sqrt(var + problem.epsilon)
+        finite = ratio[np.isfinite(ratio)]
+        worst = max(worst, float(finite.max()) if finite.size else 0.0)
     return worst
 
 

@@ -57,10 +57,10 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     if comparing:
-        from reports.diff import compare
+        from reports.diff import diff_runs
         from reports.render import render_diff
 
-        diff = compare(args.compare, args.against, args.ulp_factor, args.ulp_floor)
+        diff = diff_runs(args.compare, args.against, args.ulp_factor, args.ulp_floor)
         output = args.output or Path("results/diff.html")
         _write(output, render_diff(diff, args.title or "bnconform comparison"))
         problems = _unreadable(diff.old, diff.new)

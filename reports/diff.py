@@ -118,7 +118,7 @@ def explained_differently(old: Record | None, new: Record | None) -> bool:
             and list(old.explained_by) != list(new.explained_by))
 
 
-def compare(old_paths: list[Path], new_paths: list[Path], factor: float = 2.0, floor: float = 1.0) -> Diff:
+def diff_runs(old_paths: list[Path], new_paths: list[Path], factor: float = 2.0, floor: float = 1.0) -> Diff:
     old, new = load(old_paths), load(new_paths)
     a, b = index(old), index(new)
     tags = {row.id: row.tags for report in (old, new) for row in report.cases}

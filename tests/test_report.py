@@ -19,7 +19,7 @@ import pytest
 from conformance.results import FORMAT, RECORD_FIELDS, Record, Status
 from reports import synthetic
 from reports.__main__ import main
-from reports.diff import compare
+from reports.diff import diff_runs
 from reports.model import load
 from reports.render import divergences, render
 
@@ -230,7 +230,7 @@ def test_compare_runs(files: dict[str, Path], tmp_path: Path) -> None:
     old_path, new_path = tmp_path / "old.json", tmp_path / "new.json"
     synthetic.write(old_path, old)
     synthetic.write(new_path, new)
-    diff = compare([old_path], [new_path])
+    diff = diff_runs([old_path], [new_path])
     found = {(c.case, c.adapter, c.check): c.kind for c in diff.changes}
     key = lambda r: (r["case"], r["adapter"], r["check"])  # noqa: E731
     assert found == {key(regressed): "regressed", key(grew): "error-up", key(fixed): "fixed",
@@ -350,7 +350,7 @@ def test_compare_reports_an_explanation_change(tmp_path: Path) -> None:
     new[1]["status"], new[1]["explained_by"] = "known", ["compute-float32"]  # and a status change
     new[4]["status"], new[4]["explained_by"] = "known", ["stats-frozen"]  # a status change only
     old_path, new_path = run_file(tmp_path / "old.json", old), run_file(tmp_path / "new.json", new)
-    diff = compare([old_path], [new_path])
+    diff = diff_runs([old_path], [new_path])
     assert [(c.case, c.old.explained_by, c.new.explained_by) for c in diff.explanations] == [
         ("a", ["epsilon-outside-sqrt"], ["epsilon-1e-3"]), ("b", [], ["compute-float32"])]
     assert [(c.case, c.kind) for c in diff.changes] == [("b", "fixed"), ("e", "status")]
