@@ -65,6 +65,7 @@ class Knobs:
     epsilon: float | None = None  # replaces the case's epsilon
     normalize_folded: bool = False  # y = x·s + (beta - mean·s), s = gamma / sqrt(var + eps)
     empty_gamma_gradient_nan: bool = False  # dgamma = inv_std · Σ dy·(x - mean): NaN over no samples
+    bessel_one_value: bool = False  # n/(n-1) taken as 1 for n = 1: the unbiased variance of one value is 0
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -160,26 +161,34 @@ def _update(moving: np.ndarray, batch: np.ndarray, m: float, k: Knobs) -> np.nda
     return rs(rs(m * moving) + rs(rs(1.0 - m) * batch))
 
 
+def _unbiased(var: np.ndarray, count: int, k: Knobs) -> np.ndarray:
+    """var * n/(n-1), rounded as the knobs say; with `bessel_one_value` a single value keeps
+    factor 1 (TF's fused kernel: rest_size_minus_one = rest_size > 1 ? rest_size - 1 : 1)."""
+    if count == 1 and k.bessel_one_value:
+        return var
+    return _rounder(k.compute_dtype)(reference.unbiased(var, count))
+
+
 def _momenta(p: Problem) -> list[float]:
     """The decay-form momentum of each step (1 - 1/t when the case's is None)."""
     return [1.0 - 1.0 / t if p.momentum is None else p.momentum for t in range(1, len(p.batches) + 1)]
 
 
 def _train(p: Problem, k: Knobs) -> dict[str, np.ndarray]:
-    r, rs = _rounder(k.compute_dtype), _rounder("float32" if _lower(k) else None)
+    rs = _rounder("float32" if _lower(k) else None)
     moving_mean, moving_var = rs(p.moving_mean), rs(p.moving_variance)
     for x, m in zip(p.batches, _momenta(p), strict=True):
         mean, var, count = _stats(x, p, k)
         used = (moving_mean, moving_var) if k.training_uses_moving_stats else (mean, var)
         output = _normalize(x, p, k, *used)
         if not k.stats_frozen:
-            fed = r(reference.unbiased(var, count)) if k.moving_variance_estimator == "unbiased" else var
+            fed = _unbiased(var, count, k) if k.moving_variance_estimator == "unbiased" else var
             moving_mean, moving_var = _update(moving_mean, mean, m, k), _update(moving_var, fed, m, k)
     last = (mean, var) if k.inference_uses_batch_stats else (moving_mean, moving_var)
     return {
         "output": output,
         "batch_mean": mean,
-        "batch_variance": r(reference.unbiased(var, count)) if k.batch_variance_estimator == "unbiased"
+        "batch_variance": _unbiased(var, count, k) if k.batch_variance_estimator == "unbiased"
         else var,
         "moving_mean": moving_mean,
         "moving_variance": moving_var,
@@ -329,6 +338,10 @@ def _momentum_float32(p: Problem) -> list[dict[str, Any]]:
     return forms
 
 
+def _count(p: Problem, x: np.ndarray) -> int:
+    return int(np.prod([x.shape[a] for a in reference.reduce_axes(x.ndim, p.channel_axes)]))
+
+
 def _folded(p: Problem) -> list[dict[str, Any]]:
     """Folded in float64 for float64 cases, in float32 for float32, and for float16/bfloat16 in
     float32 (Keras upcasts) or in the input dtype (tf.nn on a float16 tensor)."""
@@ -381,6 +394,10 @@ VARIANTS = [
     Variant("empty-gamma-gradient-nan", "dL/dgamma of an empty batch is NaN (through NaN statistics)",
             lambda p, c: c == "gradients" and p.scale and p.batches[-1].size == 0,
             {"empty_gamma_gradient_nan": True}),
+    # TF's fused kernel (FusedBatchNormV3 CPU): rest_size_minus_one = rest_size > 1 ? rest_size - 1 : 1.
+    Variant("bessel-one-value", "n/(n-1) taken as 1 for one value per channel (unbiased variance 0, not NaN)",
+            lambda p, c: c == "training" and any(_count(p, x) == 1 for x in p.batches),
+            {"bessel_one_value": True}),
     # ONNX attributes are 32-bit floats: a double model runs with float32(epsilon).
     Variant("epsilon-float32", "epsilon held in float32",
             lambda p, c: p.dtype == "float64" and _f32(p.epsilon) != p.epsilon,
