@@ -28,8 +28,10 @@ class Diagnosis:
     closest: dict[str, float | str] | None = None  # {"variant", "badness"} when unexplained
 
 
-def badness(expected: np.ndarray, got: np.ndarray, rtol: float, atol: float) -> float:
-    """max |got - expected| / (atol + rtol |expected|); NaN on one side only is infinitely bad."""
+def badness(expected: np.ndarray, got: np.ndarray, rtol: float, atol: float,
+            ignore: np.ndarray | None = None) -> float:
+    """max |got - expected| / (atol + rtol |expected|); NaN on one side only is infinitely bad.
+    Elements where `ignore` is true do not count."""
     expected = np.asarray(expected, np.float64)
     got = np.asarray(got, np.float64).reshape(expected.shape) if np.size(got) == np.size(expected) else None
     if got is None:
@@ -42,6 +44,8 @@ def badness(expected: np.ndarray, got: np.ndarray, rtol: float, atol: float) -> 
         allowed = atol + rtol * np.where(np.isfinite(expected), np.abs(expected), 0.0)
         ratio = np.where(err == 0, 0.0, err / allowed)
     ratio = np.where(np.isnan(ratio), np.inf, ratio)
+    if ignore is not None:
+        ratio = np.where(np.broadcast_to(ignore, ratio.shape), 0.0, ratio)
     return float(ratio.max())
 
 
@@ -86,7 +90,8 @@ def score(problem: Problem, check: Check, names: tuple[str, ...], got: dict[str,
             continue
         rtol, atol = variants.tolerance_for(knobs, problem, tol.rtol, tol.atol, conditioning)
         scale = atol_scales or {}
-        worst = max(badness(simulated[out], value, rtol, atol * scale.get(out, 1.0))
+        unknown = variants.undetermined(problem, check, knobs)
+        worst = max(badness(simulated[out], value, rtol, atol * scale.get(out, 1.0), unknown.get(out))
                     for out, value in got.items())
         wider = rtol > tol.rtol or atol > tol.atol
         moves = moves or wider or any(

@@ -42,7 +42,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "momentum_form": ("decay", "complement"),
     "momentum_float32": (None, "momentum", "complement"),
     "compute_dtype": (None, "float64", "float32", "float16", "bfloat16"),
-    "variance": ("two-pass", "sum-of-squares"),
+    "variance": ("two-pass", "sum-of-squares", "sum-of-squares-unclamped"),
     "moving_variance_estimator": ("biased", "unbiased"),
     "batch_variance_estimator": ("biased", "unbiased"),
 }
@@ -123,7 +123,9 @@ def _stats(x: np.ndarray, p: Problem, k: Knobs) -> tuple[np.ndarray, np.ndarray,
         s = _rounder(stats_dtype(k, p))
         xs = s(x)
         m = avg(xs, s)
-        var = np.maximum(s(avg(s(xs * xs), s) - s(m * m)), 0.0)
+        var = s(avg(s(xs * xs), s) - s(m * m))
+        if k.variance == "sum-of-squares":
+            var = np.maximum(var, 0.0)
     return reference.to_channels(mean, axes), reference.to_channels(var, axes), count
 
 
@@ -248,6 +250,34 @@ def _gradients(p: Problem, k: Knobs) -> dict[str, np.ndarray]:
     return {"input": dx, "gamma": gamma, "beta": total(dy)}
 
 
+def undetermined(problem: Problem, check: Check, knobs: Knobs) -> dict[str, np.ndarray]:
+    """Per output, the elements a simulation cannot predict: for the unclamped sum of squares, those
+    of channels where the true variance + eps is within the cancellation error
+    default(d)·(var + mean²), so the framework's sign, and so NaN or not, is a matter of summation
+    order. Empty where everything is predictable."""
+    if knobs.variance != "sum-of-squares-unclamped":
+        return {}
+    eps = problem.epsilon if knobs.epsilon is None else knobs.epsilon
+    width = DEFAULT_TOLERANCE[stats_dtype(knobs, problem)]
+    fed = problem.batches if check == "training" else problem.batches[-1:]
+    masks = []
+    for x in fed:
+        mean, var, _ = reference.moments(x, problem.channel_axes)
+        masks.append(var + eps <= width * (var + mean * mean))
+    last, ever = masks[-1], np.logical_or.reduce(masks)
+
+    def like_input(channels: np.ndarray) -> np.ndarray:
+        x = problem.batches[-1]
+        return np.broadcast_to(reference.broadcastable(channels, x.ndim, problem.channel_axes), x.shape)
+
+    if check == "training":
+        return {"output": like_input(last), "batch_mean": np.zeros_like(last), "batch_variance": last,
+                "moving_mean": np.zeros_like(ever), "moving_variance": ever,
+                "inference_output": like_input(ever)}
+    return {name: like_input(last) if name == "input" else last for name in ("input", "gamma", "beta",
+                                                                              "output")}
+
+
 def simulate(problem: Problem, check: Check, knobs: Knobs = CANONICAL) -> dict[str, np.ndarray]:
     """The check's outputs (float64) under `knobs`; with CANONICAL they are reference.train / infer /
     gradients. training: output, batch_mean, batch_variance (last step), moving_mean,
@@ -269,7 +299,7 @@ def tolerance_for(knobs: Knobs, problem: Problem, base_rtol: float, base_atol: f
     widths = [0.0]
     if _lower(knobs):
         widths.append(DEFAULT_TOLERANCE[knobs.compute_dtype] * (1.0 + c))  # type: ignore[index]
-    if knobs.variance == "sum-of-squares":
+    if knobs.variance != "two-pass":
         widths.append(DEFAULT_TOLERANCE[stats_dtype(knobs, problem)] * (1.0 + c * c))
     atol_widths = [folded_error(knobs, problem)] if knobs.normalize_folded else []
     return max(base_rtol, *widths), max(base_atol, *widths, *atol_widths)
@@ -394,6 +424,12 @@ VARIANTS = [
     Variant("empty-gamma-gradient-nan", "dL/dgamma of an empty batch is NaN (through NaN statistics)",
             lambda p, c: c == "gradients" and p.scale and p.batches[-1].size == 0,
             {"empty_gamma_gradient_nan": True}),
+    # Keras 3's torch backend (keras/src/backend/torch/nn.py moments, L976-982): no clamp, so a variance
+    # that cancels below -eps gives NaN. Which channels go negative depends on the summation order, so
+    # where the true variance + eps lies inside the cancellation error the outputs are not compared
+    # (`undetermined`); everywhere else it is judged as variance-sum-of-squares.
+    Variant("variance-sum-of-squares-unclamped", "E[x²] - E[x]², not clamped at 0 (NaN below -eps)",
+            _batch_stats, {"variance": "sum-of-squares-unclamped"}),
     # TF's fused kernel (FusedBatchNormV3 CPU): rest_size_minus_one = rest_size > 1 ? rest_size - 1 : 1.
     Variant("bessel-one-value", "n/(n-1) taken as 1 for one value per channel (unbiased variance 0, not NaN)",
             lambda p, c: c == "training" and any(_count(p, x) == 1 for x in p.batches),
