@@ -6,7 +6,7 @@ Kept free of pytest so the plugin, the fuzzer and the benchmarks share it.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from conformance import ROOT, known
 from conformance import problem as problems
 from conformance.compare import Metric, Tolerance, compare, tolerance
 from conformance.diagnose import diagnose, rejects
-from conformance.outputs import outputs_of
+from conformance.outputs import CHECKS, outputs_of
 from conformance.results import Record, Status
 from conformance.schema import Case
 
@@ -58,12 +58,10 @@ class Outcome:
 
 
 def execute(adapter: Adapter, problem: Problem, check: Check) -> dict[str, np.ndarray | None]:
-    """Run one check; the framework's results by output name (`conformance.outputs`)."""
-    if check == "training":
-        return vars(adapter.train(problem))
-    if check == "inference":
-        return {"output": adapter.infer(problem)}
-    return vars(adapter.gradients(problem))
+    """Run one check; the framework's results by output name (`conformance.outputs`): an adapter
+    method returns a dataclass of outputs, or the array of a check's single output."""
+    result = getattr(adapter, CHECKS[check].method)(problem)
+    return vars(result) if is_dataclass(result) else {outputs_of(check)[0].name: result}
 
 
 def evaluate(adapter: Adapter, case: Case, check: Check, outcome: Outcome | None = None,

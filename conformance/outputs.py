@@ -15,20 +15,28 @@ Check = Literal["training", "inference", "gradients"]
 ShapeKind = Literal["input", "channels"]  # like the (last) input fed, or like the channel dims
 
 
+Batches = Literal["every-step", "last-fed", "last-listed"]
+
+
 @dataclass(frozen=True)
 class CheckInfo:
     name: Check
     expected_at: tuple[str, ...]  # where the check's `expected` mapping sits in a case file
     description: str
+    method: str  # the Adapter method that runs it (its result is the outputs by name)
+    batches: Batches  # what the problem feeds: every training step's batch, or one batch
 
 
 CHECKS: dict[str, CheckInfo] = {c.name: c for c in (
     CheckInfo("training", ("training", "expected"),
-              "training steps: one per batch fed (cycling when `training.steps` is larger)"),
+              "training steps: one per batch fed (cycling when `training.steps` is larger)",
+              "train", "every-step"),
     CheckInfo("gradients", ("training", "gradients", "expected"),
-              "a training-mode forward of the last batch fed, then dL/dy = `upstream` backwards"),
+              "a training-mode forward of the last batch fed, then dL/dy = `upstream` backwards",
+              "gradients", "last-fed"),
     CheckInfo("inference", ("inference", "expected"),
-              "inference on the last batch with params.moving_mean / moving_variance"),
+              "inference on the last batch with params.moving_mean / moving_variance",
+              "infer", "last-listed"),
 )}
 
 

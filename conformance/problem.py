@@ -11,7 +11,7 @@ import numpy as np
 from adapters.base import Check, Problem
 from conformance import reference
 from conformance.dtypes import round_to
-from conformance.outputs import alternatives, outputs_of
+from conformance.outputs import CHECKS, alternatives, outputs_of
 from conformance.schema import Case, Values
 from conformance.validate import flat_numbers
 
@@ -42,11 +42,8 @@ def _frozen(problem: Problem) -> Problem:
 def _build(case: Case, check: Check) -> Problem:
     dtype = case.dtype
     tensors = [make_array(t, tuple(t.shape), dtype) for t in case.tensors]
-    if check == "inference":
-        batches = (tensors[-1],)
-    else:
-        fed = tuple(tensors[i % len(tensors)] for i in range(case.steps))
-        batches = fed if check == "training" else fed[-1:]
+    fed = tuple(tensors[i % len(tensors)] for i in range(case.steps))
+    batches = {"every-step": fed, "last-fed": fed[-1:], "last-listed": (tensors[-1],)}[CHECKS[check].batches]
     channels = channel_shape(case)
     p = case.params
     upstream = None
