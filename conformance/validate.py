@@ -158,13 +158,13 @@ def semantic_errors(case: Case) -> Problems:
         errors.append((("params", "beta"), "given while center is false (beta is not applied)"))
     if case.params.gamma is not None and not case.params.scale:
         errors.append((("params", "gamma"), "given while scale is false (gamma is not applied)"))
-    last = shapes[(case.steps - 1) % len(shapes)] if case.training is not None else shapes[-1]
-    like = {"input": {"training": last, "gradients": last, "inference": shapes[-1]}, "channels": {}}
+    last = shapes[(case.steps - 1) % len(shapes)]
+    fed_last = {"every-step": last, "last-fed": last, "last-listed": shapes[-1]}
     for check in case.checks:
         given = case.given(check)
         for output in outputs_of(check):
             if output.name in given:
-                shape = like[output.shape].get(check, channel_dims)
+                shape = fed_last[CHECKS[check].batches] if output.shape == "input" else channel_dims
                 what = "input shape" if output.shape == "input" else "channel count"
                 errors.extend(_check_values(given[output.name], shape,
                                             (*CHECKS[check].expected_at, output.name), what))
