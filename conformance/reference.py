@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from adapters.base import Problem, to_ascending, to_case_order
+from conformance.outputs import CHECKS
 
 
 def reduce_axes(rank: int, channel_axes: tuple[int, ...]) -> tuple[int, ...]:
@@ -142,9 +143,11 @@ def gradients(p: Problem) -> dict[str, np.ndarray]:
 
 def outputs(p: Problem, check: str) -> dict[str, np.ndarray]:
     """Every output of a check by its name in `conformance.outputs`, plus the reference's extras
-    (`*_unbiased` tracks) that declared conventions may ask for."""
-    if check == "training":
+    (`*_unbiased` tracks) that declared conventions may ask for. A check is computed by the formula
+    of the adapter method that runs it (the problem already holds the batches it feeds)."""
+    method = CHECKS[check].method
+    if method == "train":
         return vars(train(p))
-    if check == "gradients":
+    if method == "gradients":
         return gradients(p)
     return {"output": infer(p)}

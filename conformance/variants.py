@@ -37,6 +37,7 @@ from conformance import reference
 from conformance.compare import DEFAULT_TOLERANCE
 from conformance.dtypes import eps as unit_roundoff_eps
 from conformance.dtypes import round_to
+from conformance.outputs import CHECKS
 
 _CHOICES: dict[str, tuple[Any, ...]] = {
     "momentum_form": ("decay", "complement"),
@@ -283,7 +284,7 @@ def simulate(problem: Problem, check: Check, knobs: Knobs = CANONICAL) -> dict[s
     gradients. training: output, batch_mean, batch_variance (last step), moving_mean,
     moving_variance (after all steps), inference_output; inference: output; gradients: input,
     gamma, beta."""
-    run = {"training": _train, "inference": _infer, "gradients": _gradients}[check]
+    run = {"train": _train, "infer": _infer, "gradients": _gradients}[CHECKS[check].method]
     return run(problem, knobs)
 
 
