@@ -11,7 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-Check = Literal["training", "inference", "gradients"]
+from adapters.base import CHECKS as CHECK_NAMES
+from adapters.base import Check
+
 ShapeKind = Literal["input", "channels"]  # like the (last) input fed, or like the channel dims
 
 
@@ -38,6 +40,9 @@ CHECKS: dict[str, CheckInfo] = {c.name: c for c in (
               "inference on the last batch with params.moving_mean / moving_variance",
               "infer", "last-listed"),
 )}
+
+
+assert set(CHECKS) == set(CHECK_NAMES), "adapters.base.CHECKS (what adapters may support) names them too"
 
 
 def _always(params: Any) -> bool:
