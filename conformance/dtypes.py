@@ -19,7 +19,8 @@ def finfo(dtype: str):
 
 def round_to(values: np.ndarray, dtype: str) -> np.ndarray:
     """float64 array holding exactly the values representable in `dtype` (round to nearest even)."""
-    return np.asarray(values, dtype=np.float64).astype(DTYPES[dtype]).astype(np.float64)
+    with np.errstate(over="ignore"):  # beyond the dtype's range: inf, as the dtype itself gives
+        return np.asarray(values, dtype=np.float64).astype(DTYPES[dtype]).astype(np.float64)
 
 
 def ulp(values: np.ndarray, dtype: str) -> np.ndarray:

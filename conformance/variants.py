@@ -124,7 +124,8 @@ def _stats(x: np.ndarray, p: Problem, k: Knobs) -> tuple[np.ndarray, np.ndarray,
         s = _rounder(stats_dtype(k, p))
         xs = s(x)
         m = avg(xs, s)
-        var = s(avg(s(xs * xs), s) - s(m * m))
+        with np.errstate(invalid="ignore"):  # inf - inf where a square overflows the dtype: NaN
+            var = s(avg(s(xs * xs), s) - s(m * m))
         if k.variance == "sum-of-squares":
             var = np.maximum(var, 0.0)
     return reference.to_channels(mean, axes), reference.to_channels(var, axes), count
