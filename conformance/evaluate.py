@@ -42,7 +42,6 @@ class Outcome:
     explained_by: list[str] = field(default_factory=list)
     closest: dict[str, Any] | None = None
     rule: dict[str, Any] | None = None
-    raised: str = ""  # the framework's exception where the reference computes a value
 
     def fill(self, record: Record) -> Record:
         record.status = self.status
@@ -78,11 +77,12 @@ def evaluate(adapter: Adapter, case: Case, check: Check, outcome: Outcome | None
         return outcome
     outcome.translations = adapter.translations(problem)
     outcome.conventions = adapter.conventions_for(problem).variants
+    rules = rules or default_rules()
     if case.expect_error:
         _must_raise(adapter, problem, check, outcome)
         if outcome.status == Status.FAIL:
             outcome.explained_by = ["accepts"]
-            apply_rules(outcome, (rules or default_rules()).for_check(adapter.id, case, check))
+            apply_rules(outcome, rules.for_check(adapter.id, case, check))
         return outcome
     conditioning = problems.conditioning(case, check, problem)
     tol = outcome.tolerance = tolerance(case.dtype, conditioning, case.tolerance)
@@ -109,7 +109,7 @@ def evaluate(adapter: Adapter, case: Case, check: Check, outcome: Outcome | None
         found = diagnose(problem, check, outcome.conventions, {name: value for name, _, value, _ in compared},
                          {name: held for name, held, _, _ in compared}, tol, conditioning, scales)
         outcome.explained_by, outcome.closest = found.explained_by, found.closest
-    apply_rules(outcome, (rules or default_rules()).for_check(adapter.id, case, check))
+    apply_rules(outcome, rules.for_check(adapter.id, case, check))
     return outcome
 
 
