@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from conformance import ROOT
 from conformance.outputs import CHECKS
-from conformance.schema import Case
+from conformance.schema import Case, Params
 from conformance.variants import CATALOGUE
 
 KNOWN_DIR = ROOT / "adapters" / "known"
@@ -50,6 +50,14 @@ class When(BaseModel):
         counts = [math.prod(s for d, s in enumerate(t.shape) if d not in {a % len(t.shape) for a in axes})
                   for t in case.tensors]
         return min(counts)
+
+    @field_validator("params")
+    @classmethod
+    def _param_names(cls, params: dict[str, Any] | None) -> dict[str, Any] | None:
+        unknown = sorted(set(params or {}) - set(Params.model_fields))
+        if unknown:
+            raise ValueError(f"unknown param {unknown[0]!r} ({', '.join(Params.model_fields)})")
+        return params
 
     def holds(self, case: Case) -> bool:
         rank = len(case.tensors[0].shape)

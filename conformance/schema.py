@@ -22,10 +22,10 @@ class Strict(BaseModel):
 class RandomSpec(Strict):
     """Values drawn with numpy.random.default_rng(seed), then rounded to the case dtype."""
 
-    seed: int
+    seed: int = Field(ge=0)  # numpy's default_rng refuses a negative seed
     distribution: Literal["normal", "uniform"] = "normal"
     mean: float = 0.0  # normal
-    std: float = 1.0
+    std: float = Field(1.0, ge=0.0)
     low: float = -1.0  # uniform
     high: float = 1.0
 

@@ -163,7 +163,10 @@ def semantic_errors(case: Case) -> Problems:
     for check in case.checks:
         given = case.given(check)
         for output in outputs_of(check):
-            if output.name in given:
+            if output.name in given and not output.exists(case.params):
+                errors.append(((*CHECKS[check].expected_at, output.name),
+                               f"given, but the output does not exist here ({output.description})"))
+            elif output.name in given:
                 shape = fed_last[CHECKS[check].batches] if output.shape == "input" else channel_dims
                 what = "input shape" if output.shape == "input" else "channel count"
                 errors.extend(_check_values(given[output.name], shape,

@@ -148,3 +148,27 @@ def test_committed_schema_is_current():
 @pytest.mark.parametrize("key", ["input", "params", "training", "inference", "tolerance", "expect_error"])
 def test_schema_documents_every_top_level_key(key):
     assert key in json.loads(schema_text())["properties"]
+
+
+def test_a_negative_seed_or_std_is_refused_at_validation(write_case):
+    errors = errors_of(write_case, GOOD.replace("  values: [[1, 2, 3], [4, 5, 6]]",
+                                                "  random: {seed: -1, std: -2.0}"))
+    assert {e.field for e in errors} == {"input.random.seed", "input.random.std"}
+
+
+def test_an_expected_output_that_cannot_exist_is_refused(write_case):
+    text = GOOD.replace("training: {}", "training:\n  gradients:\n    upstream: {random: {seed: 2}}\n"
+                        "    expected: {gamma: [1.0, 2.0, 3.0]}").replace("  gamma: [1, 2, 3]\n",
+                                                                          "  scale: false\n")
+    [error] = errors_of(write_case, text)
+    assert error.field == "training.gradients.expected.gamma" and "does not exist" in error.message
+
+
+def test_a_rule_naming_an_unknown_param_is_refused():
+    from pydantic import ValidationError
+
+    from conformance.known import Rule
+
+    with pytest.raises(ValidationError, match="unknown param 'momentun'"):
+        Rule(adapters=["torch"], when={"params": {"momentun": 0.9}}, explained_by="rejects",
+             reason="r", link="https://example.org")
