@@ -3,7 +3,7 @@ message, runs no script from the results, and leaves a screenshot in results/.
 
 Chromium is driven by its own flags only (`--dump-dom`, `--screenshot`, console messages on stderr
 via `--enable-logging=stderr --v=0`): nothing to download, no DevTools client to keep working.
-`make test` installs Debian's chromium; without /usr/bin/chromium this test is skipped.
+`make test` installs Debian's chromium where it can; without one this test skips (fails under CI=true).
 """
 
 from __future__ import annotations
@@ -33,9 +33,12 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 ADAPTERS = ["torch", "torch-functional", "flax-linen", "flax-nnx", "onnxruntime", "keras"]
 SCREENSHOT = ROOT / "results" / "report-screenshot.png"
 
-# make test installs Chromium; outside CI a missing one skips, in CI it fails
-pytestmark = pytest.mark.skipif(not shutil.which(CHROMIUM) and not os.environ.get("CI"),
-                                reason=f"{CHROMIUM} not installed (make test installs it)")
+# make test installs Chromium where it can (root with apt-get); outside CI a missing one skips and
+# says how to get one, in CI (CI=true) the test runs and fails without it
+pytestmark = pytest.mark.skipif(
+    not shutil.which(CHROMIUM) and os.environ.get("CI", "").lower() not in ("1", "true", "yes"),
+    reason=f"{CHROMIUM} not found: as root, `apt-get install chromium` (make test does that), or point "
+           "CHROMIUM at a Chromium or Chrome binary; under CI=true this test fails instead")
 
 
 class Dom(HTMLParser):
