@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases", action="append", type=Path, metavar="DIR")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per family process")
     p.add_argument("--no-report", action="store_true")
+    p.add_argument("--progress-every", type=float, default=5.0, metavar="SECONDS",
+                   help="print each family's items done / total / failed this often while running")
     p.set_defaults(func=cmd_run)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -11,6 +11,7 @@ from the xdist controller (or the only process), through `conformance.results`. 
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -51,6 +52,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="case folder or file (repeatable); replaces cases/ - name it too to keep it")
     group.addoption("--results", type=Path, metavar="PATH",
                     help="results JSON to write (default results/<framework>.json)")
+    group.addoption("--progress", type=Path, metavar="PATH",
+                    help="keep a small JSON file of items done / total / failed up to date while running "
+                         "(python -m conformance run reads it)")
 
 
 class AdapterUnavailable(Exception):
@@ -396,8 +400,14 @@ class ResultsRecorder:
         self.results = Results(environment={})
         self.started = datetime.now(UTC)
         self.path: Path | None = None
+        self.progress = Progress(config.getoption("progress"))
+
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        self.progress.total = len(session.items)
+        self.progress.write(force=True)
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self.progress.seen(report)
         if report.when != "call":
             return
         for name, value in report.user_properties:
@@ -408,6 +418,7 @@ class ResultsRecorder:
                 self.results.probes.setdefault(value["adapter"], {})[value["probe"]] = entry
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        self.progress.write(force=True)
         state = self.config.stash[STATE]
         self.path = self.config.getoption("results") or RESULTS_DIR / (
             re.sub(r"[^A-Za-z0-9_.-]+", "_", state.selection) + ".json")
@@ -419,6 +430,32 @@ class ResultsRecorder:
             counts = ", ".join(f"{n} {s}" for s, n in self.results.counts().items() if n)
             terminalreporter.write_line(f"bnconform: {len(self.results.records)} records ({counts}) "
                                         f"-> {self.path}")
+
+
+@dataclass
+class Progress:
+    """Items done of total and failures so far, rewritten at most twice a second for whoever
+    watches the run (`python -m conformance run` prints it per family)."""
+
+    path: Path | None
+    total: int = 0
+    done: int = 0
+    failed: int = 0
+    written_at: float = 0.0
+
+    def seen(self, report: pytest.TestReport) -> None:
+        if report.when == "call" or (report.when == "setup" and not report.passed):
+            self.done += 1
+            self.failed += report.failed
+            self.write()
+
+    def write(self, force: bool = False) -> None:
+        if self.path is None or (not force and time.monotonic() - self.written_at < 0.5):
+            return
+        self.written_at = time.monotonic()
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(json.dumps({"done": self.done, "total": self.total, "failed": self.failed}))
+        tmp.replace(self.path)  # a reader sees the old file or the new one, never half of one
 
 
 def environment(state: RunState, started: datetime) -> dict[str, Any]:

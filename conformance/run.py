@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,12 +18,40 @@ from conformance.results import SEVERITY, Status, read
 
 def pytest_command(group: Group, args: argparse.Namespace) -> list[str]:
     command = [sys.executable, "-m", "pytest", "conformance", f"--framework={','.join(group.adapter_ids)}",
-               f"--results={results_path(group, args)}", "-q", "-p", "no:cacheprovider"]
+               f"--results={results_path(group, args)}", f"--progress={progress_path(group, args)}",
+               "-q", "-p", "no:cacheprovider"]
     return command + [f"--cases={folder}" for folder in args.cases or []]
 
 
 def results_path(group: Group, args: argparse.Namespace) -> Path:
     return args.results_dir / f"{group.name}.json"
+
+
+def progress_path(group: Group, args: argparse.Namespace) -> Path:
+    return args.results_dir / "logs" / f"{group.name}.progress.json"
+
+
+def progress_line(groups: list[Group], args: argparse.Namespace) -> str:
+    """One line: each started family's items done of total, and its failures so far."""
+    parts = []
+    for g in groups:
+        try:
+            p = json.loads(progress_path(g, args).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        failed = f", {p['failed']} failed" if p["failed"] else ""
+        parts.append(f"{g.name} {p['done']}/{p['total'] or '?'}{failed}")
+    return "progress: " + "; ".join(parts) if parts else ""
+
+
+def watch(groups: list[Group], args: argparse.Namespace, stop: threading.Event, every: float) -> None:
+    """Print the progress line whenever it changed, at most every `every` seconds."""
+    last = ""
+    while not stop.wait(every):
+        line = progress_line(groups, args)
+        if line and line != last:
+            print(line, flush=True)
+            last = line
 
 
 def collect(group: Group, args: argparse.Namespace) -> None:
@@ -66,8 +96,17 @@ def main(args: argparse.Namespace) -> int:
     args.results_dir = Path(args.results_dir).resolve()
     for group in groups:
         results_path(group, args).unlink(missing_ok=True)
+        progress_path(group, args).unlink(missing_ok=True)
     started = time.perf_counter()
-    run_each(groups, lambda g: pytest_command(g, args), args.results_dir / "logs", args.jobs, args.timeout)
+    stop = threading.Event()
+    watcher = threading.Thread(target=watch, args=(groups, args, stop, args.progress_every), daemon=True)
+    watcher.start()
+    try:
+        run_each(groups, lambda g: pytest_command(g, args), args.results_dir / "logs", args.jobs,
+                 args.timeout)
+    finally:
+        stop.set()
+        watcher.join()
     for group in groups:
         collect(group, args)
     print(summary(groups, time.perf_counter() - started))

@@ -61,7 +61,8 @@ def run_on_a_foreign_folder(tmp_path_factory):
     subprocess.run([sys.executable, "-m", "conformance", "fill", str(folder / "external.yaml")], check=True,
                    cwd=ROOT, capture_output=True)
     results = folder / "results.json"
-    proc = pytest_run("--framework=torch", "--cases", str(folder), "--results", str(results))
+    proc = pytest_run("--framework=torch", "--cases", str(folder), "--results", str(results),
+                      "--progress", str(folder / "progress.json"))
     return proc, json.loads(results.read_text())
 
 
@@ -145,3 +146,11 @@ def test_a_printed_id_runs_that_item_alone_and_lf_reruns_only_failures(tmp_path)
         for path in folder.iterdir():
             path.unlink()
         folder.rmdir()
+
+
+def test_progress_is_kept_while_running(run_on_a_foreign_folder, tmp_path_factory):
+    proc, results = run_on_a_foreign_folder
+    folder = Path(results["environment"]["case_dirs"][0])
+    progress = json.loads((folder / "progress.json").read_text())
+    assert progress["done"] == progress["total"] > len(results["records"])  # probe items count too
+    assert progress["failed"] == proc.stdout.count("FAILED ")
