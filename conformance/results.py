@@ -131,6 +131,25 @@ def read(path: Path) -> Results:
                    data.get("probes") or {}, data["format"])
 
 
+def merge(parts: list[Results]) -> Results:
+    """The shards of one run (pytest-split's --splits/--group, one results file each) as one results
+    file: records in order, probes united, the environment of the first part with every part's
+    adapters, the earliest start, the latest finish and what was merged."""
+    if not parts:
+        raise ValueError("nothing to merge")
+    environment = dict(parts[0].environment)
+    environment["adapters"] = {k: v for p in parts for k, v in (p.environment.get("adapters") or {}).items()}
+    times = [p.environment for p in parts]
+    environment["started"] = min(str(e.get("started", "")) for e in times)
+    environment["finished"] = max(str(e.get("finished", "")) for e in times)
+    environment["merged_from"] = [{"argv": e.get("argv"), "hostname": e.get("hostname")} for e in times]
+    probes: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        for adapter, measured in part.probes.items():
+            probes.setdefault(adapter, {}).update(measured)
+    return Results(environment, [r for p in parts for r in p.records], probes)
+
+
 def json_safe(value: Any) -> Any:
     """Non-finite floats as strings ("nan", "inf", "-inf"): strict JSON has no NaN."""
     if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):

@@ -2,6 +2,7 @@
 
     python -m reports RESULTS... -o report.html
     python -m reports --compare OLD... --against NEW... -o diff.html
+    python -m reports --merge SHARD... -o merged.json   # a sharded run's files as one results file
 
 Exit status 0 when the page was written from readable files, 1 when some results file could not be
 read (the page is still written and lists it), 2 on usage errors.
@@ -29,6 +30,17 @@ def _unreadable(*reports: Report) -> list[str]:
     return [f"{s.path}: {s.error}" for r in reports for s in r.sources if s.error]
 
 
+def merge_files(paths: list[Path], output: Path | None, parser: argparse.ArgumentParser) -> int:
+    from conformance.results import merge, read, write_atomically
+
+    if not paths or output is None:
+        parser.error("--merge takes results files and -o MERGED.json")
+    merged = merge([read(p) for p in paths])
+    write_atomically(output, merged)
+    print(f"{output}: {len(merged.records)} records from {len(paths)} files")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reports", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,8 +54,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="comparison: an output's max ULP must move by this factor (default 2)")
     parser.add_argument("--ulp-floor", type=float, default=1.0,
                         help="comparison: ... and by more than this many ULPs (default 1)")
+    parser.add_argument("--merge", action="store_true",
+                        help="write the results files (shards of one run) as one results file to -o")
     parser.add_argument("--title", default=None)
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge_files(args.results, args.output, parser)
     comparing = args.compare is not None or args.against is not None
     if comparing and (not args.compare or not args.against or args.results):
         parser.error("a comparison takes --compare OLD... --against NEW... and no other results files")
