@@ -63,6 +63,12 @@ def cmd_semantics(args: argparse.Namespace) -> int:
     return semantics_main(args.framework, args.json, args.jobs)
 
 
+def cmd_fuzz(args: argparse.Namespace) -> int:
+    from conformance import fuzz
+
+    return fuzz.main(fuzz.parse(args.rest))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from conformance.run import main as run_main
 
@@ -88,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="JSON on stdout instead of the text table")
     p.add_argument("-j", "--jobs", type=int, default=None)
     p.set_defaults(func=cmd_semantics)
+    p = sub.add_parser("fuzz", add_help=False,
+                       help="generated cases on every family, differences grouped and shrunk "
+                            "(python -m conformance fuzz --help)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_fuzz)
     p = sub.add_parser("run", help="every family in its own process, then the HTML report")
     p.add_argument("--framework", default=None,
                    help="families or adapter ids, comma-separated (default: every family)")
@@ -99,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--progress-every", type=float, default=5.0, metavar="SECONDS",
                    help="print each family's items done / total / failed this often while running")
     p.set_defaults(func=cmd_run)
-    args = parser.parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    if given[:1] == ["fuzz"]:  # its own parser, --help included
+        return cmd_fuzz(argparse.Namespace(rest=given[1:]))
+    args = parser.parse_args(given)
     return args.func(args)
 
 

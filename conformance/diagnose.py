@@ -60,16 +60,17 @@ def diagnose(problem: Problem, check: Check, declared: tuple[str, ...], got: dic
              if n not in declared and not v.raises and v.applies(problem, check)]
     scored = [(score(problem, check, (*declared, n), got, held_to, tol, conditioning, atol_scales), n)
               for n in names]
-    matched = [n for (worst, moves), n in scored if worst <= 1 and moves]
+    # sharpest first: a variant judged at the case's own tolerance before one judged in a wider band
+    matched = [n for (worst, moves, _), n in sorted(scored, key=lambda s: s[0][2]) if worst <= 1 and moves]
     for a, b in itertools.combinations(names, 2):  # a pair only where neither explains it alone
         if a not in matched and b not in matched:
-            worst, moves = score(problem, check, (*declared, a, b), got, held_to, tol, conditioning,
-                                 atol_scales)
+            worst, moves, _ = score(problem, check, (*declared, a, b), got, held_to, tol, conditioning,
+                                    atol_scales)
             if worst <= 1 and moves:
                 matched.append(f"{a}+{b}")
     if matched:
         return Diagnosis(matched)
-    plausible = [(worst, n) for (worst, moves), n in scored if moves]
+    plausible = [(worst, n) for (worst, moves, _), n in scored if moves]
     if not plausible:
         return Diagnosis([])
     worst, name = min(plausible)
@@ -78,12 +79,13 @@ def diagnose(problem: Problem, check: Check, declared: tuple[str, ...], got: dic
 
 def score(problem: Problem, check: Check, names: tuple[str, ...], got: dict[str, np.ndarray],
           held_to: dict[str, np.ndarray], tol: Tolerance, conditioning: float,
-          atol_scales: dict[str, float] | None = None) -> tuple[float, bool]:
-    """(the best form's worst badness, whether the variants move the result at all). A variant
+          atol_scales: dict[str, float] | None = None) -> tuple[float, bool, bool]:
+    """(the best form's worst badness, whether the variants move the result at all, whether they
+    are judged in a band wider than the case's tolerance). A variant
     moves it when its simulation leaves the case's tolerance, or, for one that only predicts the
     size of a rounding error (sum of squares, a lower compute dtype, a folded formula), when the
     error it allows is larger than the case's tolerance."""
-    best, moves = math.inf, False
+    best, moves, wide = math.inf, False, False
     for knobs in variants.apply(list(names[:-1]), names[-1], problem, check):
         simulated = variants.simulate(problem, check, knobs)
         if not all(out in simulated for out in got):
@@ -94,11 +96,12 @@ def score(problem: Problem, check: Check, names: tuple[str, ...], got: dict[str,
         worst = max(badness(simulated[out], value, rtol, atol * scale.get(out, 1.0), unknown.get(out))
                     for out, value in got.items())
         wider = rtol > tol.rtol or atol > tol.atol
+        wide = wide or wider
         moves = moves or wider or any(
             badness(held_to[out], simulated[out], tol.rtol, tol.atol * scale.get(out, 1.0)) > 1
             for out in got)
         best = min(best, worst)
-    return best, moves
+    return best, moves, wide
 
 
 def rejects(exc: BaseException, message_limit: int = 300) -> str:

@@ -35,11 +35,7 @@ import yaml
 from conformance import problem, reference
 from conformance.dtypes import round_to
 from conformance.fill import expected_values
-
-try:
-    from conformance.loader import CaseErrors, LoadedCase, load_folders, load_text
-except ImportError:  # the layout before the loader was split out of conformance/cases.py
-    from conformance.cases import CaseErrors, LoadedCase, load_folders, load_text  # type: ignore[no-redef]
+from conformance.loader import CaseErrors, LoadedCase, load_folders, load_text
 
 DTYPE_CYCLE = ("float16", "bfloat16", "float32", "float64")
 RANK_CYCLE = (2, 3, 4, 5, 2, 3, 4, 5, 1)  # length 9, coprime with 4: every (dtype, rank) pair in 36
@@ -384,7 +380,7 @@ def _title(dtype: str, shapes: list[list[int]], axis: int | list[int], layout_ta
 # ---------------------------------------------------------------- filling and writing
 
 
-def _fill(doc: dict[str, Any], path: Path) -> dict[str, Any]:
+def filled(doc: dict[str, Any], path: Path) -> dict[str, Any]:
     """The document with every expected value the reference gives (inference_output only if asked)."""
     asked = doc.get("training", {}).get("expected", {})
     want_inference_output = "inference_output" in asked
@@ -431,7 +427,7 @@ def _data_tags(case: Any) -> set[str]:
 
 def generate(count: int, seed: int) -> list[dict[str, Any]]:
     """`count` filled case documents (plain dicts in the YAML form); the same seed gives the same cases."""
-    return [_fill(draw_case(seed, i), Path(f"gen-{seed}-{i}.yaml")) for i in range(count)]
+    return [filled(draw_case(seed, i), Path(f"gen-{seed}-{i}.yaml")) for i in range(count)]
 
 
 def _is_generated(path: Path) -> bool:

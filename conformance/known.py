@@ -43,6 +43,13 @@ class When(BaseModel):
     steps: int | list[int] | None = None
     multi_step: bool | None = None  # more than one training step
     values_per_channel: int | list[int] | None = None  # of the smallest batch fed: 1 = a batch of one
+    channels: int | list[int] | None = None  # how many channels (the product of the channel dims)
+
+    @staticmethod
+    def channel_count(case: Case) -> int:
+        shape = case.tensors[0].shape
+        axes = case.params.axis if isinstance(case.params.axis, list) else [case.params.axis]
+        return math.prod(shape[a % len(shape)] for a in axes)
 
     @staticmethod
     def smallest_count(case: Case) -> int:
@@ -70,6 +77,7 @@ class When(BaseModel):
             self.steps is None or case.steps in _listed(self.steps),
             self.multi_step is None or (case.steps > 1) == self.multi_step,
             self.values_per_channel is None or self.smallest_count(case) in _listed(self.values_per_channel),
+            self.channels is None or self.channel_count(case) in _listed(self.channels),
             self.params is None or all(params.get(k) in _listed(v) for k, v in self.params.items()),
         ]
         return all(checks)
@@ -118,8 +126,11 @@ def load(folder: Path = KNOWN_DIR) -> Rules:
     rules = []
     for path in sorted(folder.glob("*.yaml")):
         text = path.read_text(encoding="utf-8")
-        node = yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-        entries = yaml.safe_load(text) or []
+        try:
+            node = yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+            entries = yaml.safe_load(text) or []
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: {exc}") from exc
         lines = [item.start_mark.line + 1 for item in node.value] if node is not None else []
         for raw, line in zip(entries, lines, strict=True):
             where = f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}:{line}"

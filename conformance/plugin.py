@@ -29,7 +29,7 @@ from _pytest.nodeid import NodeId  # pytest 9 ids keep "[params]" apart: --lf co
 import adapters as registry
 from adapters.base import Adapter
 from conformance import DEFAULT_CASES, RESULTS_DIR, probes
-from conformance.evaluate import Outcome, evaluate
+from conformance.evaluate import Outcome, default_rules, evaluate
 from conformance.loader import (
     CaseErrors,
     LoadedCase,
@@ -110,6 +110,7 @@ def pytest_configure(config: pytest.Config) -> None:
     selection = config.getoption("framework")
     try:
         ids = registry.resolve(selection)
+        default_rules()  # a malformed adapters/known/*.yaml stops the run here, naming file and line
     except ValueError as exc:
         raise pytest.UsageError(str(exc)) from None
     os.environ.update(registry.environment_for(ids))  # before any framework is imported

@@ -115,7 +115,9 @@ def _check_values(values: Any, shape: tuple[int, ...], loc: Loc, what: str) -> l
         return errors
     count = math.prod(shape)
     nested = _nested_shape(values)
-    if nested is not None and len(nested) > 1 and nested != shape:
+    # below an empty list nothing shows the remaining dims: [[], []] is a [2, 0, 3] tensor too
+    hidden_below_empty = nested is not None and nested[-1:] == (0,) and tuple(shape[:len(nested)]) == nested
+    if nested is not None and len(nested) > 1 and nested != shape and not hidden_below_empty:
         return [(loc, f"nested shape {list(nested)} does not match {what} {list(shape)}")]
     if len(numbers) != count:
         return [(loc, f"{len(numbers)} values given, {what} {list(shape)} needs {count}")]

@@ -349,8 +349,9 @@ class Variant:
 
 
 def _updates(p: Problem, c: Check) -> bool:
-    """Training where the moving statistics move (momentum 1 keeps them)."""
-    return c == "training" and p.momentum != 1.0
+    """Training where the moving statistics move: momentum 1 keeps them, except that an empty batch's
+    NaN statistics still reach them (1 * moving + 0 * NaN is NaN)."""
+    return c == "training" and (p.momentum != 1.0 or any(x.size == 0 for x in p.batches))
 
 
 def _batch_stats(p: Problem, c: Check) -> bool:

@@ -1,0 +1,326 @@
+"""`python -m conformance fuzz`: cases nobody wrote, drawn by Hypothesis, run on real adapters, every
+difference diagnosed by name and grouped, one minimal case written per group.
+
+Each process group (as `run` splits them) fuzzes in its own process, `python -m conformance.fuzz
+--worker`, which calls `conformance.evaluate` directly (no pytest item per check) and reuses the
+adapters' compiled graphs and functions across cases. A difference's *signature* is adapter x check
+x status x explanation (the variant names, or the closest variant when unexplained). The first case
+of each signature is then shrunk with Hypothesis's `find`, asking for a case with that signature
+(within a share of the budget; a group whose case `find` cannot reach again keeps the case as
+found, marked `shrunk: false`). Everything is seeded: the same seed and `--max-cases` give the same
+groups; with a time budget alone, the count of cases tried depends on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from random import Random
+from typing import Any
+
+import numpy as np
+
+import adapters as registry
+from conformance.results import Record, Results, Status, write_atomically
+
+SHRINK_SHARE = 0.3  # of a worker's budget, for finding a minimal case per group
+DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def case_strategy() -> Any:
+    """Case documents over what the format allows; every part shrinks towards a plain float32 case."""
+    from hypothesis import strategies as st
+
+    @st.composite
+    def draw(d: Any) -> dict[str, Any]:
+        dtype = d(st.sampled_from(("float32", "float64", "float16", "bfloat16")))
+        rank = d(st.integers(2, 5) | st.just(1))
+        shape = [d(st.integers(2, 4)) for _ in range(rank)]
+        if d(st.booleans()):
+            shape[0] = d(st.sampled_from((1, 8, 0)))  # batch of one, a larger batch, an empty batch
+        several = rank >= 3 and d(st.booleans())
+        axes = sorted(d(st.sets(st.integers(0, rank - 1), min_size=2, max_size=2))) if several else \
+            [d(st.sampled_from((1, rank - 1, 0) if rank > 1 else (0,)))]
+        if d(st.booleans()):
+            axes = [a - rank for a in axes]  # the negative spelling
+        params: dict[str, Any] = {"axis": axes if several else axes[0]}
+        momentum = d(st.sampled_from((0.9, None, 0.0, 1.0, 0.5, 0.99)) | st.floats(0, 1))
+        epsilon = d(st.sampled_from((1e-5, 0.0, 1e-3, 0.1)) | st.floats(1e-8, 0.5))
+        params.update(momentum=momentum, epsilon=epsilon)
+        channels = [shape[a] for a in axes]
+        count = int(np.prod(channels))
+        for flag, values in (("scale", "gamma"), ("center", "beta")):
+            if d(st.booleans()):  # booleans shrink to False: the minimal case keeps the default
+                params[flag] = False
+            elif d(st.booleans()):
+                params[values] = d(st.lists(st.floats(-2, 2), min_size=count, max_size=count))
+        if d(st.booleans()):
+            params["moving_mean"] = d(st.lists(st.floats(-2, 2), min_size=count, max_size=count))
+            params["moving_variance"] = d(st.lists(st.floats(0.01, 4), min_size=count,
+                                                   max_size=count))
+        mean = d(st.sampled_from((0.0, 3.0, -1.0)) | st.sampled_from((1e2, 1e4)))
+        std = d(st.sampled_from((1.0, 0.1, 1e-3)))
+        doc: dict[str, Any] = {"id": "fuzz", "dtype": dtype, "params": params,
+                               "input": {"shape": shape, "random": {"seed": d(st.integers(0, 2**16)),
+                                                                    "mean": mean, "std": std}}}
+        steps = d(st.integers(1, 3))
+        inference_only = d(st.booleans())
+        if not inference_only:
+            doc["training"] = {"steps": steps, "expected": {}}
+            if d(st.booleans()):
+                doc["training"]["gradients"] = {"upstream": {"random": {"seed": 1}}}
+        if inference_only or d(st.booleans()):
+            doc["inference"] = {"expected": {}}
+        return doc
+
+    return draw()
+
+
+class Worker:
+    """One process group's fuzzing: adapters loaded once, cases evaluated in-process."""
+
+    def __init__(self, ids: list[str], seed: int, progress: Path | None = None):
+        from conformance.known import load as load_rules
+
+        self.adapters = {i: registry.load(i) for i in ids}
+        self.rules = load_rules()
+        self.seed = seed
+        self.progress = progress
+        self.found: dict[str, dict[str, Any]] = {}  # signature -> {"doc", "count", "record"}
+        self.tried = self.checks = 0
+        self.started = time.monotonic()
+
+    def signatures(self, doc: dict[str, Any]) -> dict[str, Record]:
+        """The differences this case shows, by signature (an invalid draw shows none)."""
+        from conformance.evaluate import Outcome, evaluate
+        from conformance.generate import dump, filled
+        from conformance.loader import load_text
+        from conformance.plugin import case_summary
+
+        try:
+            with warnings.catch_warnings(), np.errstate(all="ignore"):
+                warnings.simplefilter("ignore")
+                full = filled({**doc, "tags": []}, Path("fuzz.yaml"))
+        except Exception:  # the draw broke a rule of the format (CaseErrors): not a case
+            return {}
+        [loaded] = load_text(Path("fuzz.yaml"), dump(full))[0]
+        out: dict[str, Record] = {}
+        for adapter_id, adapter in self.adapters.items():
+            for check in loaded.case.checks:
+                self.checks += 1
+                outcome = Outcome()
+                try:
+                    evaluate(adapter, loaded.case, check, outcome, self.rules)  # type: ignore[arg-type]
+                except Exception as exc:
+                    outcome.status, outcome.reason = Status.ERROR, f"{type(exc).__name__}: {exc}"
+                if outcome.status in (Status.PASS, Status.NOT_EXPRESSIBLE):
+                    continue
+                record = outcome.fill(Record(case=None, file="", adapter=adapter_id, check=check,
+                                             family=registry.ADAPTERS[adapter_id].family,
+                                             case_info=case_summary(loaded)))
+                out[signature(record)] = record
+        return out
+
+    def explore(self, seconds: float, max_cases: int | None) -> None:
+        from hypothesis import HealthCheck, Phase, given, settings
+        from hypothesis import seed as hypothesis_seed
+
+        deadline = time.monotonic() + seconds
+
+        class Enough(Exception):
+            pass
+
+        @hypothesis_seed(self.seed)
+        @settings(max_examples=max_cases or 10**9, deadline=None, database=None, phases=[Phase.generate],
+                  suppress_health_check=list(HealthCheck))
+        @given(case_strategy())
+        def one(doc: dict[str, Any]) -> None:
+            if time.monotonic() > deadline:
+                raise Enough
+            self.tried += 1
+            for sig, record in self.signatures(doc).items():
+                entry = self.found.setdefault(sig, {"doc": doc, "count": 0, "record": record})
+                entry["count"] += 1
+            self.report(deadline)
+
+        with contextlib.suppress(Enough):
+            one()
+
+    def shrink(self, seconds: float) -> None:
+        """A minimal case per signature, by Hypothesis: `find` a case with that signature."""
+        from hypothesis import HealthCheck, find, settings
+        from hypothesis.errors import Flaky, NoSuchExample
+
+        share = seconds / max(1, len(self.found))
+        for sig, entry in sorted(self.found.items()):
+            deadline = time.monotonic() + share
+            answers: dict[str, bool] = {}  # the same case, the same answer, also past the deadline
+
+            def has(doc: dict[str, Any], sig: str = sig, deadline: float = deadline,
+                    answers: dict[str, bool] = answers) -> bool:
+                key = json.dumps(doc, sort_keys=True)
+                if key not in answers:
+                    answers[key] = time.monotonic() < deadline and sig in self.signatures(doc)
+                return answers[key]
+
+            try:
+                entry["doc"] = find(case_strategy(), has, random=Random(self.seed), settings=settings(
+                    max_examples=200, deadline=None, database=None, suppress_health_check=list(HealthCheck)))
+                entry["shrunk"] = True
+                entry["record"] = self.signatures(entry["doc"]).get(sig, entry["record"])
+            except (NoSuchExample, Flaky):  # not found again within its share: keep the case as found
+                entry["shrunk"] = False
+
+    def report(self, deadline: float) -> None:
+        if self.progress is not None:
+            text = json.dumps({"cases": self.tried, "groups": len(self.found),
+                               "left_s": round(max(0.0, deadline - time.monotonic()), 1)})
+            tmp = self.progress.with_name(f".{self.progress.name}.tmp")
+            tmp.write_text(text)
+            tmp.replace(self.progress)
+
+
+def signature(record: Record) -> str:
+    """adapter x check x status x explanation: what a group of differences has in common."""
+    if record.rule:  # known: the rule's variant (and its partner's, for a pair)
+        rules = [record.rule, *record.rule.get("with", [])]
+        why = "+".join(r["explained_by"] for r in rules)
+    elif record.explained_by:
+        why = record.explained_by[0]  # the sharpest explanation (diagnose orders them)
+    elif record.closest:
+        why = f"unexplained (closest {record.closest['variant']})"
+    else:
+        why = "unexplained" if record.status != Status.ERROR else record.reason.split(":")[0]
+    return f"{record.adapter} {record.check} {record.status} {why}"
+
+
+def worker_main(args: argparse.Namespace) -> int:
+    ids = registry.resolve(args.framework)
+    os.environ.update(registry.environment_for(ids))
+    worker = Worker(ids, args.seed, args.progress)
+    explore_s = args.budget * (1 - SHRINK_SHARE)
+    worker.explore(explore_s, args.max_cases)
+    explored = time.monotonic() - worker.started
+    worker.shrink(max(1.0, args.budget - explored))
+    groups = {sig: {"count": e["count"], "shrunk": e.get("shrunk", False), "doc": e["doc"],
+                    "record": e["record"].to_json()} for sig, e in worker.found.items()}
+    write_atomically(args.out, {"adapters": ids, "cases": worker.tried, "checks": worker.checks,
+                                "seconds": round(time.monotonic() - worker.started, 1),
+                                "explore_seconds": round(explored, 1), "groups": groups})
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    """Every selected process group fuzzes in its own process; then the groups, cases and summary."""
+    from conformance.families import groups_for, run_each, tail
+    from conformance.generate import dump, filled
+
+    out = Path(args.out).resolve()
+    work = out / ".work"
+    work.mkdir(parents=True, exist_ok=True)
+    groups = groups_for(args.framework)
+    for g in groups:
+        (work / f"{g.name}.json").unlink(missing_ok=True)
+
+    def command(g: Any) -> list[str]:
+        return [sys.executable, "-m", "conformance.fuzz", "--worker",
+                f"--framework={','.join(g.adapter_ids)}",
+                f"--budget={args.budget}", f"--seed={args.seed}", f"--out={work / g.name}.json",
+                f"--progress={work / g.name}.progress.json",
+                *([f"--max-cases={args.max_cases}"] if args.max_cases else [])]
+
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(5):
+            parts = []
+            for g in groups:
+                try:
+                    p = json.loads((work / f"{g.name}.progress.json").read_text())
+                    parts.append(f"{g.name} {p['cases']} cases, {p['groups']} groups, "
+                                 f"{p['left_s']:.0f} s left")
+                except (OSError, ValueError):
+                    continue
+            if parts:
+                print("fuzz: " + "; ".join(parts), flush=True)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        run_each(groups, command, work / "logs", args.jobs, timeout=args.budget * 3 + 600)
+    finally:
+        stop.set()
+        watcher.join()
+    summary: dict[str, Any] = {"seed": args.seed, "budget_s": args.budget, "families": {}, "groups": []}
+    records = []
+    for g in groups:
+        try:
+            data = json.loads((work / f"{g.name}.json").read_text())
+        except (OSError, ValueError):
+            summary["families"][g.name] = {"problem": g.problem or f"exit {g.returncode}",
+                                           "log_tail": tail(g.log)}
+            continue
+        summary["families"][g.name] = {"cases": data["cases"], "checks": data["checks"],
+                                       "seconds": data["seconds"],
+                                       "checks_per_s": round(data["checks"] / max(data["explore_seconds"],
+                                                                                   1e-9), 1)}
+        for sig, group in sorted(data["groups"].items()):
+            name = slug(sig)
+            doc = {**group["doc"], "id": name, "title": f"fuzz: {sig}", "tags": ["fuzz"]}
+            with warnings.catch_warnings(), np.errstate(all="ignore"):
+                warnings.simplefilter("ignore")
+                text = dump(filled(doc, out / f"{name}.yaml"))
+            (out / f"{name}.yaml").write_text(f"# python -m conformance fuzz --seed {args.seed}: {sig}\n"
+                                              f"{text}", encoding="utf-8")
+            record = Record.from_json(group["record"])
+            record.case, record.file = name, str(out / f"{name}.yaml")
+            records.append(record)
+            summary["groups"].append({"signature": sig, "family": g.name, "count": group["count"],
+                                      "shrunk": group["shrunk"], "case": f"{name}.yaml"})
+    summary["groups"].sort(key=lambda s: ("unexplained" not in s["signature"], -s["count"]))
+    write_atomically(out / "summary.json", summary)
+    write_atomically(out / "results.json", Results({"selection": "fuzz", "adapters": {}}, records))
+    subprocess.run([sys.executable, "-m", "reports", str(out / "results.json"), "-o",
+                    str(out / "report.html")], capture_output=True, check=False)
+    for s in summary["groups"]:
+        print(f"{s['count']:>6}  {s['signature']}  -> {s['case']}")
+    for name, fam in summary["families"].items():
+        print(f"{name}: " + (f"{fam['cases']} cases, {fam['checks']} checks, {fam['checks_per_s']} checks/s"
+                             if "cases" in fam else f"failed: {fam['problem']}"))
+    print(f"{len(summary['groups'])} groups -> {out}")
+    return 1 if any("problem" in f for f in summary["families"].values()) else 0
+
+
+def slug(sig: str) -> str:
+    """A case id (and file name) for a signature: readable, and unique through a short hash."""
+    readable = re.sub(r"[^a-z0-9.]+", "-", sig.lower())[:90].strip("-.")
+    return f"fuzz-{readable}-{hashlib.sha1(sig.encode()).hexdigest()[:8]}"
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m conformance fuzz", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--framework", default=None, help="families or adapter ids (default: all)")
+    parser.add_argument("--budget", type=float, default=600.0, help="seconds per process group")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-cases", type=int, default=None, help="stop exploring after this many cases")
+    parser.add_argument("--out", type=Path, default=Path("results/fuzz"))
+    parser.add_argument("-j", "--jobs", type=int, default=None)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--progress", type=Path, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    arguments = parse()
+    sys.exit(worker_main(arguments) if arguments.worker else main(arguments))
