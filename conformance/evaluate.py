@@ -168,7 +168,7 @@ def measure(check: str, expected: problems.Expected, got: dict[str, np.ndarray |
             scale = (atol_scales or {}).get(output.name, 1.0)
             held = tol if scale == 1.0 else replace(
                 tol, atol=tol.atol * scale, rule=f"{tol.rule}; atol x {scale:.3g} (size of the summed terms)")
-            metric = compare(shown_as, array, value, dtype, held, derived)
+            metric = compare(shown_as, array, value, dtype, held, derived, in_dtype=output.shape == "input")
             compared.append((output.name, array, value, metric))
     return compared
 

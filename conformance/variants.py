@@ -67,6 +67,7 @@ class Knobs:
     normalize_folded: bool = False  # y = x·s + (beta - mean·s), s = gamma / sqrt(var + eps)
     empty_gamma_gradient_nan: bool = False  # dgamma = inv_std · Σ dy·(x - mean): NaN over no samples
     bessel_one_value: bool = False  # n/(n-1) taken as 1 for n = 1: the unbiased variance of one value is 0
+    reduce_all_axes: bool = False  # statistics over every axis, the channel axes too
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -107,7 +108,7 @@ def stats_dtype(knobs: Knobs, problem: Problem) -> str:
 def _stats(x: np.ndarray, p: Problem, k: Knobs) -> tuple[np.ndarray, np.ndarray, int]:
     """Batch mean and biased variance per channel, as reference.moments but under the knobs."""
     axes = p.channel_axes
-    red = reference.reduce_axes(x.ndim, axes)
+    red = tuple(range(x.ndim)) if k.reduce_all_axes else reference.reduce_axes(x.ndim, axes)
     count = int(np.prod([x.shape[a] for a in red]))
     r = _rounder(k.compute_dtype)
 
@@ -128,6 +129,9 @@ def _stats(x: np.ndarray, p: Problem, k: Knobs) -> tuple[np.ndarray, np.ndarray,
             var = s(avg(s(xs * xs), s) - s(m * m))
         if k.variance == "sum-of-squares":
             var = np.maximum(var, 0.0)
+    if k.reduce_all_axes:  # one statistic for the whole tensor, the same for every channel
+        shape = tuple(x.shape[a] for a in axes)
+        return np.full(shape, mean.item()), np.full(shape, var.item()), count
     return reference.to_channels(mean, axes), reference.to_channels(var, axes), count
 
 
@@ -433,6 +437,10 @@ VARIANTS = [
     # (`undetermined`); everywhere else it is judged as variance-sum-of-squares.
     Variant("variance-sum-of-squares-unclamped", "E[x²] - E[x]², not clamped at 0 (NaN below -eps)",
             _batch_stats, {"variance": "sum-of-squares-unclamped"}),
+    # Keras 3's torch backend on a 1-D input: ops.moments reduces axes=() with torch.mean(dim=()),
+    # which reduces every axis, so the whole vector shares one mean and variance.
+    Variant("reduce-all-axes", "statistics over every axis, the channel axes too (one per tensor)",
+            lambda p, c: _batch_stats(p, c) and p.rank > 0 and p.gamma.size > 1, {"reduce_all_axes": True}),
     # TF's fused kernel (FusedBatchNormV3 CPU): rest_size_minus_one = rest_size > 1 ? rest_size - 1 : 1.
     Variant("bessel-one-value", "n/(n-1) taken as 1 for one value per channel (unbiased variance 0, not NaN)",
             lambda p, c: c == "training" and any(_count(p, x) == 1 for x in p.batches),

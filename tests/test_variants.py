@@ -27,7 +27,7 @@ NAMES = {
     "moving-variance-unbiased", "moving-variance-biased", "variance-sum-of-squares", "stats-frozen",
     "inference-uses-batch-stats", "training-uses-moving-stats", "epsilon-outside-sqrt", "epsilon-1e-3",
     "epsilon-1e-5", "rejects", "accepts", "batch-variance-unbiased", "normalize-folded", "epsilon-float32",
-    "empty-gamma-gradient-nan", "bessel-one-value", "variance-sum-of-squares-unclamped",
+    "empty-gamma-gradient-nan", "bessel-one-value", "variance-sum-of-squares-unclamped", "reduce-all-axes",
 }
 CHECKS = ("training", "inference", "gradients")
 LAYOUTS = [((6, 3), (1,)), ((3, 6), (0,)), ((2, 4, 3), (-1,)), ((2, 3, 4, 5), (1, 2)),
