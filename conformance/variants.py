@@ -232,7 +232,7 @@ def _gradients(p: Problem, k: Knobs) -> dict[str, np.ndarray]:
     def avg(a: np.ndarray) -> np.ndarray:
         with warnings.catch_warnings():  # an empty batch: means of nothing are NaN
             warnings.simplefilter("ignore", RuntimeWarning)
-            return r(a.mean(axis=red, keepdims=True))
+            return r(a.mean(axis=tuple(range(x.ndim)) if k.reduce_all_axes else red, keepdims=True))
 
     def total(a: np.ndarray) -> np.ndarray:
         return reference.to_channels(r(a.sum(axis=red, keepdims=True)), axes)
