@@ -86,16 +86,12 @@ def evaluate(adapter: Adapter, case: Case, check: Check, outcome: Outcome | None
         return outcome
     conditioning = problems.conditioning(case, check, problem)
     tol = outcome.tolerance = tolerance(case.dtype, conditioning, case.tolerance)
-    try:
-        got = execute(adapter, problem, check)
-    except NotExpressible as exc:
-        outcome.status, outcome.reason = Status.NOT_EXPRESSIBLE, str(exc)
+    got, raised = run_framework(adapter, problem, check, outcome)
+    if outcome.status == Status.NOT_EXPRESSIBLE:
         return outcome
-    except Exception as exc:
-        if not raised_by_framework(exc):
-            raise
+    if raised is not None:
         outcome.status, outcome.explained_by = Status.FAIL, ["rejects"]
-        outcome.reason = f"the framework raised where the reference computes a value: {rejects(exc)}"
+        outcome.reason = f"the framework raised where the reference computes a value: {rejects(raised)}"
     else:
         expected = problems.expected(case, check, problem, outcome.conventions)
         scales = case.memo(("gradient-scales",), lambda: problems.gradient_scales(problem)) \
@@ -173,18 +169,29 @@ def measure(check: str, expected: problems.Expected, got: dict[str, np.ndarray |
     return compared
 
 
-def _must_raise(adapter: Adapter, problem: Problem, check: Check, outcome: Outcome) -> Outcome:
-    """`expect_error: true`: pass only if the framework itself raises (the adapter's own code
-    raising propagates, as an error)."""
+def run_framework(adapter: Adapter, problem: Problem, check: Check, outcome: Outcome,
+                  ) -> tuple[dict[str, np.ndarray | None], BaseException | None]:
+    """(outputs, None) when the check ran, ({}, the exception) when the framework raised, and ({},
+    None) with the outcome not expressible when the adapter says so while running. An exception
+    from the adapter's own code propagates (the caller records an error)."""
     try:
-        execute(adapter, problem, check)
+        return execute(adapter, problem, check), None
     except NotExpressible as exc:
         outcome.status, outcome.reason = Status.NOT_EXPRESSIBLE, str(exc)
-        return outcome
+        return {}, None
     except Exception as exc:
         if not raised_by_framework(exc):
             raise
-        outcome.status, outcome.reason = Status.PASS, f"raised {type(exc).__name__}: {exc}".strip()
+        return {}, exc
+
+
+def _must_raise(adapter: Adapter, problem: Problem, check: Check, outcome: Outcome) -> Outcome:
+    """`expect_error: true`: pass only if the framework itself raises."""
+    _, raised = run_framework(adapter, problem, check, outcome)
+    if outcome.status == Status.NOT_EXPRESSIBLE:
         return outcome
-    outcome.status, outcome.reason = Status.FAIL, "the framework accepted a case it must reject"
+    if raised is not None:
+        outcome.status, outcome.reason = Status.PASS, f"raised {type(raised).__name__}: {raised}".strip()
+    else:
+        outcome.status, outcome.reason = Status.FAIL, "the framework accepted a case it must reject"
     return outcome
