@@ -105,9 +105,10 @@ class Worker:
     def signatures(self, doc: dict[str, Any]) -> dict[str, Record]:
         """The differences this case shows, by signature (an invalid draw shows none)."""
         from conformance.evaluate import Outcome, evaluate
-        from conformance.generate import dump, filled
-        from conformance.loader import load_text
+        from conformance.generate import filled
+        from conformance.loader import LoadedCase
         from conformance.plugin import case_summary
+        from conformance.schema import Case
 
         try:
             with warnings.catch_warnings(), np.errstate(all="ignore"):
@@ -115,7 +116,7 @@ class Worker:
                 full = filled({**doc, "tags": []}, Path("fuzz.yaml"))
         except Exception:  # the draw broke a rule of the format (CaseErrors): not a case
             return {}
-        [loaded] = load_text(Path("fuzz.yaml"), dump(full))[0]
+        loaded = LoadedCase(Case.model_validate(full), Path("fuzz.yaml"), 1)  # `filled` validated it
         out: dict[str, Record] = {}
         for adapter_id, adapter in self.adapters.items():
             for check in loaded.case.checks:

@@ -48,12 +48,12 @@ class When(BaseModel):
     @staticmethod
     def channel_count(case: Case) -> int:
         shape = case.tensors[0].shape
-        axes = case.params.axis if isinstance(case.params.axis, list) else [case.params.axis]
+        axes = case.params.axes
         return math.prod(shape[a % len(shape)] for a in axes)
 
     @staticmethod
     def smallest_count(case: Case) -> int:
-        axes = case.params.axis if isinstance(case.params.axis, list) else [case.params.axis]
+        axes = case.params.axes
         counts = [math.prod(s for d, s in enumerate(t.shape) if d not in {a % len(t.shape) for a in axes})
                   for t in case.tensors]
         return min(counts)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from adapters.base import Check, Problem
-from conformance import reference
+from conformance import reference, variants
 from conformance.dtypes import round_to
 from conformance.outputs import CHECKS, alternatives, outputs_of
 from conformance.schema import Case, Values
@@ -18,7 +18,7 @@ from conformance.validate import flat_numbers
 
 def channel_shape(case: Case) -> tuple[int, ...]:
     shape = case.tensors[0].shape
-    axes = case.params.axis if isinstance(case.params.axis, list) else [case.params.axis]
+    axes = case.params.axes
     return tuple(shape[a % len(shape)] for a in axes) if all(
         -len(shape) <= a < len(shape) for a in axes) else ()
 
@@ -55,7 +55,7 @@ def _build(case: Case, check: Check) -> Problem:
         case_id=case.id,
         dtype=dtype,
         batches=batches,
-        axes=tuple(p.axis if isinstance(p.axis, list) else [p.axis]),
+        axes=tuple(p.axes),
         momentum=p.momentum,
         epsilon=p.epsilon,
         center=p.center,
@@ -121,8 +121,6 @@ def _expected(case: Case, check: Check, problem: Problem, declared: tuple[str, .
                                                       lambda: reference.outputs(problem, check))
 
     def under_declared() -> dict[str, np.ndarray]:
-        from conformance import variants
-
         return case.memo(("declared", check, declared), lambda: variants.simulate_named(
             problem, check, declared))
 

@@ -142,9 +142,10 @@ def gradients(p: Problem) -> dict[str, np.ndarray]:
 
 
 def outputs(p: Problem, check: str) -> dict[str, np.ndarray]:
-    """Every output of a check by its name in `conformance.outputs`, plus the reference's extras
-    (`*_unbiased` tracks) that declared conventions may ask for. A check is computed by the formula
-    of the adapter method that runs it (the problem already holds the batches it feeds)."""
+    """Every output of a check by its name in `conformance.outputs` (training adds the reference's
+    own `*_unbiased` tracks, which tests/test_variants.py holds the variants' simulation to). A
+    check is computed by the formula of the adapter method that runs it (the problem already holds
+    the batches it feeds)."""
     method = CHECKS[check].method
     if method == "train":
         return vars(train(p))

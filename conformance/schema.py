@@ -54,6 +54,11 @@ class Params(Strict):
     moving_mean: list[Any] | None = None
     moving_variance: list[Any] | None = None
 
+    @property
+    def axes(self) -> list[int]:
+        """The channel axes as a list, however the case wrote them."""
+        return self.axis if isinstance(self.axis, list) else [self.axis]
+
 
 def _expected_model(check: str, name: str) -> type[Strict]:
     fields: dict[str, Any] = {o.name: (list[Any] | None, Field(None, description=o.description))

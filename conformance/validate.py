@@ -146,11 +146,11 @@ def semantic_errors(case: Case) -> Problems:
     if errors:
         return errors
     errors.extend(_axis_errors(case, shapes, base))
-    if errors or not all(-len(shapes[0]) <= a < len(shapes[0]) for a in _axes(case)):
+    if errors or not all(-len(shapes[0]) <= a < len(shapes[0]) for a in case.params.axes):
         return errors
     rank = len(shapes[0])
-    channel_dims = tuple(shapes[0][a % rank] for a in _axes(case))
-    if any(tuple(s[a % rank] for a in _axes(case)) != channel_dims for s in shapes):
+    channel_dims = tuple(shapes[0][a % rank] for a in case.params.axes)
+    if any(tuple(s[a % rank] for a in case.params.axes) != channel_dims for s in shapes):
         errors.append((("batches",), "every batch needs the same channel sizes"))
     for name in ("gamma", "beta", "moving_mean", "moving_variance"):
         values = getattr(case.params, name)
@@ -179,10 +179,6 @@ def semantic_errors(case: Case) -> Problems:
     return errors
 
 
-def _axes(case: Case) -> list[int]:
-    return case.params.axis if isinstance(case.params.axis, list) else [case.params.axis]
-
-
 def _values_errors(values: Any, shape: tuple[int, ...], loc: Loc) -> Problems:
     """A `values:` or `random:` entry: exactly one of them, and values that fill `shape`."""
     if (values.values is None) == (values.random is None):
@@ -196,7 +192,7 @@ def _values_errors(values: Any, shape: tuple[int, ...], loc: Loc) -> Problems:
 def _axis_errors(case: Case, shapes: list[tuple[int, ...]], base: Loc) -> Problems:
     errors: Problems = []
     rank = len(shapes[0])
-    axes = _axes(case)
+    axes = case.params.axes
     if any(len(s) != rank for s in shapes):
         errors.append((("batches",), "every batch needs the same rank"))
     if rank < 1:
