@@ -26,7 +26,7 @@
 
 from __future__ import annotations
 
-import adapters.jax_setup  # noqa: F401  (x64 and the compile cache, before any other JAX import)
+from adapters.jax_setup import on_device, to_numpy  # x64 and the compile cache, before any other JAX use
 
 # isort: split
 import functools
@@ -59,10 +59,6 @@ JAX_DTYPES = {
     "float32": jnp.float32,
     "float64": jnp.float64,
 }
-
-
-def to_numpy(a: jax.Array) -> np.ndarray:
-    return np.asarray(jnp.asarray(a, jnp.float64))
 
 
 @functools.lru_cache(maxsize=256)
@@ -151,7 +147,7 @@ class FlaxLinen(Adapter):
                         problem.scale, problem.dtype)
 
     def tensor(self, x: np.ndarray, problem: Problem) -> jax.Array:
-        return jnp.asarray(x, JAX_DTYPES[problem.dtype])
+        return on_device(x, problem.dtype)
 
     def variables(self, problem: Problem) -> dict:
         """The Problem's params and state, placed like a loaded checkpoint."""
@@ -160,14 +156,14 @@ class FlaxLinen(Adapter):
             # nothing per-channel to place: let linen create its own and judge the axis itself
             return fns["module"].init(jax.random.key(0), self.tensor(problem.batches[0], problem),
                                       use_running_average=False)
-        pdt, sdt = JAX_DTYPES[problem.dtype], JAX_DTYPES[self.stats_dtype(problem)]
+        pdt, sdt = problem.dtype, self.stats_dtype(problem)
         params = {}
         if problem.scale:
-            params["scale"] = jnp.asarray(problem.to_ascending(problem.gamma), pdt)
+            params["scale"] = on_device(problem.to_ascending(problem.gamma), pdt)
         if problem.center:
-            params["bias"] = jnp.asarray(problem.to_ascending(problem.beta), pdt)
-        stats = {"mean": jnp.asarray(problem.to_ascending(problem.moving_mean), sdt),
-                 "var": jnp.asarray(problem.to_ascending(problem.moving_variance), sdt)}
+            params["bias"] = on_device(problem.to_ascending(problem.beta), pdt)
+        stats = {"mean": on_device(problem.to_ascending(problem.moving_mean), sdt),
+                 "var": on_device(problem.to_ascending(problem.moving_variance), sdt)}
         return {"params": params, "batch_stats": stats}
 
     def stat(self, a: jax.Array, problem: Problem) -> np.ndarray:

@@ -25,7 +25,7 @@
 
 from __future__ import annotations
 
-import adapters.jax_setup  # noqa: F401  (x64 and the compile cache, before any other JAX import)
+from adapters.jax_setup import on_device, to_numpy  # x64 and the compile cache, before any other JAX use
 
 # isort: split
 import flax
@@ -54,10 +54,6 @@ JAX_DTYPES = {
     "float32": jnp.float32,
     "float64": jnp.float64,
 }
-
-
-def to_numpy(a: jax.Array) -> np.ndarray:
-    return np.asarray(jnp.asarray(a, jnp.float64))
 
 
 @nnx.jit
@@ -130,17 +126,17 @@ class FlaxNNX(Adapter):
             use_scale=problem.scale, rngs=nnx.Rngs(0),
         )
         if problem.axes_in_range:  # else there is nothing per-channel to place: the layer keeps its own
-            stats = JAX_DTYPES[self.stats_dtype(problem)]
+            stats = self.stats_dtype(problem)
             if problem.scale:
-                bn.scale.set_value(jnp.asarray(problem.gamma, dtype))
+                bn.scale.set_value(on_device(problem.gamma, problem.dtype))
             if problem.center:
-                bn.bias.set_value(jnp.asarray(problem.beta, dtype))
-            bn.mean.set_value(jnp.asarray(problem.moving_mean, stats))
-            bn.var.set_value(jnp.asarray(problem.moving_variance, stats))
+                bn.bias.set_value(on_device(problem.beta, problem.dtype))
+            bn.mean.set_value(on_device(problem.moving_mean, stats))
+            bn.var.set_value(on_device(problem.moving_variance, stats))
         return bn
 
     def tensor(self, x: np.ndarray, problem: Problem) -> jax.Array:
-        return jnp.asarray(x, JAX_DTYPES[problem.dtype])
+        return on_device(x, problem.dtype)
 
     def train(self, problem: Problem) -> TrainingRun:
         bn = self.layer(problem)

@@ -15,9 +15,23 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 jax.config.update("jax_enable_x64", True)
 if not jax.config.jax_compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir",
                       str(Path(__file__).resolve().parent.parent / "results" / ".jax-cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def on_device(x: np.ndarray, dtype: str) -> jax.Array:
+    """A Problem array as a JAX array of `dtype`. The cast happens in NumPy (the values are already
+    representable in `dtype`, so it is exact): `jnp.asarray(x, dtype)` would run a convert on the
+    device, compiled anew for every shape."""
+    return jax.device_put(np.asarray(x).astype(jnp.dtype(dtype)))
+
+
+def to_numpy(a: jax.Array) -> np.ndarray:
+    """A JAX result as float64 NumPy, converted on the host (exact widening, no device compile)."""
+    return np.asarray(a).astype(np.float64)

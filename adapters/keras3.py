@@ -101,16 +101,24 @@ class Keras3(Adapter):
             axis=problem.axes[0], momentum=problem.momentum, epsilon=problem.epsilon,
             center=problem.center, scale=problem.scale, dtype=problem.dtype)
         bn.build(problem.batches[0].shape)  # an out-of-range axis raises here
-        bn.moving_mean.assign(problem.moving_mean)
-        bn.moving_variance.assign(problem.moving_variance)
+        bn.moving_mean.assign(self.host_cast(problem.moving_mean, problem))
+        bn.moving_variance.assign(self.host_cast(problem.moving_variance, problem))
         if problem.scale:
-            bn.gamma.assign(problem.gamma)
+            bn.gamma.assign(self.host_cast(problem.gamma, problem))
         if problem.center:
-            bn.beta.assign(problem.beta)
+            bn.beta.assign(self.host_cast(problem.beta, problem))
         return bn
 
+    @staticmethod
+    def host_cast(x: np.ndarray, problem: Problem) -> np.ndarray:
+        """On the jax backend, the case dtype's NumPy array (exact: the values are representable):
+        a cast on the device would compile a program for every shape. Other backends get x as is."""
+        if BACKEND != "jax":
+            return x
+        return np.asarray(x).astype(jax.numpy.dtype(problem.dtype))
+
     def tensor(self, x: np.ndarray, problem: Problem):
-        return keras.ops.convert_to_tensor(x, dtype=problem.dtype)
+        return keras.ops.convert_to_tensor(self.host_cast(x, problem), dtype=problem.dtype)
 
     def train(self, problem: Problem) -> TrainingRun:
         bn = self.layer(problem)

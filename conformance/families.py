@@ -34,6 +34,7 @@ class Group:
     seconds: float = 0.0
     problem: str = ""  # crashed / timed out, with the log's tail shown by the caller
     counts: dict[str, int] = field(default_factory=dict)
+    peak_rss_mb: float | None = None  # the process's own, from its results file
 
 
 def groups_for(selection: str | None) -> list[Group]:

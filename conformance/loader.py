@@ -6,12 +6,17 @@ file, line, column and field, so one broken file stops nothing else.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import os
+import pickle
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import ValidationError
 
+from conformance import RESULTS_DIR
 from conformance.schema import Case
 from conformance.validate import pydantic_errors, semantic_errors
 from conformance.yamlpos import CaseError, Loc, Walker, documents, dotted, nearest_mark
@@ -82,7 +87,42 @@ def load_file(path: Path) -> tuple[list[LoadedCase], list[CaseError]]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         return [], [CaseError(path, 1, 1, "", f"cannot read: {exc}")]
-    return load_text(path, text)
+    return cached(path, text)
+
+
+# Every family's process loads the same case files, and parsing plus validation is most of what a
+# case costs the harness (YAML is read in Python, node by node, to keep each value's line). The
+# result is kept per file, keyed by the file's path and text and by the source of the modules that
+# read it, so an edit to either reads the file anew. BNCONFORM_CASE_CACHE=off turns it off.
+CASE_CACHE = Path(os.environ.get("BNCONFORM_CASE_CACHE") or RESULTS_DIR / ".case-cache")
+_READERS = ("loader.py", "schema.py", "validate.py", "yamlpos.py", "outputs.py")
+
+
+@functools.cache
+def _readers_digest() -> bytes:
+    here = Path(__file__).parent
+    return hashlib.sha256(b"".join((here / name).read_bytes() for name in _READERS)).digest()
+
+
+def cached(path: Path, text: str) -> tuple[list[LoadedCase], list[CaseError]]:
+    """`load_text`, through the cache (a missing or unreadable entry is simply parsed again)."""
+    if str(CASE_CACHE) == "off":
+        return load_text(path, text)
+    key = hashlib.sha256(_readers_digest() + str(path).encode() + b"\0" + text.encode()).hexdigest()
+    entry = CASE_CACHE / key[:2] / f"{key}.pickle"
+    try:
+        return pickle.loads(entry.read_bytes())
+    except Exception:  # absent, truncated, or from another version of a dependency: read anew
+        pass
+    loaded = load_text(path, text)
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(pickle.dumps(loaded, protocol=pickle.HIGHEST_PROTOCOL))
+        tmp.replace(entry)  # processes loading the same file at once: each write is whole
+    except OSError:
+        pass  # a read-only checkout still runs, only slower
+    return loaded
 
 
 def is_case_file(path: Path) -> bool:

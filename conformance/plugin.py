@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import re
+import resource
 import sys
 import time
 import traceback
@@ -485,6 +486,8 @@ def environment(state: RunState, started: datetime) -> dict[str, Any]:
         "argv": sys.argv,
         "started": started.isoformat(timespec="seconds"),
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        # this process's largest resident set so far (kilobytes on Linux): what a family costs
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
 
 

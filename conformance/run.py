@@ -62,6 +62,7 @@ def collect(group: Group, args: argparse.Namespace) -> None:
         return
     results = read(path)
     group.counts = {str(s): n for s, n in results.counts().items()}
+    group.peak_rss_mb = results.environment.get("peak_rss_mb")
     unavailable = [f"{i}: {a['load_error']}" for i, a in results.environment["adapters"].items()
                    if "load_error" in a]
     if unavailable:
@@ -81,6 +82,16 @@ def summary(groups: list[Group], seconds: float) -> str:
             lines.append(f"\n{g.name}: {g.problem}\n  log: {g.log}\n" +
                          "\n".join(f"  | {line}" for line in tail(g.log).splitlines()))
     return "\n".join(lines)
+
+
+def write_run_summary(groups: list[Group], seconds: float, path: Path) -> None:
+    """What the run cost, per process and in all, for benchmarks/scale.py and anyone comparing runs."""
+    path.write_text(json.dumps({
+        "wall_s": round(seconds, 2),
+        "groups": {g.name: {"adapters": g.adapter_ids, "wall_s": round(g.seconds, 2), "counts": g.counts,
+                            "items": sum(g.counts.values()), "peak_rss_mb": g.peak_rss_mb,
+                            "returncode": g.returncode, "problem": g.problem} for g in groups},
+    }, indent=1), encoding="utf-8")
 
 
 def stale_rules(results: list[Path]) -> list[known.Rule]:
@@ -109,7 +120,9 @@ def main(args: argparse.Namespace) -> int:
         watcher.join()
     for group in groups:
         collect(group, args)
-    print(summary(groups, time.perf_counter() - started))
+    seconds = time.perf_counter() - started
+    print(summary(groups, seconds))
+    write_run_summary(groups, seconds, args.results_dir / "run.json")
     failed = any(g.problem or g.returncode != 0 for g in groups)
     results = [results_path(g, args) for g in groups if results_path(g, args).exists()]
     if results and not args.no_report:
