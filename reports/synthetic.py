@@ -54,7 +54,8 @@ def case_info(rng: random.Random, index: int) -> dict[str, Any]:
             "shapes": [[rng.randint(1, 8), rng.randint(1, 6), 4, 4]], "steps": rng.choice([1, 1, 3]),
             "params": {"axis": rng.choice([1, -1]), "momentum": rng.choice([0.9, 0.99, None]),
                        "epsilon": rng.choice([1e-5, 1e-3, 0.0]), "center": True, "scale": rng.random() < 0.9},
-            "expect_error": False, "tolerance_override": None}
+            "expect_error": False, "tolerance_override": None,
+            "conditioning": round(10 ** rng.uniform(-1, 4), 3)}
 
 
 VARIANTS = ["moving-variance-unbiased", "epsilon-outside-sqrt", "compute-input-dtype", "momentum-complement",
@@ -120,6 +121,17 @@ def conventions(adapter: str) -> dict[str, Any]:
             "notes": [f"synthetic convention note for {adapter}"]}
 
 
+def names(adapter: str) -> dict[str, str]:
+    """The environment's `names` of an adapter: its API's spelling of the canonical parameters."""
+    if adapter.startswith("torch"):
+        return {"momentum": "momentum (= 1 - m)", "epsilon": "eps", "axis": "dim 1 (no argument)",
+                "center": "affine", "scale": "affine", "gamma": "weight", "beta": "bias",
+                "moving_mean": "running_mean", "moving_variance": "running_var", "mode": ".train() / .eval()"}
+    return {"momentum": "momentum", "epsilon": "epsilon", "axis": "axis", "center": "center",
+            "scale": "scale", "gamma": "gamma", "beta": "beta", "moving_mean": "moving_mean",
+            "moving_variance": "moving_variance", "mode": "training="}
+
+
 def capabilities(adapter: str) -> dict[str, Any]:
     """The environment's `capabilities` of an adapter."""
     torch_like = adapter.startswith("torch")
@@ -134,7 +146,7 @@ def hostile_records(adapters: list[str]) -> list[dict[str, Any]]:
     info = {"id": f"xss-{HOSTILE}", "title": f"Title {HOSTILE_IMG} & \"quotes\" 'single'",
             "tags": [HOSTILE, "tag with space", "a'b\"c"], "dtype": "float32", "shapes": [[2, 3]], "steps": 1,
             "params": {"axis": 1, "momentum": 0.9, "epsilon": 1e-5, "center": True, "scale": True},
-            "expect_error": False,
+            "expect_error": False, "conditioning": 0.5,
             "tolerance_override": {"rtol": 1e-4, "atol": 1e-6, "reason": f"reason {HOSTILE}"}}
     out = []
     for i, adapter in enumerate(adapters):
@@ -200,15 +212,16 @@ def probes(adapters: list[str], hostile: bool = False) -> dict[str, dict[str, di
 
 
 def results(records: int = 1000, adapters: list[str] | None = None, seed: int = 0, with_probes: bool = True,
-            hostile: bool = False, hostname: str = "synthetic") -> dict[str, Any]:
-    """A whole results file with about `records` records spread over cases x adapters x checks."""
+            hostile: bool = False, hostname: str = "synthetic", gradients_every: int = 5) -> dict[str, Any]:
+    """A whole results file with about `records` records spread over cases x adapters x checks;
+    every `gradients_every`-th case has a gradients check too (1: every case, the full 3 checks)."""
     rng = random.Random(seed)
     adapters = adapters or list(ADAPTERS)
     out: list[dict[str, Any]] = []
     index = 0
     while len(out) < records:
         info = case_info(rng, index)
-        checks = ["training", "inference"] + (["gradients"] if index % 5 == 0 else [])
+        checks = ["training", "inference"] + (["gradients"] if index % gradients_every == 0 else [])
         for adapter in adapters:
             for check in checks:
                 if len(out) < records:
@@ -217,7 +230,8 @@ def results(records: int = 1000, adapters: list[str] | None = None, seed: int = 
     if hostile:
         out.extend(hostile_records(adapters))
     env_adapters = {a: {"family": ADAPTERS.get(a, "torch"), "versions": VERSIONS[ADAPTERS.get(a, "torch")],
-                        "conventions": conventions(a), "capabilities": capabilities(a), "device": "cpu"}
+                        "conventions": conventions(a), "capabilities": capabilities(a), "device": "cpu",
+                        "names": names(a)}
                     for a in adapters}
     payload: dict[str, Any] = {
         "format": FORMAT,
