@@ -31,7 +31,8 @@ def test_recipe_lines_come_from_the_sides() -> None:
     b = side("b", 0.99, "biased", [1.0], gamma="gamma")
     r = recipe(a, b, "test")
     rows = {line.topic: line for line in r.parameters + r.conventions}
-    assert rows["gamma / beta"].source.startswith("weight") and rows["gamma / beta"].target.startswith("gamma")
+    params = rows["gamma / beta"]
+    assert params.source.startswith("weight") and params.target.startswith("gamma")
     assert rows["momentum"].differs and "(default 0.9)" in rows["momentum"].source
     assert "momentum=0.99 (as b takes it)" in rows["momentum"].note
     assert "1.1x a's" in rows["momentum"].note  # default moving means 0.099 / 0.09
@@ -41,13 +42,15 @@ def test_recipe_lines_come_from_the_sides() -> None:
     assert f"moving variance b/a = {ratio:.4g}" in estimator.note and "0.875x" in estimator.note
     assert not rows["variance algorithm"].differs
     printed = text(r)
-    assert "Same in both: variance algorithm (two-pass)" in printed and "* moving variance estimator" in printed
+    assert "Same in both: variance algorithm (two-pass)" in printed
+    assert "* moving variance estimator" in printed
 
 
 def test_recipe_from_results_files(tmp_path: Path) -> None:
     results = synthetic.write(tmp_path / "run.json", synthetic.results(400, ["torch", "keras"], seed=2))
-    out = subprocess.run([sys.executable, "-m", "conformance", "port", "--from", "torch", "--to", "keras",
-                          "--results", str(results)], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    command = [sys.executable, "-m", "conformance", "port", "--from", "torch", "--to", "keras",
+               "--results", str(results)]
+    out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert f"from results files {results}" in out
     assert "running_mean / running_var" in out and "moving_mean / moving_variance" in out
     assert "Divergences in these results" in out
@@ -55,8 +58,9 @@ def test_recipe_from_results_files(tmp_path: Path) -> None:
 
 def test_port_measures_both_adapters() -> None:
     """torch -> onnxruntime, each measured in its own process: the probes and the typical case."""
-    done = subprocess.run([sys.executable, "-m", "conformance", "port", "--from", "torch", "--to", "onnxruntime",
-                           "--json"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-m", "conformance", "port", "--from", "torch", "--to", "onnxruntime",
+               "--json"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     r = json.loads(done.stdout)
     assert r["origin"].startswith("measured now")
