@@ -207,7 +207,7 @@ def parameter_lines(a: Side, b: Side) -> list[Line]:
         note = ""
         if topic == "momentum":
             ta, tb = a.translation("momentum"), b.translation("momentum")
-            note = f"canonical m 0.9: {a.adapter} {ta or '?'}; {b.adapter} {tb or '?'}"
+            note = f"{a.adapter}: {ta or '?'}; {b.adapter}: {tb or '?'}"
             moved = _ratio(_raw(a, "default", "moving_mean"), _raw(b, "default", "moving_mean"))
             if moved is not None and abs(moved - 1) > 1e-3:
                 note += (f". With each default, the moving mean after one step of batch {BATCH} is "

@@ -34,7 +34,7 @@ def test_recipe_lines_come_from_the_sides() -> None:
     params = rows["gamma / beta"]
     assert params.source.startswith("weight") and params.target.startswith("gamma")
     assert rows["momentum"].differs and "(default 0.9)" in rows["momentum"].source
-    assert "momentum=0.99 (as b takes it)" in rows["momentum"].note
+    assert "b: momentum 0.9 -> momentum=0.99 (as b takes it)" in rows["momentum"].note
     assert "1.1x a's" in rows["momentum"].note  # default moving means 0.099 / 0.09
     estimator = rows["moving variance estimator"]
     assert estimator.differs and (estimator.source, estimator.target) == ("unbiased", "biased")
