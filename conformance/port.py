@@ -262,6 +262,10 @@ def convention_lines(a: Side, b: Side) -> list[Line]:
             parts = [f"{s.adapter}: output max rel. error {shown(r)}, {_diagnosis(s, HALF['id'])}"
                      for s, r in ((a, ra), (b, rb)) if r is not None or _diagnosis(s, HALF["id"])]
             note = ("float16 typical case: " + "; ".join(parts)) if parts else ""
+            differs = differs or _diagnosis(a, HALF["id"]) != _diagnosis(b, HALF["id"])
+        if differs and not note:  # how each side's probe measured it, in the probe's own words
+            note = "; ".join(f"{s.adapter}: {detail}" for s in (a, b)
+                             if (detail := (s.probes.get(probes[0]) or {}).get("detail")))
         out.append(Line(topic, va, vb, differs, note))
     return out
 

@@ -280,7 +280,8 @@ def group_plot(items: list[tuple[Any, Record]], variant: str, limit: int = 150) 
                  {"x": width - 10, "label": f"{10 ** x1 if kind == 'log' else x1:.3g}"}]
     return {"width": width, "height": height, "left": left, "axis_y": height - bottom, "label": label,
             "variant": variant, "ticks": ticks,
-            "yticks": [{"y": py(10.0 ** e), "label": f"1e{e}"} for e in (y0, y1)],
+            "yticks": [{"y": py(10.0 ** e), "label": f"1e{e}"}
+                       for e in range(y0, y1 + 1, max(1, -(-(y1 - y0) // 4)))],
             "points": [{"x": round(px(x), 1), "y": round(py(y), 1), "title": f"{t}: {fmt(x)}, {fmt(y)}"}
                        for x, y, t in points]}
 

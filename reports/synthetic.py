@@ -107,7 +107,26 @@ def record(rng: random.Random, info: dict[str, Any], adapter: str, check: str) -
         out.explained_by = [UNEXPECTED.get(adapter, VARIANTS[1])]
     elif status is Status.FAIL:
         out.closest = {"variant": rng.choice(VARIANTS), "badness": round(10 ** rng.uniform(0.2, 3), 3)}
+    for m in out.metrics:  # an explained failure is as far off as its variant makes it
+        size = variant_effect(out.explained_by[0], info) if out.explained_by and not m["passed"] else None
+        if size is not None:
+            m["max_rel"] = size * rng.uniform(0.8, 1.25)
     return out.to_json()
+
+
+def variant_effect(variant: str, info: dict[str, Any]) -> float | None:
+    """The relative error a variant's own arithmetic predicts for a case, so the report's plots of
+    error against what drives it show the trend real runs show: 1/(n - 1) for a variance estimator
+    over n values per channel, u * (mean/std)^2 for sum of squares (u the float32 unit roundoff)."""
+    if variant.startswith("moving-variance"):
+        shape = info["shapes"][0]
+        n = 1
+        for i, size in enumerate(shape):
+            n *= 1 if i == info["params"]["axis"] % len(shape) else size
+        return 1 / (n - 1) if n > 1 else None
+    if variant == "variance-sum-of-squares":
+        return 6e-8 * info.get("conditioning", 1.0) ** 2
+    return None
 
 
 def _flip(momentum: float | None) -> str:

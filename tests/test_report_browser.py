@@ -122,10 +122,12 @@ def console(log: Path) -> list[str]:
 
 
 def plot_page(report_html: str, folder: Path) -> Path:
-    """The report's most populated divergence plot on a page of its own, twice its size."""
+    """The report's most populated plot of a variance-estimator group (error against values per
+    channel) on a page of its own, twice its size."""
     plots = re.findall(r'<svg class="group-plot".*?</svg>', report_html, re.S)
-    assert plots, "the report has no divergence plot"
-    best = max(plots, key=lambda svg: svg.count("<circle"))
+    estimator = [svg for svg in plots if "against values per channel" in svg]
+    assert estimator, "the report has no plot of a variance-estimator group"
+    best = max(estimator, key=lambda svg: svg.count("<circle"))
     page = folder / "plot.html"
     page.write_text(f'<!DOCTYPE html><html><head><meta charset="utf-8"><style>svg {{ zoom: 2; }}</style>'
                     f"</head><body>{best}</body></html>", encoding="utf-8")
