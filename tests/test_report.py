@@ -226,6 +226,9 @@ def test_real_results_files_render(tmp_path: Path) -> None:
                     f"--results={results}"], cwd=ROOT, capture_output=True, timeout=600, check=True)
     report = load([results])
     assert report.cases and len(report.columns) == 1
+    # each case says how ill-conditioned its input is (the plots' x for sum-of-squares groups)
+    assert all(isinstance(row.info.get("conditioning"), float) for row in report.cases)
+    assert report.columns[0].info["names"]["moving_variance"] == "running_var"  # declared by the adapter
     text = render(report)
     assert len(data_of(text)["cases"]) == len(report.cases)
     assert 'id="porting"' in text
