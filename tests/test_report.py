@@ -279,6 +279,8 @@ def test_compare_runs(files: dict[str, Path], tmp_path: Path) -> None:
 
 def test_reports_imports_no_framework_and_no_adapters() -> None:
     code = ("import sys, reports.__main__, reports.render, reports.diff, reports.synthetic\n"
+            "from reports.model import Report\n"  # rendering too: the porting recipes use conformance.port
+            "reports.render.render(Report([], [], [], [], [], [], {}))\n"
             "bad = {'adapters', 'torch', 'tensorflow', 'jax', 'flax', 'keras', 'onnxruntime', 'numpy'}\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in bad))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
