@@ -28,6 +28,11 @@ FEATURES: dict[str, str] = {
 }
 
 
+# The canonical parameters and state an adapter's `names` spell in its API's own words.
+NAMES = ("momentum", "epsilon", "axis", "center", "scale", "gamma", "beta", "moving_mean",
+         "moving_variance", "mode")
+
+
 class NotExpressible(Exception):
     """The API cannot state this case (several channel axes in torch, say); the reason is reported."""
 
@@ -191,6 +196,9 @@ class Adapter(ABC):
     family: ClassVar[str]
     conventions: ClassVar[Conventions]
     capabilities: ClassVar[Capabilities] = Capabilities()
+    # The API's own spelling of each canonical parameter and piece of state, keyed by NAMES, as a
+    # user types it: what `python -m conformance port` lines up between two adapters.
+    names: ClassVar[dict[str, str]] = {}
 
     @abstractmethod
     def versions(self) -> dict[str, str]:

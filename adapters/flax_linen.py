@@ -31,7 +31,7 @@ from adapters.jax_setup import on_device, to_numpy  # x64 and the compile cache,
 # isort: split
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import flax
 import flax.linen as nn
@@ -89,6 +89,12 @@ def compiled(axis: int | tuple[int, ...], momentum: float, epsilon: float, cente
 
 class FlaxLinen(Adapter):
     id = "flax-linen"
+    names: ClassVar[dict[str, str]] = {
+        "momentum": "momentum", "epsilon": "epsilon", "axis": "axis", "center": "use_bias",
+        "scale": "use_scale", "gamma": "params/scale", "beta": "params/bias",
+        "moving_mean": "batch_stats/mean", "moving_variance": "batch_stats/var",
+        "mode": "use_running_average= (and mutable=['batch_stats'])"
+    }
     family = "jax"
     conventions = Conventions(
         notes=("batch_stats['var'] is updated with the biased batch variance (measured)",

@@ -25,6 +25,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from adapters.jax_setup import on_device, to_numpy  # x64 and the compile cache, before any other JAX use
 
 # isort: split
@@ -73,6 +75,11 @@ def gradients_of(layer: nnx.BatchNorm, x: jax.Array, upstream: jax.Array) -> tup
 
 class FlaxNNX(Adapter):
     id = "flax-nnx"
+    names: ClassVar[dict[str, str]] = {
+        "momentum": "momentum", "epsilon": "epsilon", "axis": "axis", "center": "use_bias",
+        "scale": "use_scale", "gamma": "scale", "beta": "bias", "moving_mean": "mean",
+        "moving_variance": "var", "mode": ".train() / .eval() (use_running_average)"
+    }
     family = "jax"
     conventions = Conventions(
         notes=("BatchStat var is updated with the biased batch variance (measured)",

@@ -25,6 +25,8 @@ Three adapters, one per backend, each in a process of its own backend (Keras fix
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import keras
 import numpy as np
 
@@ -55,6 +57,11 @@ class Keras3(Adapter):
     """`keras`: the backend the user chose (tensorflow when unset)."""
 
     id = "keras"
+    names: ClassVar[dict[str, str]] = {
+        "momentum": "momentum", "epsilon": "epsilon", "axis": "axis", "center": "center",
+        "scale": "scale", "gamma": "gamma", "beta": "beta", "moving_mean": "moving_mean",
+        "moving_variance": "moving_variance", "mode": "training=True / False"
+    }
     family = "keras"
     conventions = Conventions(
         notes=("moving variance updated with the biased batch variance of ops.moments",

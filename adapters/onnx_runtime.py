@@ -28,6 +28,7 @@ CPUExecutionProvider, as an exported model would run it.
 from __future__ import annotations
 
 import functools
+from typing import ClassVar
 
 import numpy as np
 import onnx
@@ -129,6 +130,12 @@ class DefaultNode(DefaultLayer):
 
 class OnnxRuntime(Adapter):
     id = "onnxruntime"
+    names: ClassVar[dict[str, str]] = {
+        "momentum": "momentum", "epsilon": "epsilon", "axis": "dim 1 (no attribute)",
+        "center": "B (zeros)", "scale": "scale (ones)", "gamma": "scale", "beta": "B",
+        "moving_mean": "input_mean / running_mean", "moving_variance": "input_var / running_var",
+        "mode": "training_mode="
+    }
     family = "onnx"
     conventions = Conventions(
         notes=("running_var is updated with the biased (population) batch variance (measured)",

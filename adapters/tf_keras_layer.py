@@ -28,6 +28,8 @@ Two adapters: `tf-keras` leaves `fused=None` (the layer picks the fused kernel w
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import tensorflow as tf
 import tf_keras
@@ -61,6 +63,11 @@ def takes_fused_path(problem: Problem) -> bool:
 class TfKerasLayer(Adapter):
     family = "tf"
     fused: bool | None
+    names: ClassVar[dict[str, str]] = {
+        "momentum": "momentum", "epsilon": "epsilon", "axis": "axis", "center": "center",
+        "scale": "scale", "gamma": "gamma", "beta": "beta", "moving_mean": "moving_mean",
+        "moving_variance": "moving_variance", "mode": "training=True / False"
+    }
 
     def versions(self) -> dict[str, str]:
         return {"tensorflow": tf.__version__, "tf_keras": tf_keras.__version__}

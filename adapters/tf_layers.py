@@ -37,6 +37,7 @@ from __future__ import annotations
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import tensorflow as tf
@@ -106,6 +107,11 @@ UNFUSED = Conventions(
 
 class TfLayers(Adapter):
     id = "tf-layers"
+    names: ClassVar[dict[str, str]] = {
+        "momentum": "momentum", "epsilon": "epsilon", "axis": "axis", "center": "center",
+        "scale": "scale", "gamma": "gamma", "beta": "beta", "moving_mean": "moving_mean",
+        "moving_variance": "moving_variance", "mode": "training= (and run UPDATE_OPS)"
+    }
     family = "tf"
     conventions = FUSED  # the kernel of the layer's typical (4-D) input; see conventions_for
 

@@ -23,6 +23,8 @@ This is BN as the TF API reference composes it from primitives:
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import tensorflow as tf
 
@@ -46,6 +48,12 @@ def to_numpy(t: tf.Tensor) -> np.ndarray:
 
 class TfNn(Adapter):
     id = "tf-nn"
+    names: ClassVar[dict[str, str]] = {
+        "momentum": "decay (your own moving-average update)", "epsilon": "variance_epsilon",
+        "axis": "axes= of tf.nn.moments (every other axis)", "center": "offset=None",
+        "scale": "scale=None", "gamma": "scale", "beta": "offset", "moving_mean": "your variable",
+        "moving_variance": "your variable", "mode": "which statistics you pass"
+    }
     family = "tf"
     conventions = Conventions(
         notes=("tf.nn.moments returns the biased variance; the moving update is the caller's",),

@@ -26,6 +26,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import tensorflow as tf
 
@@ -61,6 +63,12 @@ def data_format(problem: Problem) -> str | None:
 
 class TfNnFused(Adapter):
     id = "tf-nn-fused"
+    names: ClassVar[dict[str, str]] = {
+        "momentum": "exponential_avg_factor (= 1 - m)", "epsilon": "epsilon",
+        "axis": "data_format (NHWC / NCHW)", "center": "offset (zeros)", "scale": "scale (ones)",
+        "gamma": "scale", "beta": "offset", "moving_mean": "mean", "moving_variance": "variance",
+        "mode": "is_training="
+    }
     family = "tf"
     conventions = Conventions(
         variants=("moving-variance-unbiased", "batch-variance-unbiased"),

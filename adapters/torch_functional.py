@@ -17,6 +17,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -50,6 +52,11 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
 
 class TorchFunctional(Adapter):
     id = "torch-functional"
+    names: ClassVar[dict[str, str]] = {
+        "momentum": "momentum (= 1 - m)", "epsilon": "eps", "axis": "dim 1 (no argument)",
+        "center": "bias=None", "scale": "weight=None", "gamma": "weight", "beta": "bias",
+        "moving_mean": "running_mean", "moving_variance": "running_var", "mode": "training="
+    }
     family = "torch"
     conventions = Conventions(variants=("moving-variance-unbiased",))
 

@@ -20,6 +20,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import torch
 
@@ -54,6 +56,11 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
 
 class TorchModule(Adapter):
     id = "torch"
+    names: ClassVar[dict[str, str]] = {
+        "momentum": "momentum (= 1 - m)", "epsilon": "eps", "axis": "dim 1 (no argument)",
+        "center": "affine", "scale": "affine", "gamma": "weight", "beta": "bias",
+        "moving_mean": "running_mean", "moving_variance": "running_var", "mode": ".train() / .eval()"
+    }
     family = "torch"
     conventions = Conventions(
         variants=("moving-variance-unbiased",),

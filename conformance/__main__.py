@@ -1,4 +1,4 @@
-"""`python -m conformance`: fill, validate, list, schema, run.
+"""`python -m conformance`: fill, validate, list, schema, semantics, fuzz, port, run.
 
 Imports no framework: `run` starts one pytest process per family for that.
 """
@@ -69,6 +69,12 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
     return fuzz.main(fuzz.parse(args.rest))
 
 
+def cmd_port(args: argparse.Namespace) -> int:
+    from conformance.port import main as port_main
+
+    return port_main(args.rest)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from conformance.run import main as run_main
 
@@ -99,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
                             "(python -m conformance fuzz --help)")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_fuzz)
+    p = sub.add_parser("port", add_help=False,
+                       help="a porting recipe for two adapters, from measurements "
+                            "(python -m conformance port --from torch --to keras)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_port)
     p = sub.add_parser("run", help="every family in its own process, then the HTML report")
     p.add_argument("--framework", default=None,
                    help="families or adapter ids, comma-separated (default: every family)")
@@ -113,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     given = sys.argv[1:] if argv is None else argv
     if given[:1] == ["fuzz"]:  # its own parser, --help included
         return cmd_fuzz(argparse.Namespace(rest=given[1:]))
+    if given[:1] == ["port"]:
+        return cmd_port(argparse.Namespace(rest=given[1:]))
     args = parser.parse_args(given)
     return args.func(args)
 

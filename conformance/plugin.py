@@ -12,6 +12,7 @@ from the xdist controller (or the only process), through `conformance.results`. 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import re
@@ -30,6 +31,7 @@ from _pytest.nodeid import NodeId  # pytest 9 ids keep "[params]" apart: --lf co
 import adapters as registry
 from adapters.base import Adapter
 from conformance import DEFAULT_CASES, RESULTS_DIR, probes
+from conformance import problem as problems
 from conformance.evaluate import Outcome, default_rules, evaluate
 from conformance.loader import (
     CaseErrors,
@@ -370,7 +372,19 @@ def case_summary(loaded: LoadedCase) -> dict[str, Any]:
                    "center": p.center, "scale": p.scale},
         "expect_error": case.expect_error,
         "tolerance_override": case.tolerance.model_dump() if case.tolerance else None,
+        "conditioning": _conditioning(case),
     }
+
+
+def _conditioning(case: Any) -> float | None:
+    """The input's worst channel |mean| / sqrt(var + eps), which drives cancellation errors (the
+    report plots sum-of-squares divergences against it); None where the case has no such number."""
+    check = case.checks[0] if case.checks else None
+    try:
+        value = problems.conditioning(case, check, problems.build(case, check)) if check else None
+    except Exception:  # an out-of-range axis, an empty batch: nothing to plot
+        return None
+    return round(value, 6) if value is not None and math.isfinite(value) else None
 
 
 @pytest.hookimpl(wrapper=True)
@@ -469,7 +483,7 @@ def environment(state: RunState, started: datetime) -> dict[str, Any]:
             info.update(versions=adapter.versions(), device=adapter.device(),
                         conventions={"variants": list(adapter.conventions.variants),
                                      "notes": list(adapter.conventions.notes)},
-                        capabilities=capabilities_of(adapter))
+                        capabilities=capabilities_of(adapter), names=dict(adapter.names))
         except AdapterUnavailable as exc:
             info["load_error"] = str(exc)
         adapters[adapter_id] = info

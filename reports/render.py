@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import html
 import json
 import math
 from collections import Counter, defaultdict
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
 from importlib import resources
@@ -30,7 +28,6 @@ from conformance.results import FORMAT, NEEDS_ATTENTION, SEVERITY, Record, Statu
 from reports.model import (
     UNEXPLAINED,
     UNNAMED,
-    Column,
     Report,
     effect,
     explanation,
@@ -151,33 +148,6 @@ def record_title(record: Record) -> str:
     return text + (f" ({record.reason})" if record.reason else "")
 
 
-def matrix_rows(report: Report) -> list[dict[str, Any]]:
-    """Per case: one entry per column with status, worst ULP, explanation and the row's filter data."""
-    rows = []
-    for row in report.cases:
-        cells, pairs, statuses = [], [], set()
-        for column in report.columns:
-            cell = row.cells.get(column.key)
-            if cell is None:
-                cells.append(None)
-                continue
-            status, ulp = cell.status, cell.worst_ulp
-            for s in cell.statuses:
-                pairs.append(f"{column.key}\n{s}")
-                statuses.add(s)
-            why = dict.fromkeys(short_explanation(r) for r in cell.records
-                                if r.status in (Status.FAIL, Status.KNOWN))
-            cells.append({"status": status, "ulp": ulp, "sort": f"{badness(status, ulp):.3f}",
-                          "title": "\n".join(map(record_title, cell.records)),
-                          "text": " / ".join(SHORT.get(s, s) for s in cell.statuses),
-                          "why": " / ".join(w for w in why if w)})
-        rows.append({"row": row, "cells": cells,
-                     "filter": {"tag": row.tags, "status": sorted(statuses, key=status_rank),
-                                "adapter": [c.key for c in report.columns if c.key in row.cells],
-                                "pair": pairs}})
-    return rows
-
-
 def divergences(report: Report) -> list[dict[str, Any]]:
     """Failing and known records grouped by adapter x explanation (x status): unexplained failures
     first, then failures a variant explains but no rule expected, then known; larger groups first."""
@@ -205,36 +175,239 @@ def divergences(report: Report) -> list[dict[str, Any]]:
                     "closest": sorted(({"variant": v, "badness": min(b), "count": len(b)}
                                        for v, b in closest.items()),
                                       key=lambda c: (-c["count"], c["badness"]))[:EXAMPLES],
-                    "order": (category, -len(items), index.get(key, 0), why)})
+                    "order": (category, -len(items), index.get(key, 0), why),
+                    "plot": group_plot(items, driving_variant(records))})
     return sorted(out, key=lambda d: d["order"])
 
 
-def heatmap_svg(report: Report) -> dict[str, Any]:
-    """Case x adapter heatmap of the worst ULP error; cells without figures take their status colour."""
-    size = 14
-    left = 8 + 6 * min(48, max((len(r.id) for r in report.cases), default=4))
-    top = 12 + 6 * min(40, max((len(c.key) for c in report.columns), default=4))
-    cells = []
-    for y, row in enumerate(report.cases):
-        for x, column in enumerate(report.columns):
+# ------------------------------------------------------------------ divergence plots
+
+# What drives each variant's error, read from a record's case_info: (axis label, function, kind).
+# The sharpest named variant of a group decides; an unexplained group takes its closest variant.
+DTYPE_ORDER = ["float64", "float32", "bfloat16", "float16"]
+
+
+def values_per_channel(info: dict[str, Any]) -> float | None:
+    """Elements each channel's statistics average over: the batch size times the other dims."""
+    shapes, params = info.get("shapes") or [], info.get("params") or {}
+    if not shapes or not isinstance(shapes[0], list):
+        return None
+    shape = shapes[0]
+    axes = params.get("axis")
+    axes = axes if isinstance(axes, list) else [axes]
+    try:
+        channel = {a % len(shape) for a in axes if isinstance(a, int)}
+    except ZeroDivisionError:
+        return None
+    n = 1
+    for i, size in enumerate(shape):
+        if i not in channel:
+            n *= size
+    return float(n) if n > 0 else None
+
+
+DRIVERS: dict[str, tuple[str, Any, str]] = {
+    "moving-variance": ("values per channel (batch size x spatial)", values_per_channel, "log"),
+    "variance-sum-of-squares": ("channel |mean| / std of the input",
+                                lambda info: number(info.get("conditioning")), "log"),
+    "epsilon": ("epsilon", lambda info: number((info.get("params") or {}).get("epsilon")), "log"),
+    "momentum": ("momentum (decay form)", lambda info: number((info.get("params") or {}).get("momentum")),
+                 "linear"),
+    "dtype": ("dtype", lambda info: info.get("dtype"), "category"),
+}
+
+
+def driving_variant(records: list[Record]) -> str:
+    """The variant a group's plot is drawn for: its first named variant, or the closest one."""
+    for r in records:
+        if r.explained_by:
+            return str(r.explained_by[0]).split("+")[0]
+        if isinstance(r.closest, dict) and r.closest.get("variant"):
+            return str(r.closest["variant"])
+    return ""
+
+
+def driver(variant: str) -> tuple[str, Any, str]:
+    for prefix, spec in DRIVERS.items():
+        if variant.startswith(prefix):
+            return spec
+    return DRIVERS["dtype"]  # precision effects (compute-*, *-float32) and anything else: by dtype
+
+
+def group_plot(items: list[tuple[Any, Record]], variant: str, limit: int = 150) -> dict[str, Any] | None:
+    """A small scatter of each record's error (largest max relative error of its failing outputs,
+    log scale) against the quantity that drives the group's variant, as inline SVG geometry."""
+    label, quantity, kind = driver(variant)
+    points = []
+    for row, r in items:
+        y = effect([r])
+        x = quantity(row.info if isinstance(row.info, dict) else {})
+        if y is None or not math.isfinite(y) or y <= 0 or x is None:
+            continue
+        numeric = isinstance(x, float) and math.isfinite(x) and (kind != "log" or x > 0)
+        if kind != "category" and not numeric:
+            continue
+        points.append((x, y, f"{row.id} ({r.check})"))
+    if not points:
+        return None
+    points = points[:: max(1, len(points) // limit)][:limit]
+    width, height, left, bottom, top = 240, 120, 40, 24, 6
+    ys = [math.log10(p[1]) for p in points]
+    y0, y1 = math.floor(min(ys)), math.ceil(max(ys))
+    y1 = y1 if y1 > y0 else y0 + 1
+
+    def py(v: float) -> float:
+        return top + (height - top - bottom) * (1 - (math.log10(v) - y0) / (y1 - y0))
+
+    if kind == "category":
+        names = [d for d in DTYPE_ORDER if any(p[0] == d for p in points)] + sorted(
+            {str(p[0]) for p in points} - set(DTYPE_ORDER))
+        step = (width - left - 10) / max(1, len(names))
+        ticks = [{"x": left + step * (i + 0.5), "label": n} for i, n in enumerate(names)]
+        position = {n: left + step * (i + 0.5) for i, n in enumerate(names)}
+
+        def px(v: Any) -> float:
+            return position[str(v)]
+    else:
+        xs = [math.log10(p[0]) if kind == "log" else p[0] for p in points]
+        x0, x1 = min(xs), max(xs)
+        x1 = x1 if x1 > x0 else x0 + 1
+
+        def px(v: Any) -> float:
+            t = math.log10(v) if kind == "log" else v
+            return left + (width - left - 10) * (t - x0) / (x1 - x0)
+        ticks = [{"x": left, "label": f"{10 ** x0 if kind == 'log' else x0:.3g}"},
+                 {"x": width - 10, "label": f"{10 ** x1 if kind == 'log' else x1:.3g}"}]
+    return {"width": width, "height": height, "left": left, "axis_y": height - bottom, "label": label,
+            "variant": variant, "ticks": ticks,
+            "yticks": [{"y": py(10.0 ** e), "label": f"1e{e}"}
+                       for e in range(y0, y1 + 1, max(1, -(-(y1 - y0) // 4)))],
+            "points": [{"x": round(px(x), 1), "y": round(py(y), 1), "title": f"{t}: {fmt(x)}, {fmt(y)}"}
+                       for x, y, t in points]}
+
+
+# ------------------------------------------------------------------ porting recipes
+
+
+def porting(report: Report) -> dict[str, Any]:
+    """Every ordered pair of adapters with probes or declared names, its recipe built by
+    conformance.port from this run's probes, declarations and divergence groups."""
+    from conformance.port import Side, recipe
+
+    sides = []
+    for column in report.columns:
+        probes = {name: report.probes[(name, column.key)] for name in report.probe_names
+                  if (name, column.key) in report.probes}
+        names = column.info.get("names") if isinstance(column.info.get("names"), dict) else {}
+        if not probes and not names:
+            continue
+        conventions = column.info.get("conventions")
+        conventions = conventions if isinstance(conventions, dict) else {}
+        records = [r for row in report.cases for r in (row.cells[column.key].records
+                                                        if column.key in row.cells else [])]
+        sides.append(Side(column.key, {str(k): str(v) for k, v in names.items()}, probes,
+                          [str(v) for v in conventions.get("variants") or []], records))
+    origin = ("from this report's results files: their probes, declared names and conventions, and "
+              "divergence groups")
+    pairs = [{"i": i, "j": j, "recipe": recipe(a, b, origin)}
+             for i, a in enumerate(sides) for j, b in enumerate(sides) if i != j]
+    keys = [s.adapter for s in sides]
+    first = next((p for p in pairs if (p["recipe"].source, p["recipe"].target) == ("torch", "keras")),
+                 pairs[0] if pairs else None)
+    grid = {(p["i"], p["j"]): p["recipe"].differences for p in pairs}
+    return {"adapters": keys, "pairs": pairs, "first": first, "grid": grid}
+
+
+# ------------------------------------------------------------------ the data the page's script reads
+
+
+def _round(value: Any) -> float | str | None:
+    """A metric in 4 significant digits (JSON has no inf/NaN: those stay strings)."""
+    x = number(value)
+    if math.isnan(x):
+        return None if value is None else str(value)
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return float(f"{x:.4g}")
+
+
+def page_data(report: Report) -> dict[str, Any]:
+    """Everything the matrix and the per-case detail need, once: cases in matrix order (worst
+    first), each with its cells and records. Repeated text (translations, reasons, variant names,
+    output names) is stored once in `strings` and referred to by index. Passing records keep
+    their worst ULP only; failing and known ones every output's figures."""
+    strings: dict[str, int] = {}
+
+    def ref(text: Any) -> int:
+        return strings.setdefault(str(text or ""), len(strings))
+
+    ref("")
+    status_index = {s: i for i, s in enumerate(SEVERITY)}
+    attention = (Status.FAIL, Status.KNOWN)
+    rows = []
+    for row in report.cases:
+        cells, records, worst = [], [], (len(SEVERITY), 0.0)
+        for column in report.columns:
             cell = row.cells.get(column.key)
-            status = cell.status if cell else "absent"
-            ulp = cell.worst_ulp if cell else None
-            if ulp is not None:
-                colour = ULP_PALETTE[ulp_bin(ulp)]
-                shown = f"{fmt(ulp, 3)} ulp"
-            else:
-                colour = COLOURS[status]
-                shown = "no error figures"
-            cells.append({"x": left + x * size, "y": top + y * size, "colour": colour,
-                          "outline": status in NEEDS_ATTENTION,
-                          "title": f"{row.id} / {column.key}: {status}, {shown}"})
-    return {"size": size, "left": left, "top": top, "cells": cells,
-            "width": left + size * len(report.columns) + 20, "height": top + size * len(report.cases) + 10,
-            "rows": [{"y": top + i * size + size - 2, "label": r.id[:48]}
-                     for i, r in enumerate(report.cases)],
-            "cols": [{"x": left + i * size + size - 4, "label": c.key[:40]}
-                     for i, c in enumerate(report.columns)]}
+            if cell is None:
+                cells.append(0)
+                continue
+            ulps = [worst_ulp([r]) for r in cell.records]
+            known_ulps = [u for u in ulps if u is not None]
+            ulp = max(known_ulps) if known_ulps else None
+            statuses = sorted({status_index[r.status] for r in cell.records})
+            status = SEVERITY[statuses[0]]
+            why = dict.fromkeys(short_explanation(r) for r in cell.records if r.status in attention)
+            cells.append([statuses[0], _round(ulp), ref(" / ".join(w for w in why if w)), statuses])
+            worst = min(worst, (statuses[0], -badness(status, ulp)))
+            for r, u in zip(cell.records, ulps, strict=True):
+                rule = r.rule if isinstance(r.rule, dict) else {}
+                head = [column.index, ref(r.check), status_index.get(r.status, 0), ref(r.reason),
+                        ref(diagnosis(r)), ref(rule.get("reason")), ref(link(rule.get("link")) or ""),
+                        ref(rule.get("source")), ref(", ".join(map(str, r.conventions or []))),
+                        ref("; ".join(map(str, r.translations or []))), ref(r.tolerance_rule)]
+                if r.status is Status.PASS:
+                    head.append(_round(u))
+                else:
+                    head.append([[ref(m.get("name")), int(bool(m.get("passed"))), _round(m.get("max_abs")),
+                                  _round(m.get("max_rel")), _round(m.get("max_ulp")), _round(m.get("rtol")),
+                                  _round(m.get("atol")), ref(f"{m.get('worst_index')}: "
+                                                             f"{fmt(m.get('worst_expected'), 9)} / "
+                                                             f"{fmt(m.get('worst_got'), 9)}"),
+                                  ref(m.get("note")), int(bool(m.get("derived")))] for m in r.metrics or []])
+                records.append(head)
+        info = row.info if isinstance(row.info, dict) else {}
+        params = " ".join(f"{k}={fmt_value(v)}" for k, v in (info.get("params") or {}).items())
+        steps = f" · steps {info.get('steps')}" if info.get("steps") else ""
+        error = " · expect_error" if info.get("expect_error") else ""
+        override = info.get("tolerance_override") if isinstance(info.get("tolerance_override"), dict) else {}
+        rows.append((worst, [row.id, row.anchor, str(info.get("dtype") or ""), row.tags,
+                             ref(f"{row.file}{f':{row.line}' if row.line else ''}"), ref(info.get("title")),
+                             ref(f"shapes {fmt_value(info.get('shapes'))}{steps} · params {params}{error}"),
+                             ref(f"tolerance override rtol {fmt(override.get('rtol'))} atol "
+                                 f"{fmt(override.get('atol'))}: {override.get('reason')}" if override
+                                 else ""),
+                             cells, records]))
+    rows.sort(key=lambda r: r[0])
+    return {"columns": [c.key for c in report.columns], "statuses": [str(s) for s in SEVERITY],
+            "strings": list(strings), "cases": [r[1] for r in rows]}
+
+
+def embedded(data: dict[str, Any]) -> Markup:
+    """JSON for a <script type="application/json"> block: <, > and & as \\u escapes, so no text
+    from a results file can close the element or start markup."""
+    text = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return Markup(text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+                  .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
+
+
+def diagnosis(record: Record) -> str:
+    if record.explained_by:
+        return f"explained by: {', '.join(map(str, record.explained_by))}"
+    if isinstance(record.closest, dict) and record.status is Status.FAIL:
+        return (f"unexplained; closest variant: {record.closest.get('variant')} "
+                f"({fmt(record.closest.get('badness'))}× its tolerance)")
+    return ""
 
 
 def ulp_histograms(report: Report) -> list[dict[str, Any]]:
@@ -274,13 +447,14 @@ def capabilities(info: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def adapter_summaries(report: Report) -> list[dict[str, Any]]:
-    """Per column: declared conventions and capabilities, translations made (with counts), what it
-    cannot state, known divergences and other failures."""
+    """Per column: declared conventions and capabilities, translations made (with counts), and what
+    it cannot state, its known divergences and other failures, each grouped by reason or
+    explanation with a count and one example (a 1,000-case run has thousands of such records)."""
     out = []
     for column in report.columns:
         translations: Counter = Counter()
         example: dict[str, str] = {}
-        not_expressible, known, failures = [], [], []
+        grouped: dict[str, dict[tuple[str, str], list]] = {"not_expressible": {}, "known": {}, "failures": {}}
         held: Counter = Counter()  # variants each record was held to (they may depend on the case)
         for row in report.cases:
             cell = row.cells.get(column.key)
@@ -290,16 +464,19 @@ def adapter_summaries(report: Report) -> list[dict[str, Any]]:
                 for t in record.translations or []:
                     translations[str(t)] += 1
                     example.setdefault(str(t), row.id)
-                item = {"case": row.id, "anchor": row.anchor, "check": record.check, "status": record.status,
-                        "reason": record.reason or "",
-                        "explanation": explanation(record) if record.status is not Status.ERROR else "",
-                        "rule": record.rule if isinstance(record.rule, dict) else {}}
+                rule = record.rule if isinstance(record.rule, dict) else {}
                 if record.status is Status.NOT_EXPRESSIBLE:
-                    not_expressible.append(item)
+                    key, kind = (str(record.reason or ""), ""), "not_expressible"
                 elif record.status is Status.KNOWN:
-                    known.append(item)
+                    key, kind = (explanation(record), str(rule.get("reason") or record.reason or "")), "known"
                 elif record.status in NEEDS_ATTENTION:
-                    failures.append(item)
+                    why = explanation(record) if record.status is not Status.ERROR else ""
+                    key, kind = (f"{record.status}: {why}" if why else str(record.status),
+                                 str(record.reason or "").split("\n")[0][:300]), "failures"
+                else:
+                    continue
+                group = grouped[kind].setdefault(key, [0, row, record.check, rule])
+                group[0] += 1
         conventions = column.info.get("conventions")
         conventions = conventions if isinstance(conventions, dict) else {}
         out.append({"column": column, "translations": translations.most_common(), "example": example,
@@ -307,127 +484,12 @@ def adapter_summaries(report: Report) -> list[dict[str, Any]]:
                     "legacy": {k: v for k, v in conventions.items() if k not in ("variants", "notes")},
                     "notes": conventions.get("notes") or [], "held": held.most_common(),
                     "capabilities": capabilities(column.info),
-                    "not_expressible": not_expressible, "known": known, "failures": failures})
+                    **{kind: sorted(({"what": k[0], "reason": k[1], "count": g[0], "case": g[1].id,
+                                      "anchor": g[1].anchor, "check": g[2], "rule": g[3]}
+                                     for k, g in groups.items()), key=lambda d: -d["count"])
+                       for kind, groups in grouped.items()},
+                    "counts": {kind: sum(g[0] for g in groups.values()) for kind, groups in grouped.items()}})
     return out
-
-
-@dataclass(slots=True)
-class Line:
-    """One row of a case's table, pre-formatted: the per-case tables are most of a big report's
-    rendering time, and plain attributes of a slotted object are the cheapest lookups for Jinja."""
-
-    adapter: str
-    check: str
-    status: str
-    first: bool
-    span: int
-    output: str | None = None  # None: the record compared no outputs
-    failed: bool = False
-    derived: bool = False
-    abs: str = ""
-    rel: str = ""
-    ulp: str = ""
-    tol: str = ""
-    worst: str = ""
-    note: str = ""
-    reason: str = ""
-    diagnosis: str = ""  # explained by / closest variant
-    rule_reason: str = ""
-    rule_link: str = ""
-    rule_source: str = ""
-    conventions: str = ""
-    translations: str = ""
-    rule: str = ""
-
-
-def diagnosis(record: Record) -> str:
-    if record.explained_by:
-        return f"explained by: {', '.join(map(str, record.explained_by))}"
-    if isinstance(record.closest, dict) and record.status is Status.FAIL:
-        return (f"unexplained; closest variant: {record.closest.get('variant')} "
-                f"({fmt(record.closest.get('badness'))}× its tolerance)")
-    return ""
-
-
-def case_details(report: Report) -> list[tuple[Any, Markup]]:
-    """Per case: one table row per record x output, in column order."""
-    out = []
-    order = {c.key: c.index for c in report.columns}
-    for row in report.cases:
-        lines: list[Line] = []
-        for key in sorted(row.cells, key=lambda k: order.get(k, 0)):
-            for record in row.cells[key].records:
-                rule = record.rule if isinstance(record.rule, dict) else {}
-                metrics = record.metrics or []
-                head = Line(key, str(record.check), str(record.status), True, max(1, len(metrics)),
-                            reason=str(record.reason or ""), diagnosis=diagnosis(record),
-                            rule_reason=str(rule.get("reason") or ""), rule_link=str(rule.get("link") or ""),
-                            rule_source=str(rule.get("source") or ""),
-                            conventions=", ".join(map(str, record.conventions or [])),
-                            translations="; ".join(map(str, record.translations or [])),
-                            rule=str(record.tolerance_rule or ""))
-                if not metrics:
-                    lines.append(head)
-                for i, m in enumerate(metrics):
-                    line = head if i == 0 else Line(key, head.check, head.status, False, head.span)
-                    line.output = str(m.get("name"))
-                    line.failed = not m.get("passed")
-                    line.derived = bool(m.get("derived"))
-                    line.abs, line.rel = fmt(m.get("max_abs")), fmt(m.get("max_rel"))
-                    line.ulp = fmt(m.get("max_ulp"))
-                    line.tol = f"{fmt(m.get('rtol'), 2)} / {fmt(m.get('atol'), 2)}"
-                    line.worst = (f"{m.get('worst_index')}: {fmt(m.get('worst_expected'), 9)} / "
-                                  f"{fmt(m.get('worst_got'), 9)}")
-                    line.note = str(m.get("note") or "")
-                    lines.append(line)
-        out.append((row, Markup("\n".join(map(line_html, lines)))))
-    return out
-
-
-def line_html(line: Line) -> str:
-    """A case-table row as HTML, every field through html.escape: the one hot loop built outside
-    Jinja (a 10,000-record report has ~30,000 of these rows; Jinja's per-value Markup costs ~1 s)."""
-    e = html.escape
-    parts = ["<tr>"]
-    if line.first:
-        span = f' rowspan="{line.span}"' if line.span > 1 else ""
-        parts.append(f"<td{span}>{e(line.adapter)}</td><td{span}>{e(line.check)}</td>"
-                     f'<td{span} class="t-{status_class(line.status)}">{e(line.status)}</td>')
-    if line.output is None:
-        parts.append('<td colspan="6" class="muted">no outputs compared</td>')
-    else:
-        derived = " <small>(derived)</small>" if line.derived else ""
-        failed = ' class="t-fail"' if line.failed else ""
-        parts.append(f"<td{failed}>{e(line.output)}{derived}</td>"
-                     f'<td class="num">{e(line.abs)}</td><td class="num">{e(line.rel)}</td>'
-                     f'<td class="num">{e(line.ulp)}</td><td class="num">{e(line.tol)}</td>'
-                     f"<td>{e(line.worst)}</td>")
-    parts.append(f"<td>{e(line.note)}</td>")
-    if line.first:
-        notes = []
-        if line.diagnosis:
-            notes.append(f"<b>{e(line.diagnosis)}</b>")
-        if line.reason:
-            notes.append(f"<pre>{e(line.reason)}</pre>")
-        if line.rule_reason or line.rule_link:
-            url = link(line.rule_link)
-            text = e(line.rule_reason or line.rule_link)
-            shown = f'<a href="{e(url)}" rel="noreferrer">{text}</a>' if url else text
-            if line.rule_link and not url:
-                shown += f" ({e(line.rule_link)})"
-            if line.rule_source:
-                shown += f" <small>{e(line.rule_source)}</small>"
-            notes.append(f"known divergence: {shown}")
-        if line.conventions:
-            notes.append(f"<small>declared: {e(line.conventions)}</small>")
-        if line.translations:
-            notes.append(f"<small>{e(line.translations)}</small>")
-        if line.rule:
-            notes.append(f"<small>tolerance: {e(line.rule)}</small>")
-        span = f' rowspan="{line.span}"' if line.span > 1 else ""
-        parts.append(f"<td{span}>{'<br>'.join(notes)}</td>")
-    parts.append("</tr>")
-    return "".join(parts)
 
 
 def environments(report: Report) -> dict[str, Any]:
@@ -450,15 +512,15 @@ def render(report: Report, title: str = "bnconform report") -> str:
     tags = sorted({t for row in report.cases for t in row.tags})
     statuses = sorted({s for row in report.cases for c in row.cells.values() for s in c.statuses},
                       key=status_rank)
-    return page("report.html.j2", title=title, report=report, counts=report.counts(), tags=tags,
-                statuses=statuses, divergences=divergences(report), matrix=matrix_rows(report),
-                heatmap=heatmap_svg(report), histograms=ulp_histograms(report),
-                adapters=adapter_summaries(report), details=case_details(report), env=environments(report),
-                column_of=_columns(report))
-
-
-def _columns(report: Report) -> dict[str, Column]:
-    return {c.key: c for c in report.columns}
+    groups = divergences(report)
+    counts = report.counts()
+    return page("report.html.j2", title=title, report=report, counts=counts, tags=tags,
+                statuses=statuses, divergences=groups, histograms=ulp_histograms(report),
+                adapters=adapter_summaries(report), env=environments(report), porting=porting(report),
+                unexplained=sum(d["count"] for d in groups if d["explanation"] == UNEXPLAINED),
+                attention_cases=sum(1 for row in report.cases
+                                    if any(c.status in NEEDS_ATTENTION for c in row.cells.values())),
+                data=embedded(page_data(report)))
 
 
 def render_diff(diff: Any, title: str = "bnconform comparison") -> str:

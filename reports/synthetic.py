@@ -54,7 +54,8 @@ def case_info(rng: random.Random, index: int) -> dict[str, Any]:
             "shapes": [[rng.randint(1, 8), rng.randint(1, 6), 4, 4]], "steps": rng.choice([1, 1, 3]),
             "params": {"axis": rng.choice([1, -1]), "momentum": rng.choice([0.9, 0.99, None]),
                        "epsilon": rng.choice([1e-5, 1e-3, 0.0]), "center": True, "scale": rng.random() < 0.9},
-            "expect_error": False, "tolerance_override": None}
+            "expect_error": False, "tolerance_override": None,
+            "conditioning": round(10 ** rng.uniform(-1, 4), 3)}
 
 
 VARIANTS = ["moving-variance-unbiased", "epsilon-outside-sqrt", "compute-input-dtype", "momentum-complement",
@@ -106,7 +107,26 @@ def record(rng: random.Random, info: dict[str, Any], adapter: str, check: str) -
         out.explained_by = [UNEXPECTED.get(adapter, VARIANTS[1])]
     elif status is Status.FAIL:
         out.closest = {"variant": rng.choice(VARIANTS), "badness": round(10 ** rng.uniform(0.2, 3), 3)}
+    for m in out.metrics:  # an explained failure is as far off as its variant makes it
+        size = variant_effect(out.explained_by[0], info) if out.explained_by and not m["passed"] else None
+        if size is not None:
+            m["max_rel"] = size * rng.uniform(0.8, 1.25)
     return out.to_json()
+
+
+def variant_effect(variant: str, info: dict[str, Any]) -> float | None:
+    """The relative error a variant's own arithmetic predicts for a case, so the report's plots of
+    error against what drives it show the trend real runs show: 1/(n - 1) for a variance estimator
+    over n values per channel, u * (mean/std)^2 for sum of squares (u the float32 unit roundoff)."""
+    if variant.startswith("moving-variance"):
+        shape = info["shapes"][0]
+        n = 1
+        for i, size in enumerate(shape):
+            n *= 1 if i == info["params"]["axis"] % len(shape) else size
+        return 1 / (n - 1) if n > 1 else None
+    if variant == "variance-sum-of-squares":
+        return 6e-8 * info.get("conditioning", 1.0) ** 2
+    return None
 
 
 def _flip(momentum: float | None) -> str:
@@ -118,6 +138,17 @@ def conventions(adapter: str) -> dict[str, Any]:
     unbiased = adapter.startswith("torch") or adapter in ("tf-nn-fused", "tf-keras")
     return {"variants": ["moving-variance-unbiased"] if unbiased else [],
             "notes": [f"synthetic convention note for {adapter}"]}
+
+
+def names(adapter: str) -> dict[str, str]:
+    """The environment's `names` of an adapter: its API's spelling of the canonical parameters."""
+    if adapter.startswith("torch"):
+        return {"momentum": "momentum (= 1 - m)", "epsilon": "eps", "axis": "dim 1 (no argument)",
+                "center": "affine", "scale": "affine", "gamma": "weight", "beta": "bias",
+                "moving_mean": "running_mean", "moving_variance": "running_var", "mode": ".train() / .eval()"}
+    return {"momentum": "momentum", "epsilon": "epsilon", "axis": "axis", "center": "center",
+            "scale": "scale", "gamma": "gamma", "beta": "beta", "moving_mean": "moving_mean",
+            "moving_variance": "moving_variance", "mode": "training="}
 
 
 def capabilities(adapter: str) -> dict[str, Any]:
@@ -134,7 +165,7 @@ def hostile_records(adapters: list[str]) -> list[dict[str, Any]]:
     info = {"id": f"xss-{HOSTILE}", "title": f"Title {HOSTILE_IMG} & \"quotes\" 'single'",
             "tags": [HOSTILE, "tag with space", "a'b\"c"], "dtype": "float32", "shapes": [[2, 3]], "steps": 1,
             "params": {"axis": 1, "momentum": 0.9, "epsilon": 1e-5, "center": True, "scale": True},
-            "expect_error": False,
+            "expect_error": False, "conditioning": 0.5,
             "tolerance_override": {"rtol": 1e-4, "atol": 1e-6, "reason": f"reason {HOSTILE}"}}
     out = []
     for i, adapter in enumerate(adapters):
@@ -200,15 +231,16 @@ def probes(adapters: list[str], hostile: bool = False) -> dict[str, dict[str, di
 
 
 def results(records: int = 1000, adapters: list[str] | None = None, seed: int = 0, with_probes: bool = True,
-            hostile: bool = False, hostname: str = "synthetic") -> dict[str, Any]:
-    """A whole results file with about `records` records spread over cases x adapters x checks."""
+            hostile: bool = False, hostname: str = "synthetic", gradients_every: int = 5) -> dict[str, Any]:
+    """A whole results file with about `records` records spread over cases x adapters x checks;
+    every `gradients_every`-th case has a gradients check too (1: every case, the full 3 checks)."""
     rng = random.Random(seed)
     adapters = adapters or list(ADAPTERS)
     out: list[dict[str, Any]] = []
     index = 0
     while len(out) < records:
         info = case_info(rng, index)
-        checks = ["training", "inference"] + (["gradients"] if index % 5 == 0 else [])
+        checks = ["training", "inference"] + (["gradients"] if index % gradients_every == 0 else [])
         for adapter in adapters:
             for check in checks:
                 if len(out) < records:
@@ -217,7 +249,8 @@ def results(records: int = 1000, adapters: list[str] | None = None, seed: int = 
     if hostile:
         out.extend(hostile_records(adapters))
     env_adapters = {a: {"family": ADAPTERS.get(a, "torch"), "versions": VERSIONS[ADAPTERS.get(a, "torch")],
-                        "conventions": conventions(a), "capabilities": capabilities(a), "device": "cpu"}
+                        "conventions": conventions(a), "capabilities": capabilities(a), "device": "cpu",
+                        "names": names(a)}
                     for a in adapters}
     payload: dict[str, Any] = {
         "format": FORMAT,

@@ -26,7 +26,8 @@ from reports.render import divergences, render
 ROOT = Path(__file__).resolve().parent.parent
 ADAPTERS = ["torch", "torch-functional", "flax-linen", "onnxruntime"]
 # the keys conformance.plugin.case_summary puts in a record's case_info
-CASE_INFO_KEYS = {"title", "tags", "dtype", "shapes", "steps", "params", "expect_error", "tolerance_override"}
+CASE_INFO_KEYS = {"title", "tags", "dtype", "shapes", "steps", "params", "expect_error", "tolerance_override",
+                  "conditioning"}
 
 
 class Tables(HTMLParser):
@@ -77,6 +78,17 @@ def parse(text: str) -> Tables:
     return parser
 
 
+def data_of(text: str) -> dict:
+    """The JSON the page's script draws the matrix and the per-case detail from."""
+    block = re.search(r'<script type="application/json" id="report-data">(.*?)</script>', text, re.S).group(1)
+    assert "<" not in block and ">" not in block  # escaped as \u003c / \u003e: nothing can close the element
+    return json.loads(block)
+
+
+def strings_of(data: dict) -> set[str]:
+    return set(data["strings"])
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("results")
@@ -121,7 +133,11 @@ def test_matrix_and_semantic_table_shapes(files: dict[str, Path], page: str) -> 
     report = load([files["a"], files["b"]])
     assert [c.key for c in report.columns] == [*ADAPTERS, "torch @ b", "torch-functional @ b"]
     tables = parse(page).tables
-    assert tables["matrix"] == {"head_cells": 3 + 6, "body_rows": len(report.cases)}
+    data = data_of(page)
+    assert data["columns"] == [c.key for c in report.columns]
+    assert sorted(c[0] for c in data["cases"]) == sorted(row.id for row in report.cases)
+    assert all(len(c[8]) == len(report.columns) for c in data["cases"])
+    assert sum(len(c[9]) for c in data["cases"]) == report.record_count
     probes = synthetic.probes(ADAPTERS, hostile=True)
     names = {n for entries in probes.values() for n in entries}
     assert tables["semantic-table"] == {"head_cells": 1 + len(ADAPTERS), "body_rows": len(names)}
@@ -135,12 +151,15 @@ def test_every_internal_link_has_a_target_and_ids_are_unique(page: str) -> None:
     assert len(parsed.ids) == len(set(parsed.ids))
     targets = {url[1:] for tag, name, url in parsed.urls if name == "href" and url.startswith("#")}
     filters = {t for t in targets if t.startswith("filter:")}
-    assert filters and targets - filters and targets - filters <= set(parsed.ids) | {""}
+    cases = {c[1] for c in data_of(page)["cases"]}  # the script draws a case's detail on demand
+    assert filters and targets - filters and targets - filters <= set(parsed.ids) | cases | {""}
+    assert any(t.startswith("recipe-") for t in targets) and any(t.startswith("case-") for t in targets)
 
 
 def test_self_contained(page: str) -> None:
     parsed = parse(page)
-    assert parsed.scripts == 1
+    assert parsed.scripts == 2  # the page's script, and the JSON it reads (not executable)
+    assert len(re.findall(r"<script>", page)) == 1 and page.count('<script type="application/json"') == 1
     assert not {"link", "img", "iframe", "object", "embed", "audio", "video", "source"} & set(parsed.tags)
     for tag, name, url in parsed.urls:
         assert (tag, name) == ("a", "href"), (tag, name, url)
@@ -164,14 +183,24 @@ def test_hostile_strings_are_text(page: str) -> None:
 
 
 def test_case_detail_has_parameters_and_figures(files: dict[str, Path], page: str) -> None:
+    """Per-case detail is data the script draws on demand: every failing output's figures, the
+    diagnosis, the rule, the parameters; a passing record keeps its worst ULP error."""
     report = load([files["a"]])
     record = next(r for row in report.cases for c in row.cells.values() for r in c.records
                   if r.status is Status.FAIL and r.metrics and not r.case.startswith("xss"))
+    data = data_of(page)
+    strings = data["strings"]
+    case = next(c for c in data["cases"] if c[0] == record.case)
     worst = max(record.metrics, key=lambda m: synthetic_ulp(m["max_ulp"]))
-    assert f"{worst['worst_index']}" in page
-    assert "momentum=" in page and "rtol / atol" in page and "reason, translations, tolerance rule" in page
-    assert "unexplained; closest variant: " in page and "explained by: " in page
-    assert "known divergence: <a href=\"https://github.com/example/" in page
+    shown = [m for r in case[9] if isinstance(r[11], list) for m in r[11]]
+    assert any(strings[m[7]].startswith(f"{worst['worst_index']}: ") for m in shown)
+    assert "momentum=" in strings[case[6]]
+    texts = strings_of(data)
+    assert any(t.startswith("unexplained; closest variant: ") for t in texts)
+    assert any(t.startswith("explained by: ") for t in texts)
+    assert any(t.startswith("https://github.com/example/") for t in texts)  # a rule's link
+    passing = [r for c in data["cases"] for r in c[9] if data["statuses"][r[2]] == "pass"]
+    assert passing and all(not isinstance(r[11], list) for r in passing)
 
 
 def test_adapter_section_shows_variants_and_capabilities(page: str) -> None:
@@ -197,8 +226,12 @@ def test_real_results_files_render(tmp_path: Path) -> None:
                     f"--results={results}"], cwd=ROOT, capture_output=True, timeout=600, check=True)
     report = load([results])
     assert report.cases and len(report.columns) == 1
-    tables = parse(render(report)).tables
-    assert tables["matrix"]["body_rows"] == len(report.cases)
+    # each case says how ill-conditioned its input is (the plots' x for sum-of-squares groups)
+    assert all(isinstance(row.info.get("conditioning"), float) for row in report.cases)
+    assert report.columns[0].info["names"]["moving_variance"] == "running_var"  # declared by the adapter
+    text = render(report)
+    assert len(data_of(text)["cases"]) == len(report.cases)
+    assert 'id="porting"' in text
 
 
 def test_cli_unreadable_and_missing_files(files: dict[str, Path], tmp_path: Path,
@@ -246,6 +279,8 @@ def test_compare_runs(files: dict[str, Path], tmp_path: Path) -> None:
 
 def test_reports_imports_no_framework_and_no_adapters() -> None:
     code = ("import sys, reports.__main__, reports.render, reports.diff, reports.synthetic\n"
+            "from reports.model import Report\n"  # rendering too: the porting recipes use conformance.port
+            "reports.render.render(Report([], [], [], [], [], [], {}))\n"
             "bad = {'adapters', 'torch', 'tensorflow', 'jax', 'flax', 'keras', 'onnxruntime', 'numpy'}\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in bad))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
@@ -295,17 +330,25 @@ def test_divergences_grouped_unexplained_first(tmp_path: Path) -> None:
     assert known["rules"] == [{"reason": rule["reason"], "link": rule["link"], "source": rule["source"]}]
 
     text = render(report)
-    assert text.index('id="divergences"') < text.index('id="matrix"')
+    assert text.index('id="summary"') < text.index('id="divergences"') < text.index('id="matrix-section"')
     assert parse(text).tables["divergence-table"]["body_rows"] == 4
     start = text.index('id="divergence-table"')
     table = text[start:text.index("</table>", start)]
     assert table.index("flax-linen") < table.index("epsilon-outside-sqrt") < table.index(rule["link"])
     assert 'href="#filter:status=fail&amp;adapter=flax-linen">2</a>' in table
     assert "closest: compute-float32 ×2 <small>(2 records)</small>" in table
-    # the matrix cell names what explains it, "?" when nothing does
-    matrix = text[text.index('id="matrix"'):]
-    assert "fail<small>?</small>" in matrix and "fail<small>epsilon-outside-sqrt</small>" in matrix
-    assert "known<small>moving-variance-unbiased</small>" in matrix
+    # the matrix cell names what explains it, "?" when nothing does; failing cases come first
+    data = data_of(text)
+    cells = {(c[0], data["columns"][i]): (data["statuses"][cell[0]], data["strings"][cell[2]])
+             for c in data["cases"] for i, cell in enumerate(c[8]) if cell}
+    assert cells[("u0", "torch")] == ("fail", "?")
+    assert cells[("e0", "torch")] == ("fail", "epsilon-outside-sqrt")
+    assert cells[("k0", "torch")] == ("known", "moving-variance-unbiased")
+    order = [c[0] for c in data["cases"]]
+    assert order.index("u0") < order.index("k0") < order.index("p0")
+    # the first screen: counts by status, unexplained failures, the groups
+    summary = text[text.index('id="summary"'):text.index("</section>")]
+    assert "3 unexplained failures" in summary and 'id="group-summary"' in summary
 
 
 def test_format_1_file_with_xfail_renders_as_known(files: dict[str, Path], tmp_path: Path) -> None:
@@ -331,7 +374,8 @@ def test_format_1_file_with_xfail_renders_as_known(files: dict[str, Path], tmp_p
     assert counts[Status.KNOWN] == sum(1 for r in data["records"] if r["status"] == "xfail") > 0
     text = render(report)
     assert not re.search(r"\bx(fail|pass)\b", text.replace(str(tmp_path), ""))
-    assert 'class="cell st-known"' in text
+    data = data_of(text)
+    assert any(cell and data["statuses"][cell[0]] == "known" for c in data["cases"] for cell in c[8])
     assert "bnconform-results/1</td>" not in text and "(older; read as" in text
     assert "<code>moving_variance_estimator = unbiased</code>" in text
     assert "No capabilities recorded" in text
