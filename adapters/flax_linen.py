@@ -26,7 +26,8 @@
 
 from __future__ import annotations
 
-from adapters.jax_setup import on_device, to_numpy  # x64 and the compile cache, before any other JAX use
+# x64 and the compile cache, before any other JAX use
+from adapters.jax_setup import compiling_for, on_device, to_numpy
 
 # isort: split
 import functools
@@ -149,8 +150,10 @@ class FlaxLinen(Adapter):
     def fns(self, problem: Problem) -> dict[str, Callable[..., Any]]:
         axis = problem.axes[0] if len(problem.axes) == 1 else tuple(problem.axes)
         assert problem.momentum is not None
-        return compiled(axis, float(problem.momentum), float(problem.epsilon), problem.center,
-                        problem.scale, problem.dtype)
+        configuration = (axis, float(problem.momentum), float(problem.epsilon), problem.center,
+                         problem.scale, problem.dtype)
+        compiling_for(("linen", *configuration, problem.batches[0].shape))
+        return compiled(*configuration)
 
     def tensor(self, x: np.ndarray, problem: Problem) -> jax.Array:
         return on_device(x, problem.dtype)

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from adapters.jax_setup import on_device, to_numpy  # x64 and the compile cache, before any other JAX use
+# x64 and the compile cache, before any other JAX use
+from adapters.jax_setup import compiling_for, on_device, to_numpy
 
 # isort: split
 import flax
@@ -126,6 +127,8 @@ class FlaxNNX(Adapter):
         return "float64" if problem.dtype == "float64" else "float32"
 
     def layer(self, problem: Problem) -> nnx.BatchNorm:
+        compiling_for(("nnx", problem.axes, problem.momentum, problem.epsilon, problem.center, problem.scale,
+                       problem.dtype, problem.batches[0].shape))
         dtype = JAX_DTYPES[problem.dtype]
         bn = nnx.BatchNorm(
             num_features=int(problem.gamma.size), axis=problem.axes[0], momentum=problem.momentum,

@@ -35,3 +35,21 @@ def on_device(x: np.ndarray, dtype: str) -> jax.Array:
 def to_numpy(a: jax.Array) -> np.ndarray:
     """A JAX result as float64 NumPy, converted on the host (exact widening, no device compile)."""
     return np.asarray(a).astype(np.float64)
+
+
+CONFIGURATIONS_KEPT = 64
+_seen: set = set()
+
+
+def compiling_for(configuration: tuple) -> None:
+    """Note a layer configuration about to run. JAX keeps every executable it compiled (per
+    function, configuration and shape) for the life of the process; over a thousand generated
+    cases that is gigabytes. Past CONFIGURATIONS_KEPT distinct configurations the in-memory caches
+    are dropped (`jax.clear_caches`); the persistent cache on disk still has every executable, so a
+    configuration seen again is loaded, not recompiled. The cases of cases/ never reach the limit."""
+    if configuration in _seen:
+        return
+    if len(_seen) >= CONFIGURATIONS_KEPT:
+        jax.clear_caches()
+        _seen.clear()
+    _seen.add(configuration)
