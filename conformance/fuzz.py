@@ -53,6 +53,10 @@ def case_strategy() -> Any:
             [d(st.sampled_from((1, rank - 1, 0) if rank > 1 else (0,)))]
         if d(st.booleans()):
             axes = [a - rank for a in axes]  # the negative spelling
+        if d(st.integers(0, 19)) == 19:  # an axis out of range: every API must refuse the case
+            return {"id": "fuzz", "dtype": dtype, "params": {"axis": d(st.sampled_from((rank, -rank - 1)))},
+                    "input": {"shape": shape, "random": {"seed": 0}}, "training": {}, "inference": {},
+                    "expect_error": True}
         if d(st.integers(0, 9)) == 9:  # one value per channel: every other dim 1
             shape = [s if i in {a % rank for a in axes} else 1 for i, s in enumerate(shape)]
         params: dict[str, Any] = {"axis": axes if several else axes[0]}

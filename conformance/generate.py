@@ -390,6 +390,8 @@ def filled(doc: dict[str, Any], path: Path) -> dict[str, Any]:
     loaded, errors = load_text(path, dump(bare))
     if errors:
         raise CaseErrors(errors)
+    if loaded[0].case.expect_error:  # nothing to compute: every API must refuse the case
+        return {**bare, "tags": sorted(doc["tags"])}
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore", RuntimeWarning)  # "Mean of empty slice" for an empty batch
         filled = expected_values(loaded[0].case)
