@@ -25,11 +25,34 @@ CHECKS: tuple[Check, ...] = ("training", "inference", "gradients")
 FEATURES: dict[str, str] = {
     "multi-axis": "several channel axes",
     "momentum-null": "momentum null (a cumulative average)",
+    # batch renormalization, ghost batches, tf.layers adjustment, no moving statistics
+    "renorm": "batch renormalization (renorm)",
+    "ghost-batches": "ghost batches (virtual_batch_size)",
+    "adjustment": "an adjustment of the normalized values in training",
+    "no-running-stats": "no moving statistics (track_running_stats false)",
 }
 
 
 class NotExpressible(Exception):
     """The API cannot state this case (several channel axes in torch, say); the reason is reported."""
+
+
+@dataclass(frozen=True)
+class Renorm:
+    """Batch renormalization's settings (canonical semantics in conformance/reference.py)."""
+
+    momentum: float  # decay form, for the renorm mean and standard deviation
+    rmax: float | None = None  # None: that side is not clipped
+    rmin: float | None = None
+    dmax: float | None = None
+
+
+@dataclass(frozen=True)
+class Adjustment:
+    """tf.layers `adjustment`: training output gamma * (xhat * scale + bias) + beta."""
+
+    scale: np.ndarray  # shaped like the channel dims
+    bias: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -50,6 +73,11 @@ class Problem:
     moving_variance: np.ndarray
     upstream: np.ndarray | None = None  # dL/dy of the last step, for gradients
     infer_after_training: bool = False  # also run inference on the last batch after training
+    # optional features: an adapter that does not declare one reports the case not expressible
+    renorm: Renorm | None = field(default=None, metadata={"feature": "renorm"})
+    virtual_batch_size: int | None = field(default=None, metadata={"feature": "ghost-batches"})
+    adjustment: Adjustment | None = field(default=None, metadata={"feature": "adjustment"})
+    track_running_stats: bool = field(default=True, metadata={"feature": "no-running-stats"})
 
     @property
     def rank(self) -> int:

@@ -8,11 +8,11 @@ from typing import Any
 
 import numpy as np
 
-from adapters.base import Check, Problem
+from adapters.base import Adjustment, Check, Problem, Renorm
 from conformance import reference, variants
 from conformance.dtypes import round_to
 from conformance.outputs import CHECKS, alternatives, outputs_of
-from conformance.schema import Case, Values
+from conformance.schema import Case, Params, Values
 from conformance.validate import flat_numbers
 
 
@@ -66,7 +66,24 @@ def _build(case: Case, check: Check) -> Problem:
         moving_variance=per_channel(p.moving_variance, channels, 1.0, dtype),
         upstream=upstream,
         infer_after_training=infer_after,
+        **_features(p, channels, dtype),
     )
+
+
+def _features(p: Params, channels: tuple[int, ...], dtype: str) -> dict[str, Any]:
+    """The optional feature fields (renorm, ghost batches, adjustment, running statistics)."""
+    out: dict[str, Any] = {"virtual_batch_size": p.virtual_batch_size,
+                           "track_running_stats": p.track_running_stats}
+    if p.renorm is not None:
+        r = p.renorm
+        out["renorm"] = Renorm(momentum=r.momentum, rmax=r.rmax, rmin=r.rmin, dmax=r.dmax)
+    if p.adjustment is not None:
+        scale = per_channel(p.adjustment.scale, channels, 1.0, dtype)
+        bias = per_channel(p.adjustment.bias, channels, 0.0, dtype)
+        scale.setflags(write=False)
+        bias.setflags(write=False)
+        out["adjustment"] = Adjustment(scale=scale, bias=bias)
+    return out
 
 
 @dataclass
