@@ -262,6 +262,24 @@ class Adapter(ABC):
         return "cpu"
 
 
+def no_such_argument(api: str, features: tuple[str, ...] = ("renorm", "ghost-batches", "adjustment"),
+                     ) -> dict[str, str]:
+    """`Capabilities.why` entries for features an API has no argument for."""
+    names = {"renorm": "renorm", "ghost-batches": "virtual_batch_size", "adjustment": "adjustment",
+             "no-running-stats": "track_running_stats"}
+    return {f: f"{api} has no {names[f]} argument (or an equivalent)" for f in features}
+
+
+def broadcast_to_input(per_channel: np.ndarray, problem: Problem) -> np.ndarray:
+    """Per-channel values (case axis order) shaped to broadcast against the input (sizes at the
+    channel axes, 1 elsewhere), for APIs that take such a tensor (tf.layers `adjustment`)."""
+    ascending = to_ascending(per_channel, problem.channel_axes)
+    shape = [1] * problem.rank
+    for axis, size in zip(sorted(problem.channel_axes), ascending.shape, strict=True):
+        shape[axis] = size
+    return ascending.reshape(shape)
+
+
 def channels_first_permutation(rank: int, channel_axis: int) -> list[int]:
     """Transpose that puts `channel_axis` at dim 1 (others keep their order), for APIs that
     normalize over dim 1 only. Its inverse is `np.argsort(perm)`. A negative axis gets the rank
