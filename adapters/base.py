@@ -262,8 +262,8 @@ class Adapter(ABC):
         return "cpu"
 
 
-def no_such_argument(api: str, features: tuple[str, ...] = ("renorm", "ghost-batches", "adjustment"),
-                     ) -> dict[str, str]:
+def no_such_argument(api: str, features: tuple[str, ...] = ("renorm", "ghost-batches", "adjustment",
+                                                            "no-running-stats")) -> dict[str, str]:
     """`Capabilities.why` entries for features an API has no argument for."""
     names = {"renorm": "renorm", "ghost-batches": "virtual_batch_size", "adjustment": "adjustment",
              "no-running-stats": "track_running_stats"}

@@ -64,7 +64,7 @@ class TorchFunctional(Adapter):
     capabilities = Capabilities(
         min_rank=2, features=frozenset({"momentum-null", "no-running-stats"}),
         why={"multi-axis": "F.batch_norm normalizes over one channel dim (dim 1)",
-             **no_such_argument("F.batch_norm"),
+             **no_such_argument("F.batch_norm", ("renorm", "ghost-batches", "adjustment")),
              "rank": "F.batch_norm needs at least 2-D input (batch, channels, ...)"},
     )
 

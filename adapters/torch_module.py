@@ -72,7 +72,7 @@ class TorchModule(Adapter):
     capabilities = Capabilities(
         min_rank=2, max_rank=5, features=frozenset({"momentum-null", "no-running-stats"}),
         why={"multi-axis": "torch BatchNorm normalizes over one channel dim (dim 1)",
-             **no_such_argument("torch.nn.BatchNorm"),
+             **no_such_argument("torch.nn.BatchNorm", ("renorm", "ghost-batches", "adjustment")),
              "rank": "BatchNorm1d takes 2-D/3-D input, BatchNorm2d 4-D, BatchNorm3d 5-D"},
     )
 
