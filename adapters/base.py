@@ -248,6 +248,12 @@ class Adapter(ABC):
         expects it). Raise NotExpressible where the API has no such layer or flag (trainable)."""
         raise NotExpressible(f"{self.id} has no default-layer probe hook")
 
+    def feature_layer(self, shape: tuple[int, ...], arguments: dict) -> DefaultLayer:
+        """A default layer with the API's own arguments for an optional feature added and nothing
+        else (`{"renorm": True}`, `{"virtual_batch_size": 2}`), for the probes that measure what
+        those arguments default to and do. Raise NotExpressible where the API has no such argument."""
+        raise NotExpressible(f"{self.id} has no argument {', '.join(arguments)}")
+
     @abstractmethod
     def train(self, problem: Problem) -> TrainingRun: ...
 

@@ -40,6 +40,7 @@ from adapters.base import (
     Conventions,
     DefaultLayer,
     Gradients,
+    NotExpressible,
     Observed,
     Problem,
     TrainingRun,
@@ -92,6 +93,11 @@ class Keras3(Adapter):
     def default_layer(self, shape: tuple[int, ...], dtype: str = "float32",
                       trainable: bool = True) -> DefaultLayer:
         return DefaultKerasLayer(dtype, trainable)
+
+    def feature_layer(self, shape: tuple[int, ...], arguments: dict) -> DefaultLayer:
+        if set(arguments) - {"renorm"}:
+            raise NotExpressible(f"Keras 3 BatchNormalization has no argument {', '.join(arguments)}")
+        return DefaultKerasLayer("float32", True, arguments)
 
     def translations(self, problem: Problem) -> list[str]:
         out = [f"momentum {problem.momentum:g} -> momentum={problem.momentum:g} (same decay form)",
@@ -170,8 +176,8 @@ class DefaultKerasLayer(DefaultLayer):
     """`keras.layers.BatchNormalization()` called eagerly; a training call assigns the moving
     statistics at once (`call`: `self.moving_mean.assign(...)`)."""
 
-    def __init__(self, dtype: str, trainable: bool):
-        kwargs: dict = {}
+    def __init__(self, dtype: str, trainable: bool, arguments: dict | None = None):
+        kwargs: dict = dict(arguments or {})
         if dtype != "float32":
             kwargs["dtype"] = dtype
         if not trainable:

@@ -94,6 +94,9 @@ class TfKerasLayer(Adapter):
                       trainable: bool = True) -> DefaultLayer:
         return DefaultKerasLayer(self.fused, dtype, trainable)
 
+    def feature_layer(self, shape: tuple[int, ...], arguments: dict) -> DefaultLayer:
+        return DefaultKerasLayer(self.fused, "float32", True, arguments)
+
     def translations(self, problem: Problem) -> list[str]:
         axis = problem.axes[0] if len(problem.axes) == 1 else list(problem.axes)
         out = [f"momentum {problem.momentum:g} -> momentum={problem.momentum:g} (same decay form)",
@@ -263,8 +266,8 @@ class DefaultKerasLayer(DefaultLayer):
     """`tf_keras.layers.BatchNormalization()` called eagerly: `bn(x)`, `bn(x, training=True)` or
     `bn(x, training=False)`. An eager training call updates the moving statistics at once."""
 
-    def __init__(self, fused: bool | None, dtype: str, trainable: bool):
-        kwargs: dict = {}
+    def __init__(self, fused: bool | None, dtype: str, trainable: bool, arguments: dict | None = None):
+        kwargs: dict = dict(arguments or {})
         if fused is False:
             kwargs["fused"] = False
         if dtype != "float32":

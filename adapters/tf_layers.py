@@ -166,6 +166,9 @@ class TfLayers(Adapter):
                       trainable: bool = True) -> DefaultLayer:
         return DefaultGraphLayer(shape, dtype, trainable)
 
+    def feature_layer(self, shape: tuple[int, ...], arguments: dict) -> DefaultLayer:
+        return DefaultGraphLayer(shape, "float32", True, arguments)
+
     def translations(self, problem: Problem) -> list[str]:
         axis = problem.axes[0] if len(problem.axes) == 1 else list(problem.axes)
         out = [f"momentum {problem.momentum:g} -> momentum={problem.momentum:g} (same decay form)",
@@ -333,8 +336,9 @@ class DefaultGraphLayer(DefaultLayer):
     the output alone, as a TF1 user who forgot UPDATE_OPS does; `train_step` runs it under
     `tf.control_dependencies(UPDATE_OPS)`, as the function's docstring prescribes."""
 
-    def __init__(self, shape: tuple[int, ...], dtype: str, trainable: bool):
+    def __init__(self, shape: tuple[int, ...], dtype: str, trainable: bool, arguments: dict | None = None):
         self.shape, self.dtype, self.trainable = shape, dtype, trainable
+        self.arguments = dict(arguments or {})  # the feature probes' extra arguments
         self.graphs: dict[Check | None, ModeGraph] = {}
         self.state: dict[str, np.ndarray] = {}  # variable values after the last run; {} = fresh
 
@@ -344,7 +348,7 @@ class DefaultGraphLayer(DefaultLayer):
         graph = tf.compat.v1.Graph()
         with graph.as_default():
             x = tf.compat.v1.placeholder(tf.as_dtype(self.dtype), self.shape, name="x")
-            kwargs: dict = {} if mode is None else {"training": mode == "training"}
+            kwargs: dict = {**self.arguments, **({} if mode is None else {"training": mode == "training"})}
             if not self.trainable:
                 kwargs["trainable"] = False
             with warnings.catch_warnings():
