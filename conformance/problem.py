@@ -162,13 +162,20 @@ def gradient_scales(problem: Problem) -> dict[str, float]:
         return {}
     axes = problem.channel_axes
     red = reference.reduce_axes(x.ndim, axes)
-    mean, var, _ = reference.moments(x, axes)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inv = np.abs(problem.gamma) / np.sqrt(var + problem.epsilon)
-        xhat = (x - reference.broadcastable(mean, x.ndim, axes)) * reference.broadcastable(
-            1 / np.sqrt(var + problem.epsilon), x.ndim, axes)
-    scales = {"input": float(np.nanmax(inv)) * float(np.abs(dy).max()),
-              "gamma": float(np.nanmax(np.abs(dy * xhat).sum(axis=red))),
+    inv_max, dgamma_terms = 0.0, 0.0
+    v = problem.virtual_batch_size  # ghost batches: xhat of each virtual batch, either grouping
+    for groups in ([slice(None)],) if v is None else (reference.virtual_batches(x.shape[0], v),
+                                                      reference.virtual_batches(x.shape[0], v, True)):
+        xhat = np.empty_like(x)
+        for g in groups:
+            mean, var, _ = reference.moments(x[g], axes)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                inv = np.abs(problem.gamma) / np.sqrt(var + problem.epsilon)
+                xhat[g] = (x[g] - reference.broadcastable(mean, x.ndim, axes)) * reference.broadcastable(
+                    1 / np.sqrt(var + problem.epsilon), x.ndim, axes)
+            inv_max = max(inv_max, float(np.nanmax(inv)))
+        dgamma_terms = max(dgamma_terms, float(np.nanmax(np.abs(dy * xhat).sum(axis=red))))
+    scales = {"input": inv_max * float(np.abs(dy).max()), "gamma": dgamma_terms,
               "beta": float(np.abs(dy).sum(axis=red).max())}
     return {k: max(1.0, v) for k, v in scales.items() if np.isfinite(v)}
 
@@ -181,12 +188,13 @@ def input_conditioning(problem: Problem) -> float:
     1 / sqrt(eps), not 0 (a float32 mean of equal values need not equal them). A channel with
     var + eps = 0 (eps 0, constant) is left out: its output is undefined (NaN) anyway."""
     worst = 0.0
-    for x in problem.batches:
-        mean, var, _ = reference.moments(x, problem.channel_axes)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.abs(mean) / np.sqrt(var + problem.epsilon)
-        finite = ratio[np.isfinite(ratio)]
-        worst = max(worst, float(finite.max()) if finite.size else 0.0)
+    for x in problem.batches:  # with ghost batches, each group of rows normalized together
+        for g in reference.normalized_together(x.shape[0], problem.virtual_batch_size):
+            mean, var, _ = reference.moments(x[g], problem.channel_axes)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = np.abs(mean) / np.sqrt(var + problem.epsilon)
+            finite = ratio[np.isfinite(ratio)]
+            worst = max(worst, float(finite.max()) if finite.size else 0.0)
     return worst
 
 

@@ -99,6 +99,14 @@ def virtual_batches(n: int, v: int | None, interleaved: bool = False) -> list[sl
     return [slice(j, None, k) if interleaved else slice(j * v, (j + 1) * v) for j in range(k)]
 
 
+def normalized_together(n: int, v: int | None) -> list[slice]:
+    """Every group of rows some adapter normalizes with one set of statistics, for tolerances: the
+    whole batch, or each virtual batch, consecutive or interleaved (ghost-interleaved)."""
+    if v is None:
+        return [slice(None)]
+    return [*virtual_batches(n, v), *virtual_batches(n, v, interleaved=True)]
+
+
 def average(parts: list[np.ndarray]) -> np.ndarray:
     """The mean over virtual batches (one batch: itself, bit for bit)."""
     return parts[0] if len(parts) == 1 else np.mean(parts, axis=0)

@@ -361,15 +361,17 @@ def folded_error(knobs: Knobs, problem: Problem) -> float:
     dtype = knobs.compute_dtype or "float64"
     eps = problem.epsilon if knobs.epsilon is None else knobs.epsilon
     worst = 0.0
-    for x in problem.batches:
-        if x.size == 0:
-            continue
-        _, var, _ = reference.moments(x, problem.channel_axes)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            s = np.abs(problem.gamma) / np.sqrt(var + eps)
-            xs = np.abs(x) * reference.broadcastable(s, x.ndim, problem.channel_axes)
-        finite = xs[np.isfinite(xs)]
-        worst = max(worst, float(finite.max()) if finite.size else 0.0)
+    for batch in problem.batches:
+        for g in reference.normalized_together(batch.shape[0], problem.virtual_batch_size):
+            x = batch[g]
+            if x.size == 0:
+                continue
+            _, var, _ = reference.moments(x, problem.channel_axes)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                s = np.abs(problem.gamma) / np.sqrt(var + eps)
+                xs = np.abs(x) * reference.broadcastable(s, x.ndim, problem.channel_axes)
+            finite = xs[np.isfinite(xs)]
+            worst = max(worst, float(finite.max()) if finite.size else 0.0)
     return 2.0 * unit_roundoff_eps(dtype) * worst
 
 
