@@ -77,9 +77,10 @@ class TorchModule(Adapter):
     )
 
     def not_expressible(self, problem: Problem, check: Check) -> str | None:
-        if problem.epsilon <= 0 and check != "inference":
+        if problem.epsilon <= 0 and (check != "inference" or not problem.track_running_stats):
             # torch/nn/functional.py (2.13) batch_norm: `if training and eps <= 0.0: raise ValueError(
-            # "batch_norm eps must be positive during training")`
+            # "batch_norm eps must be positive during training")`; without running statistics
+            # inference runs with training=True too
             return "torch rejects eps <= 0 in training (ValueError: eps must be positive during training)"
         return None
 
