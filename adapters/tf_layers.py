@@ -181,6 +181,19 @@ class TfLayers(Adapter):
         if problem.axes_in_range:
             out.append(f"fused=None -> the {'fused' if takes_fused_path(problem) else 'unfused'} kernel "
                        "for this input")
+        if problem.renorm is not None:
+            args = feature_arguments(problem)
+            out.append(f"renorm -> renorm=True, renorm_momentum={args['renorm_momentum']:g}, "
+                       f"renorm_clipping={args['renorm_clipping']}; renorm_mean, renorm_stddev and "
+                       "moving_stddev loaded with moving_mean, sqrt(moving_variance), sqrt(moving_variance)")
+        if problem.virtual_batch_size is not None:
+            out.append(f"virtual_batch_size {problem.virtual_batch_size} -> virtual_batch_size="
+                       f"{problem.virtual_batch_size}, the layer called with training=True and, sharing its "
+                       "variables, training=False (a tensor `training` turns ghost batches off); interleaved "
+                       "rows: ghost-interleaved")
+        if problem.adjustment is not None:
+            out.append("adjustment -> adjustment=lambda shape: (scale, bias), constants in the graph shaped "
+                       "to broadcast against the input")
         return out
 
     # -- the graph
