@@ -133,6 +133,8 @@ class TrainingRun:
     batch_mean: np.ndarray | None = None
     batch_variance: np.ndarray | None = None
     inference_output: np.ndarray | None = None
+    renorm_mean: np.ndarray | None = None  # renorm's own moving statistics (renorm cases)
+    renorm_stddev: np.ndarray | None = None
 
 
 @dataclass

@@ -142,6 +142,8 @@ class Keras3(Adapter):
             y = bn(self.tensor(x, problem), training=True)
         run = TrainingRun(output=to_numpy(y), moving_mean=to_numpy(bn.moving_mean),
                           moving_variance=to_numpy(bn.moving_variance))
+        if problem.renorm is not None:
+            run.renorm_mean, run.renorm_stddev = to_numpy(bn.renorm_mean), to_numpy(bn.renorm_stddev)
         if problem.infer_after_training:
             run.inference_output = to_numpy(bn(self.tensor(problem.batches[-1], problem), training=False))
         return run

@@ -154,6 +154,9 @@ class TfKerasLayer(Adapter):
             y = bn(self.tensor(x, problem), training=True)
         run = TrainingRun(output=to_numpy(y), moving_mean=self.per_channel(bn.moving_mean, problem),
                           moving_variance=self.per_channel(bn.moving_variance, problem))
+        if problem.renorm is not None:
+            run.renorm_mean = self.per_channel(bn.renorm_mean, problem)
+            run.renorm_stddev = self.per_channel(bn.renorm_stddev, problem)
         if problem.infer_after_training:
             run.inference_output = to_numpy(bn(self.tensor(problem.batches[-1], problem), training=False))
         return run

@@ -279,6 +279,11 @@ class TfLayers(Adapter):
         run = TrainingRun(output=y.astype(np.float64),
                           moving_mean=self.per_channel(moving_mean, problem),
                           moving_variance=self.per_channel(moving_variance, problem))
+        if problem.renorm is not None:
+            renorm_mean, renorm_stddev = g.session.run(
+                [g.variables[n] for n in ("renorm_mean", "renorm_stddev")])
+            run.renorm_mean = self.per_channel(renorm_mean, problem)
+            run.renorm_stddev = self.per_channel(renorm_stddev, problem)
         if problem.infer_after_training:
             run.inference_output = g.session.run(
                 g.output_in(False), self.feed(g, problem.batches[-1], False, problem)).astype(np.float64)

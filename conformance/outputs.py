@@ -49,6 +49,10 @@ def _always(params: Any) -> bool:
     return True
 
 
+def _renorm(params: Any) -> bool:
+    return params.renorm is not None
+
+
 def _tracked(params: Any) -> bool:
     return bool(params.track_running_stats)
 
@@ -82,6 +86,10 @@ OUTPUTS: tuple[Output, ...] = (
     Output("training", "moving_variance_unbiased", "channels", "the moving variance when every update uses "
            "the Bessel-corrected (n/(n-1)) batch variance", variant="moving-variance-unbiased",
            stands_for="moving_variance", exists=_tracked),
+    Output("training", "renorm_mean", "channels", "renorm's moving mean (mu_r) after the last step "
+           "(only with renorm)", exists=_renorm),
+    Output("training", "renorm_stddev", "channels", "renorm's moving standard deviation (sigma_r) after "
+           "the last step (only with renorm)", exists=_renorm),
     Output("training", "inference_output", "input", "inference on the last batch with the state after "
            "training; giving it asks adapters to run that inference"),
     Output("inference", "output", "input", "y with params.moving_mean and moving_variance"),

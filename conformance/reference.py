@@ -162,6 +162,8 @@ class TrainingReference:
     inference_output: np.ndarray  # the last batch, normalized with the state after training
     inference_output_unbiased: np.ndarray  # the same with the unbiased moving variance
     batch_variance_unbiased: np.ndarray
+    renorm_mean: np.ndarray | None = None  # with renorm: mu_r and sigma_r after the last step
+    renorm_stddev: np.ndarray | None = None
 
 
 def train(p: Problem) -> TrainingReference:
@@ -206,6 +208,7 @@ def train(p: Problem) -> TrainingReference:
         inference_output=inference_output,
         inference_output_unbiased=inference_output_unbiased,
         batch_variance_unbiased=var_unbiased,
+        **({} if p.renorm is None else {"renorm_mean": renorm_mean, "renorm_stddev": renorm_std}),
     )
 
 

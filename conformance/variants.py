@@ -229,6 +229,7 @@ def _train(p: Problem, k: Knobs) -> dict[str, np.ndarray]:
         "moving_mean": moving_mean,
         "moving_variance": moving_var,
         "inference_output": _normalize(p.batches[-1], p, k, *last),
+        **({} if p.renorm is None else {"renorm_mean": renorm_mean, "renorm_stddev": renorm_std}),
     }
 
 
