@@ -25,6 +25,11 @@ CHECKS: tuple[Check, ...] = ("training", "inference", "gradients")
 FEATURES: dict[str, str] = {
     "multi-axis": "several channel axes",
     "momentum-null": "momentum null (a cumulative average)",
+    # batch renormalization, ghost batches, tf.layers adjustment, no moving statistics
+    "renorm": "batch renormalization (renorm)",
+    "ghost-batches": "ghost batches (virtual_batch_size)",
+    "adjustment": "an adjustment of the normalized values in training",
+    "no-running-stats": "no moving statistics (track_running_stats false)",
 }
 
 
@@ -35,6 +40,24 @@ NAMES = ("momentum", "epsilon", "axis", "center", "scale", "gamma", "beta", "mov
 
 class NotExpressible(Exception):
     """The API cannot state this case (several channel axes in torch, say); the reason is reported."""
+
+
+@dataclass(frozen=True)
+class Renorm:
+    """Batch renormalization's settings (canonical semantics in conformance/reference.py)."""
+
+    momentum: float  # decay form, for the renorm mean and standard deviation
+    rmax: float | None = None  # None: that side is not clipped
+    rmin: float | None = None
+    dmax: float | None = None
+
+
+@dataclass(frozen=True)
+class Adjustment:
+    """tf.layers `adjustment`: training output gamma * (xhat * scale + bias) + beta."""
+
+    scale: np.ndarray  # shaped like the channel dims
+    bias: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -55,6 +78,11 @@ class Problem:
     moving_variance: np.ndarray
     upstream: np.ndarray | None = None  # dL/dy of the last step, for gradients
     infer_after_training: bool = False  # also run inference on the last batch after training
+    # optional features: an adapter that does not declare one reports the case not expressible
+    renorm: Renorm | None = field(default=None, metadata={"feature": "renorm"})
+    virtual_batch_size: int | None = field(default=None, metadata={"feature": "ghost-batches"})
+    adjustment: Adjustment | None = field(default=None, metadata={"feature": "adjustment"})
+    track_running_stats: bool = field(default=True, metadata={"feature": "no-running-stats"})
 
     @property
     def rank(self) -> int:
@@ -110,6 +138,8 @@ class TrainingRun:
     batch_mean: np.ndarray | None = None
     batch_variance: np.ndarray | None = None
     inference_output: np.ndarray | None = None
+    renorm_mean: np.ndarray | None = None  # renorm's own moving statistics (renorm cases)
+    renorm_stddev: np.ndarray | None = None
 
 
 @dataclass
@@ -228,6 +258,12 @@ class Adapter(ABC):
         expects it). Raise NotExpressible where the API has no such layer or flag (trainable)."""
         raise NotExpressible(f"{self.id} has no default-layer probe hook")
 
+    def feature_layer(self, shape: tuple[int, ...], arguments: dict) -> DefaultLayer:
+        """A default layer with the API's own arguments for an optional feature added and nothing
+        else (`{"renorm": True}`, `{"virtual_batch_size": 2}`), for the probes that measure what
+        those arguments default to and do. Raise NotExpressible where the API has no such argument."""
+        raise NotExpressible(f"{self.id} has no argument {', '.join(arguments)}")
+
     @abstractmethod
     def train(self, problem: Problem) -> TrainingRun: ...
 
@@ -240,6 +276,24 @@ class Adapter(ABC):
     def device(self) -> str:
         """Where the framework ran the computation."""
         return "cpu"
+
+
+def no_such_argument(api: str, features: tuple[str, ...] = ("renorm", "ghost-batches", "adjustment",
+                                                            "no-running-stats")) -> dict[str, str]:
+    """`Capabilities.why` entries for features an API has no argument for."""
+    names = {"renorm": "renorm", "ghost-batches": "virtual_batch_size", "adjustment": "adjustment",
+             "no-running-stats": "track_running_stats"}
+    return {f: f"{api} has no {names[f]} argument (or an equivalent)" for f in features}
+
+
+def broadcast_to_input(per_channel: np.ndarray, problem: Problem) -> np.ndarray:
+    """Per-channel values (case axis order) shaped to broadcast against the input (sizes at the
+    channel axes, 1 elsewhere), for APIs that take such a tensor (tf.layers `adjustment`)."""
+    ascending = to_ascending(per_channel, problem.channel_axes)
+    shape = [1] * problem.rank
+    for axis, size in zip(sorted(problem.channel_axes), ascending.shape, strict=True):
+        shape[axis] = size
+    return ascending.reshape(shape)
 
 
 def channels_first_permutation(rank: int, channel_axis: int) -> list[int]:

@@ -52,6 +52,7 @@ from adapters.base import (
     Observed,
     Problem,
     TrainingRun,
+    no_such_argument,
 )
 
 JAX_DTYPES = {
@@ -118,7 +119,8 @@ class FlaxLinen(Adapter):
 
     capabilities = Capabilities(
         features=frozenset({"multi-axis"}),
-        why={"momentum-null": "linen's BatchNorm.momentum is a fixed decay rate"},
+        why={"momentum-null": "linen's BatchNorm.momentum is a fixed decay rate",
+             **no_such_argument("linen.BatchNorm")},
     )
 
     def translations(self, problem: Problem) -> list[str]:

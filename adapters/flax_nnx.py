@@ -49,6 +49,7 @@ from adapters.base import (
     Observed,
     Problem,
     TrainingRun,
+    no_such_argument,
 )
 
 JAX_DTYPES = {
@@ -101,6 +102,7 @@ class FlaxNNX(Adapter):
 
     capabilities = Capabilities(
         why={"momentum-null": "nnx's BatchNorm.momentum is a fixed decay rate",
+             **no_such_argument("nnx.BatchNorm"),
              "multi-axis": "nnx.BatchNorm takes one feature axis: num_features is an int and its "
                            "parameters and statistics are 1-D"},
     )

@@ -17,6 +17,11 @@ Three adapters, one per backend, each in a process of its own backend (Keras fix
   On JAX, adapters/jax_setup.py turns on x64 mode (float64 cases) and the compile cache.
 - Modes: `layer(x, training=True)` normalizes with the batch statistics and assigns the moving
   averages (biased variance from `ops.moments`, measured); `layer(x, training=False)` is inference.
+- renorm: `renorm=True`, `renorm_momentum=` the canonical renorm momentum (same decay form),
+  `renorm_clipping=` the clips the case gives (a missing key is not clipped). The extra variables
+  are assigned as the layer's initializers derive them: `renorm_mean` = moving mean,
+  `renorm_stddev` = `moving_stddev` = sqrt(moving variance) (batch_normalization.py `build`).
+  Keras 3 has no `virtual_batch_size`, `adjustment` or way to drop the moving statistics.
 - Gradients: each backend's own autodiff on the same eager call: `tf.GradientTape` on tensorflow,
   `jax.vjp` over `layer.stateless_call` on jax, `.backward()` on torch.
 - Default layer (semantic probes): `BatchNormalization()` with no argument but `dtype` for float16
@@ -37,9 +42,11 @@ from adapters.base import (
     Conventions,
     DefaultLayer,
     Gradients,
+    NotExpressible,
     Observed,
     Problem,
     TrainingRun,
+    no_such_argument,
 )
 
 BACKEND = keras.backend.backend()
@@ -83,13 +90,21 @@ class Keras3(Adapter):
         return out
 
     capabilities = Capabilities(
+        features=frozenset({"renorm"}),
         why={"momentum-null": "Keras momentum is a fixed decay; it has no cumulative average",
-             "multi-axis": "Keras 3 BatchNormalization takes one integer axis (self.axis = int(axis))"},
+             "multi-axis": "Keras 3 BatchNormalization takes one integer axis (self.axis = int(axis))",
+             **no_such_argument("Keras 3 BatchNormalization", ("ghost-batches", "adjustment",
+                                                               "no-running-stats"))},
     )
 
     def default_layer(self, shape: tuple[int, ...], dtype: str = "float32",
                       trainable: bool = True) -> DefaultLayer:
         return DefaultKerasLayer(dtype, trainable)
+
+    def feature_layer(self, shape: tuple[int, ...], arguments: dict) -> DefaultLayer:
+        if set(arguments) - {"renorm"}:
+            raise NotExpressible(f"Keras 3 BatchNormalization has no argument {', '.join(arguments)}")
+        return DefaultKerasLayer("float32", True, arguments)
 
     def translations(self, problem: Problem) -> list[str]:
         out = [f"momentum {problem.momentum:g} -> momentum={problem.momentum:g} (same decay form)",
@@ -99,6 +114,11 @@ class Keras3(Adapter):
                f"backend {BACKEND}"]
         if not (problem.center and problem.scale):
             out.append(f"center={problem.center}, scale={problem.scale}")
+        if problem.renorm is not None:
+            args = renorm_arguments(problem)
+            out.append(f"renorm -> renorm=True, renorm_momentum={args['renorm_momentum']:g}, "
+                       f"renorm_clipping={args['renorm_clipping']}; renorm_mean, renorm_stddev and "
+                       "moving_stddev assigned moving_mean, sqrt(moving_variance), sqrt(moving_variance)")
         return out
 
     # -- the layer
@@ -106,8 +126,12 @@ class Keras3(Adapter):
     def layer(self, problem: Problem) -> keras.layers.BatchNormalization:
         bn = keras.layers.BatchNormalization(
             axis=problem.axes[0], momentum=problem.momentum, epsilon=problem.epsilon,
-            center=problem.center, scale=problem.scale, dtype=problem.dtype)
+            center=problem.center, scale=problem.scale, dtype=problem.dtype, **renorm_arguments(problem))
         bn.build(problem.batches[0].shape)  # an out-of-range axis raises here
+        if problem.renorm is not None:  # as the layer's initializers derive them from the moving ones
+            bn.renorm_mean.assign(self.host_cast(problem.moving_mean, problem))
+            bn.renorm_stddev.assign(self.host_cast(np.sqrt(problem.moving_variance), problem))
+            bn.moving_stddev.assign(self.host_cast(np.sqrt(problem.moving_variance), problem))
         bn.moving_mean.assign(self.host_cast(problem.moving_mean, problem))
         bn.moving_variance.assign(self.host_cast(problem.moving_variance, problem))
         if problem.scale:
@@ -133,6 +157,8 @@ class Keras3(Adapter):
             y = bn(self.tensor(x, problem), training=True)
         run = TrainingRun(output=to_numpy(y), moving_mean=to_numpy(bn.moving_mean),
                           moving_variance=to_numpy(bn.moving_variance))
+        if problem.renorm is not None:
+            run.renorm_mean, run.renorm_stddev = to_numpy(bn.renorm_mean), to_numpy(bn.renorm_stddev)
         if problem.infer_after_training:
             run.inference_output = to_numpy(bn(self.tensor(problem.batches[-1], problem), training=False))
         return run
@@ -155,12 +181,20 @@ class Keras3(Adapter):
         )
 
 
+def renorm_arguments(problem: Problem) -> dict:
+    if problem.renorm is None:
+        return {}
+    r = problem.renorm
+    return {"renorm": True, "renorm_momentum": r.momentum, "renorm_clipping": {
+        k: v for k, v in (("rmax", r.rmax), ("rmin", r.rmin), ("dmax", r.dmax)) if v is not None}}
+
+
 class DefaultKerasLayer(DefaultLayer):
     """`keras.layers.BatchNormalization()` called eagerly; a training call assigns the moving
     statistics at once (`call`: `self.moving_mean.assign(...)`)."""
 
-    def __init__(self, dtype: str, trainable: bool):
-        kwargs: dict = {}
+    def __init__(self, dtype: str, trainable: bool, arguments: dict | None = None):
+        kwargs: dict = dict(arguments or {})
         if dtype != "float32":
             kwargs["dtype"] = dtype
         if not trainable:

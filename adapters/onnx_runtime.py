@@ -47,6 +47,7 @@ from adapters.base import (
     Problem,
     TrainingRun,
     channels_first_permutation,
+    no_such_argument,
 )
 
 OPSET = 21
@@ -156,7 +157,8 @@ class OnnxRuntime(Adapter):
 
     capabilities = Capabilities(
         checks=frozenset({"training", "inference"}), min_rank=2, features=frozenset({"momentum-null"}),
-        why={"gradients": "an ONNX Runtime InferenceSession has no autodiff (training needs the "
+        why={**no_such_argument("ONNX BatchNormalization"),
+             "gradients": "an ONNX Runtime InferenceSession has no autodiff (training needs the "
                           "separate onnxruntime-training package)",
              "multi-axis": "BatchNormalization normalizes over one channel dim (dim 1)",
              "rank": "BatchNormalization takes N x C x D1... input"},

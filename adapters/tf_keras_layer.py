@@ -21,6 +21,18 @@ Two adapters: `tf-keras` leaves `fused=None` (the layer picks the fused kernel w
   `exponential_avg_factor = 1 - momentum` to `fused_batch_norm`), the unfused one with the biased
   variance. `tf-keras` declares, per problem (`conventions_for`), the estimator of the kernel the
   layer picks.
+- renorm: `renorm=True`, `renorm_momentum=` the canonical renorm momentum (same decay form),
+  `renorm_clipping=` the clips the case gives (a missing key is not clipped, as the case format
+  says). The layer's extra variables are assigned as its initializers derive them from the moving
+  statistics: `renorm_mean` = moving mean, `renorm_stddev` = `moving_stddev` = sqrt(moving
+  variance) (batch_normalization.py `build`, `moving_stddev_initializer`).
+- virtual_batch_size: `virtual_batch_size=`; the layer reshapes the batch to [v, n/v, ...] and
+  reduces over the first dim (`call`), so a virtual batch is rows j, j + n/v, ... : declared as
+  the variant ghost-interleaved. Its variables get an extra dim of 1 after the batch dim.
+- adjustment: `adjustment=lambda shape: (scale, bias)` with constant tensors of the parameters'
+  dtype shaped to broadcast against the input.
+- renorm, virtual_batch_size and adjustment make `fused=None` take the unfused kernel
+  (`_raise_if_fused_cannot_be_used`). No argument drops the moving statistics.
 - Default layer (semantic probes): `BatchNormalization()` with no argument but `dtype` for
   float16, `trainable=False` when asked, and `fused=False` for `tf-keras-unfused` (that argument is
   what the adapter id means).
@@ -44,6 +56,8 @@ from adapters.base import (
     Observed,
     Problem,
     TrainingRun,
+    broadcast_to_input,
+    no_such_argument,
 )
 
 FUSED_AXES = {4: (1, 3), 5: (1, 4)}
@@ -56,6 +70,8 @@ def to_numpy(t: tf.Tensor) -> np.ndarray:
 def takes_fused_path(problem: Problem) -> bool:
     """Whether `fused=None` picks the fused kernel for this input (see the module docstring)."""
     if len(problem.axes) != 1 or problem.dtype == "float64" or problem.rank not in FUSED_AXES:
+        return False
+    if problem.renorm is not None or problem.virtual_batch_size is not None or problem.adjustment is not None:
         return False
     return problem.axes[0] % problem.rank in FUSED_AXES[problem.rank]
 
@@ -73,13 +89,20 @@ class TfKerasLayer(Adapter):
         return {"tensorflow": tf.__version__, "tf_keras": tf_keras.__version__}
 
     capabilities = Capabilities(
-        features=frozenset({"multi-axis"}),
-        why={"momentum-null": "Keras momentum is a fixed decay; it has no cumulative average"},
+        features=frozenset({"multi-axis", "renorm", "ghost-batches", "adjustment"}),
+        why={"momentum-null": "Keras momentum is a fixed decay; it has no cumulative average",
+             **no_such_argument("tf_keras BatchNormalization", ("no-running-stats",))},
     )
+
+    def conventions_for(self, problem: Problem) -> Conventions:
+        return with_ghost(self.conventions, problem)
 
     def default_layer(self, shape: tuple[int, ...], dtype: str = "float32",
                       trainable: bool = True) -> DefaultLayer:
         return DefaultKerasLayer(self.fused, dtype, trainable)
+
+    def feature_layer(self, shape: tuple[int, ...], arguments: dict) -> DefaultLayer:
+        return DefaultKerasLayer(self.fused, "float32", True, arguments)
 
     def translations(self, problem: Problem) -> list[str]:
         axis = problem.axes[0] if len(problem.axes) == 1 else list(problem.axes)
@@ -89,6 +112,7 @@ class TfKerasLayer(Adapter):
                f"dtype {problem.dtype} -> dtype={problem.dtype!r}"]
         if not (problem.center and problem.scale):
             out.append(f"center={problem.center}, scale={problem.scale}")
+        out += feature_translations(problem)
         if self.fused is False:
             out.append("fused=False")
         elif problem.axes_in_range:
@@ -102,7 +126,7 @@ class TfKerasLayer(Adapter):
         axis = problem.axes[0] if len(problem.axes) == 1 else list(problem.axes)
         bn = tf_keras.layers.BatchNormalization(
             axis=axis, momentum=problem.momentum, epsilon=problem.epsilon, center=problem.center,
-            scale=problem.scale, fused=self.fused, dtype=problem.dtype)
+            scale=problem.scale, fused=self.fused, dtype=problem.dtype, **feature_arguments(problem))
         bn.build(problem.batches[0].shape)  # raises ValueError for an out-of-range axis
         for name, values in self.state(problem).items():
             variable = getattr(bn, name)
@@ -115,6 +139,9 @@ class TfKerasLayer(Adapter):
             out["gamma"] = problem.gamma
         if problem.center:
             out["beta"] = problem.beta
+        if problem.renorm is not None:  # as the layer's initializers derive them
+            out["renorm_mean"] = problem.moving_mean
+            out["renorm_stddev"] = out["moving_stddev"] = np.sqrt(problem.moving_variance)
         return out
 
     def ascending(self, values: np.ndarray, problem: Problem) -> np.ndarray:
@@ -134,6 +161,9 @@ class TfKerasLayer(Adapter):
             y = bn(self.tensor(x, problem), training=True)
         run = TrainingRun(output=to_numpy(y), moving_mean=self.per_channel(bn.moving_mean, problem),
                           moving_variance=self.per_channel(bn.moving_variance, problem))
+        if problem.renorm is not None:
+            run.renorm_mean = self.per_channel(bn.renorm_mean, problem)
+            run.renorm_stddev = self.per_channel(bn.renorm_stddev, problem)
         if problem.infer_after_training:
             run.inference_output = to_numpy(bn(self.tensor(problem.batches[-1], problem), training=False))
         return run
@@ -177,7 +207,7 @@ class TfKeras(TfKerasLayer):
     def conventions_for(self, problem: Problem) -> Conventions:
         """fused=None: the fused kernel (unbiased moving variance) where the layer fuses, else the
         unfused one (biased)."""
-        return FUSED if takes_fused_path(problem) else UNFUSED
+        return with_ghost(FUSED if takes_fused_path(problem) else UNFUSED, problem)
 
     def not_expressible(self, problem: Problem, check: Check) -> str | None:
         if problem.rank == 4 and problem.axes == (-4,):
@@ -197,12 +227,57 @@ class TfKerasUnfused(TfKerasLayer):
     )
 
 
+GHOST_NOTE = ("virtual_batch_size: the layer reshapes to [v, n/v, ...] and reduces over the first dim, so "
+              "virtual batch j is rows j, j + n/v, ... (tf_keras batch_normalization.py call)")
+
+
+def with_ghost(conventions: Conventions, problem: Problem) -> Conventions:
+    """The kernel's conventions, plus ghost-interleaved where the case has ghost batches."""
+    if problem.virtual_batch_size is None:
+        return conventions
+    return Conventions(variants=(*conventions.variants, "ghost-interleaved"),
+                       notes=(*conventions.notes, GHOST_NOTE))
+
+
+def feature_arguments(problem: Problem) -> dict:
+    """renorm, virtual_batch_size and adjustment as the layer's arguments."""
+    kwargs: dict = {}
+    if problem.renorm is not None:
+        r = problem.renorm
+        kwargs.update(renorm=True, renorm_momentum=r.momentum, renorm_clipping={
+            k: v for k, v in (("rmax", r.rmax), ("rmin", r.rmin), ("dmax", r.dmax)) if v is not None})
+    if problem.virtual_batch_size is not None:
+        kwargs["virtual_batch_size"] = problem.virtual_batch_size
+    if problem.adjustment is not None:
+        dtype = "float64" if problem.dtype == "float64" else "float32"  # the parameters' dtype
+        scale, bias = (tf.constant(broadcast_to_input(a, problem), dtype)
+                       for a in (problem.adjustment.scale, problem.adjustment.bias))
+        kwargs["adjustment"] = lambda shape: (scale, bias)
+    return kwargs
+
+
+def feature_translations(problem: Problem) -> list[str]:
+    out = []
+    if problem.renorm is not None:
+        args = feature_arguments(problem)
+        out.append(f"renorm -> renorm=True, renorm_momentum={args['renorm_momentum']:g}, "
+                   f"renorm_clipping={args['renorm_clipping']}; renorm_mean, renorm_stddev and "
+                   "moving_stddev assigned moving_mean, sqrt(moving_variance), sqrt(moving_variance)")
+    if problem.virtual_batch_size is not None:
+        out.append(f"virtual_batch_size {problem.virtual_batch_size} -> virtual_batch_size="
+                   f"{problem.virtual_batch_size} (interleaved rows: ghost-interleaved)")
+    if problem.adjustment is not None:
+        out.append("adjustment -> adjustment=lambda shape: (scale, bias), constants shaped to broadcast "
+                   "against the input")
+    return out
+
+
 class DefaultKerasLayer(DefaultLayer):
     """`tf_keras.layers.BatchNormalization()` called eagerly: `bn(x)`, `bn(x, training=True)` or
     `bn(x, training=False)`. An eager training call updates the moving statistics at once."""
 
-    def __init__(self, fused: bool | None, dtype: str, trainable: bool):
-        kwargs: dict = {}
+    def __init__(self, fused: bool | None, dtype: str, trainable: bool, arguments: dict | None = None):
+        kwargs: dict = dict(arguments or {})
         if fused is False:
             kwargs["fused"] = False
         if dtype != "float32":

@@ -28,6 +28,20 @@ by the case's three checks, with the case's state assigned into the variables be
 - The V1 layer validates the axis before it decides on fusing (`build`: `validate_axis`, then
   `_fused_can_be_used` on the non-negative axes), so axis -4 on 4-D input is axis 0 and runs
   unfused; tf-keras (V2) decides in `__init__` on the raw -4 and then rejects it in `build`.
+- renorm: `renorm=True`, `renorm_momentum=`, `renorm_clipping=` the clips the case gives (a missing
+  key is not clipped); `renorm_mean`, `renorm_stddev` and `moving_stddev` are loaded with the
+  moving mean, sqrt(moving variance) and sqrt(moving variance), as the layer's initializers
+  derive them (tf_keras batch_normalization.py `build`).
+- virtual_batch_size: `virtual_batch_size=`. With a tensor `training` (the placeholder) the layer
+  reshapes the batch to [-1, 1, ...] because `constant_value(training)` is None (`call`: "[v, -1]
+  if training_value else [-1, 1]"), which makes the whole batch one virtual batch: ghost batches
+  silently off (measured). So a ghost case's graph calls the layer twice, `training=True` and
+  `training=False` (Python bools, sharing the variables with `reuse=True`). With True it reshapes
+  to [v, n/v, ...] and reduces over the first dim: virtual batch j is rows j, j + n/v, ...,
+  declared as the variant ghost-interleaved.
+- adjustment: `adjustment=lambda shape: (scale, bias)`, constants in the graph shaped to
+  broadcast against the input. renorm, ghost batches and adjustment make `fused=None` unfused.
+  No argument drops the moving statistics.
 - Default layer (semantic probes): `tf.compat.v1.layers.batch_normalization(x)` with no other
   argument, whose `training` defaults to False; see `DefaultGraphLayer`.
 """
@@ -52,6 +66,8 @@ from adapters.base import (
     Observed,
     Problem,
     TrainingRun,
+    broadcast_to_input,
+    no_such_argument,
 )
 
 FUSED_AXES = {4: (1, 3), 5: (1, 4)}
@@ -61,6 +77,8 @@ GRAPHS_KEPT = 4  # graphs (and sessions) kept for reuse; a case's checks share o
 def takes_fused_path(problem: Problem) -> bool:
     """Whether the layer's default `fused=None` picks the fused kernel for this input."""
     if len(problem.axes) != 1 or problem.dtype == "float64" or problem.rank not in FUSED_AXES:
+        return False
+    if problem.renorm is not None or problem.virtual_batch_size is not None or problem.adjustment is not None:
         return False
     return problem.axes[0] % problem.rank in FUSED_AXES[problem.rank]
 
@@ -80,6 +98,12 @@ class BatchNormGraph:
     load_op: tf.Operation
     graph: tf.compat.v1.Graph
     grads: dict[str, tf.Tensor] | None = None  # input, gamma, beta: built when first asked for
+    # ghost batches: the layer called a second time with training=False (a Python bool), sharing
+    # the variables; `output` is then the training=True call. None: `output` serves both modes.
+    inference_output: tf.Tensor | None = None
+
+    def output_in(self, training: bool) -> tf.Tensor:
+        return self.output if training or self.inference_output is None else self.inference_output
 
     def gradient_ops(self) -> dict[str, tf.Tensor]:
         """tf.gradients ops, added to the graph on first use (they double its build time, and
@@ -105,6 +129,11 @@ UNFUSED = Conventions(
 )
 
 
+GHOST_NOTE = ("virtual_batch_size with training=True: the layer reshapes to [v, n/v, ...] and reduces over "
+              "the first dim, so virtual batch j is rows j, j + n/v, ... (tf_keras batch_normalization.py "
+              "call)")
+
+
 class TfLayers(Adapter):
     id = "tf-layers"
     names: ClassVar[dict[str, str]] = {
@@ -126,17 +155,25 @@ class TfLayers(Adapter):
     def conventions_for(self, problem: Problem) -> Conventions:
         """fused=None: the fused kernel (unbiased moving variance) where the layer fuses, else the
         unfused one (biased)."""
-        return FUSED if takes_fused_path(problem) else UNFUSED
+        chosen = FUSED if takes_fused_path(problem) else UNFUSED
+        if problem.virtual_batch_size is None:
+            return chosen
+        return Conventions(variants=(*chosen.variants, "ghost-interleaved"),
+                           notes=(*chosen.notes, GHOST_NOTE))
 
     capabilities = Capabilities(
-        features=frozenset({"multi-axis"}),
-        why={"momentum-null": "Keras momentum is a fixed decay; it has no cumulative average"},
+        features=frozenset({"multi-axis", "renorm", "ghost-batches", "adjustment"}),
+        why={"momentum-null": "Keras momentum is a fixed decay; it has no cumulative average",
+             **no_such_argument("tf.compat.v1.layers.batch_normalization", ("no-running-stats",))},
     )
     # an out-of-range axis is the layer's to reject
 
     def default_layer(self, shape: tuple[int, ...], dtype: str = "float32",
                       trainable: bool = True) -> DefaultLayer:
         return DefaultGraphLayer(shape, dtype, trainable)
+
+    def feature_layer(self, shape: tuple[int, ...], arguments: dict) -> DefaultLayer:
+        return DefaultGraphLayer(shape, "float32", True, arguments)
 
     def translations(self, problem: Problem) -> list[str]:
         axis = problem.axes[0] if len(problem.axes) == 1 else list(problem.axes)
@@ -150,6 +187,19 @@ class TfLayers(Adapter):
         if problem.axes_in_range:
             out.append(f"fused=None -> the {'fused' if takes_fused_path(problem) else 'unfused'} kernel "
                        "for this input")
+        if problem.renorm is not None:
+            args = feature_arguments(problem)
+            out.append(f"renorm -> renorm=True, renorm_momentum={args['renorm_momentum']:g}, "
+                       f"renorm_clipping={args['renorm_clipping']}; renorm_mean, renorm_stddev and "
+                       "moving_stddev loaded with moving_mean, sqrt(moving_variance), sqrt(moving_variance)")
+        if problem.virtual_batch_size is not None:
+            out.append(f"virtual_batch_size {problem.virtual_batch_size} -> virtual_batch_size="
+                       f"{problem.virtual_batch_size}, the layer called with training=True and, sharing its "
+                       "variables, training=False (a tensor `training` turns ghost batches off); interleaved "
+                       "rows: ghost-interleaved")
+        if problem.adjustment is not None:
+            out.append("adjustment -> adjustment=lambda shape: (scale, bias), constants in the graph shaped "
+                       "to broadcast against the input")
         return out
 
     # -- the graph
@@ -165,7 +215,7 @@ class TfLayers(Adapter):
         axis = problem.axes[0] if len(problem.axes) == 1 else list(problem.axes)
         shape = self.input_shape(problem)
         key = (shape, problem.dtype, problem.axes, problem.momentum, problem.epsilon,
-               problem.center, problem.scale)
+               problem.center, problem.scale, *feature_key(problem))
         if key in self.graphs:
             self.graphs.move_to_end(key)
             return self.graphs[key]
@@ -174,11 +224,21 @@ class TfLayers(Adapter):
         with graph.as_default():
             x = tf.compat.v1.placeholder(dtype, shape, name="x")
             training = tf.compat.v1.placeholder(tf.bool, (), name="training")
+            ghost = problem.virtual_batch_size is not None
             with warnings.catch_warnings():  # its deprecation notice, once per graph, says nothing new
                 warnings.filterwarnings("ignore", message=".*batch_normalization` is deprecated")
-                y = tf.compat.v1.layers.batch_normalization(
-                    x, axis=axis, momentum=problem.momentum, epsilon=problem.epsilon,
-                    center=problem.center, scale=problem.scale, training=training, name="bn")
+
+                def bn(mode: tf.Tensor | bool, reuse: bool = False) -> tf.Tensor:
+                    return tf.compat.v1.layers.batch_normalization(
+                        x, axis=axis, momentum=problem.momentum, epsilon=problem.epsilon,
+                        center=problem.center, scale=problem.scale, training=mode, name="bn",
+                        reuse=reuse, **feature_arguments(problem))
+
+                # virtual batches: a tensor `training` makes the layer reshape to [-1, 1, ...], one
+                # virtual batch of everything (measured; see the module docstring), so the ghost
+                # graph calls it with Python bools, as its documentation also allows
+                y = bn(True if ghost else training)
+                y_inference = bn(False, reuse=True) if ghost else None
             update_ops = tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.UPDATE_OPS)
             with tf.control_dependencies(update_ops):
                 train_op = tf.identity(y, name="train_op")
@@ -191,7 +251,7 @@ class TfLayers(Adapter):
         session = tf.compat.v1.Session(graph=graph)
         session.run(init)
         built = BatchNormGraph(session, x, training, upstream, y, train_op, variables, values, load_op,
-                               graph)
+                               graph, inference_output=y_inference)
         self.graphs[key] = built
         while len(self.graphs) > GRAPHS_KEPT:
             self.graphs.popitem(last=False)[1].session.close()
@@ -200,7 +260,10 @@ class TfLayers(Adapter):
     def load(self, g: BatchNormGraph, problem: Problem) -> None:
         """Assign the case's gamma, beta and moving statistics, as when restoring weights."""
         state = {"gamma": problem.gamma, "beta": problem.beta, "moving_mean": problem.moving_mean,
-                 "moving_variance": problem.moving_variance}
+                 "moving_variance": problem.moving_variance,
+                 # renorm's variables, as the layer's initializers derive them from the moving ones
+                 "renorm_mean": problem.moving_mean, "renorm_stddev": np.sqrt(problem.moving_variance),
+                 "moving_stddev": np.sqrt(problem.moving_variance)}
         feed = {g.values[name]: problem.to_ascending(state[name]).reshape(g.variables[name].shape)
                 for name in g.variables}
         g.session.run(g.load_op, feed)
@@ -222,15 +285,21 @@ class TfLayers(Adapter):
         run = TrainingRun(output=y.astype(np.float64),
                           moving_mean=self.per_channel(moving_mean, problem),
                           moving_variance=self.per_channel(moving_variance, problem))
+        if problem.renorm is not None:
+            renorm_mean, renorm_stddev = g.session.run(
+                [g.variables[n] for n in ("renorm_mean", "renorm_stddev")])
+            run.renorm_mean = self.per_channel(renorm_mean, problem)
+            run.renorm_stddev = self.per_channel(renorm_stddev, problem)
         if problem.infer_after_training:
             run.inference_output = g.session.run(
-                g.output, self.feed(g, problem.batches[-1], False, problem)).astype(np.float64)
+                g.output_in(False), self.feed(g, problem.batches[-1], False, problem)).astype(np.float64)
         return run
 
     def infer(self, problem: Problem) -> np.ndarray:
         g = self.graph(problem)
         self.load(g, problem)
-        return g.session.run(g.output, self.feed(g, problem.batches[-1], False, problem)).astype(np.float64)
+        return g.session.run(g.output_in(False), self.feed(g, problem.batches[-1], False, problem)
+                             ).astype(np.float64)
 
     def gradients(self, problem: Problem) -> Gradients:
         g = self.graph(problem)
@@ -243,6 +312,30 @@ class TfLayers(Adapter):
             gamma=self.per_channel(got["gamma"], problem) if "gamma" in got else None,
             beta=self.per_channel(got["beta"], problem) if "beta" in got else None,
         )
+
+
+def feature_key(problem: Problem) -> tuple:
+    """What of renorm, virtual_batch_size and adjustment the graph is built with."""
+    adjustment = problem.adjustment
+    return (problem.renorm, problem.virtual_batch_size,
+            None if adjustment is None else (adjustment.scale.tobytes(), adjustment.bias.tobytes()))
+
+
+def feature_arguments(problem: Problem) -> dict:
+    """renorm, virtual_batch_size and adjustment as the function's arguments (called in the graph)."""
+    kwargs: dict = {}
+    if problem.renorm is not None:
+        r = problem.renorm
+        kwargs.update(renorm=True, renorm_momentum=r.momentum, renorm_clipping={
+            k: v for k, v in (("rmax", r.rmax), ("rmin", r.rmin), ("dmax", r.dmax)) if v is not None})
+    if problem.virtual_batch_size is not None:
+        kwargs["virtual_batch_size"] = problem.virtual_batch_size
+    if problem.adjustment is not None:
+        dtype = tf.float64 if problem.dtype == "float64" else tf.float32  # the parameters' dtype
+        scale, bias = (broadcast_to_input(a, problem) for a in (problem.adjustment.scale,
+                                                                 problem.adjustment.bias))
+        kwargs["adjustment"] = lambda shape: (tf.constant(scale, dtype), tf.constant(bias, dtype))
+    return kwargs
 
 
 @dataclass
@@ -267,8 +360,9 @@ class DefaultGraphLayer(DefaultLayer):
     the output alone, as a TF1 user who forgot UPDATE_OPS does; `train_step` runs it under
     `tf.control_dependencies(UPDATE_OPS)`, as the function's docstring prescribes."""
 
-    def __init__(self, shape: tuple[int, ...], dtype: str, trainable: bool):
+    def __init__(self, shape: tuple[int, ...], dtype: str, trainable: bool, arguments: dict | None = None):
         self.shape, self.dtype, self.trainable = shape, dtype, trainable
+        self.arguments = dict(arguments or {})  # the feature probes' extra arguments
         self.graphs: dict[Check | None, ModeGraph] = {}
         self.state: dict[str, np.ndarray] = {}  # variable values after the last run; {} = fresh
 
@@ -278,7 +372,7 @@ class DefaultGraphLayer(DefaultLayer):
         graph = tf.compat.v1.Graph()
         with graph.as_default():
             x = tf.compat.v1.placeholder(tf.as_dtype(self.dtype), self.shape, name="x")
-            kwargs: dict = {} if mode is None else {"training": mode == "training"}
+            kwargs: dict = {**self.arguments, **({} if mode is None else {"training": mode == "training"})}
             if not self.trainable:
                 kwargs["trainable"] = False
             with warnings.catch_warnings():

@@ -62,7 +62,12 @@ class TfNn(Adapter):
     def versions(self) -> dict[str, str]:
         return {"tensorflow": tf.__version__}
 
-    capabilities = Capabilities(features=frozenset({"multi-axis", "momentum-null"}))  # broadcasting
+    capabilities = Capabilities(  # several axes by broadcasting
+        features=frozenset({"multi-axis", "momentum-null"}),
+        why={f: "tf.nn.moments + tf.nn.batch_normalization have no argument for it: it would be the "
+                "caller's own code, not the API's" for f in ("renorm", "ghost-batches", "adjustment",
+                                                              "no-running-stats")},
+    )
 
     def default_layer(self, shape: tuple[int, ...], dtype: str = "float32",
                       trainable: bool = True) -> DefaultLayer:

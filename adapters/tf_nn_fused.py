@@ -42,6 +42,7 @@ from adapters.base import (
     Observed,
     Problem,
     TrainingRun,
+    no_such_argument,
 )
 
 DATA_FORMATS = {(4, 3): "NHWC", (4, 1): "NCHW", (5, 4): "NDHWC", (5, 1): "NCDHW"}
@@ -83,7 +84,8 @@ class TfNnFused(Adapter):
     capabilities = Capabilities(
         dtypes=frozenset({"float16", "bfloat16", "float32"}), min_rank=4, max_rank=5,
         features=frozenset({"momentum-null"}),
-        why={"float64": "FusedBatchNormV3 has kernels for float16, bfloat16 and float32 input only",
+        why={**no_such_argument("fused_batch_norm"),
+             "float64": "FusedBatchNormV3 has kernels for float16, bfloat16 and float32 input only",
              "rank": "fused_batch_norm takes NHWC/NCHW/NDHWC/NCDHW input",
              "multi-axis": "fused_batch_norm takes one channel axis, first or last (data_format)"},
     )

@@ -7,6 +7,10 @@
 - Channel axis: dim 1; others are moved there with `movedim`. Any rank >= 2 works.
 - center/scale off: `bias=None` / `weight=None`, which the function treats as 0 / 1.
 - The running variance is updated with the unbiased batch variance (declared below).
+- track_running_stats false: `running_mean=None, running_var=None` and `training=True` in every
+  mode, exactly what `nn.BatchNorm(track_running_stats=False)` passes (torch/nn/modules/batchnorm.py
+  `_BatchNorm.forward`: `bn_training = True` when both buffers are None); with `training=False`
+  the function cannot run without running statistics.
 - Threads: importing this module calls `torch.set_num_threads(1)`, as the ONNX Runtime adapter
   runs its sessions on one thread. With a pool, each tiny call pays an OpenMP fork/barrier that
   costs milliseconds instead of microseconds when the cores are shared, and channel-last inputs
@@ -34,6 +38,7 @@ from adapters.base import (
     Observed,
     Problem,
     TrainingRun,
+    no_such_argument,
 )
 
 torch.set_num_threads(1)  # see the docstring: one thread for many tiny calls
@@ -64,21 +69,26 @@ class TorchFunctional(Adapter):
         return {"torch": torch.__version__}
 
     capabilities = Capabilities(
-        min_rank=2, features=frozenset({"momentum-null"}),
+        min_rank=2, features=frozenset({"momentum-null", "no-running-stats"}),
         why={"multi-axis": "F.batch_norm normalizes over one channel dim (dim 1)",
+             **no_such_argument("F.batch_norm", ("renorm", "ghost-batches", "adjustment")),
              "rank": "F.batch_norm needs at least 2-D input (batch, channels, ...)"},
     )
 
     def not_expressible(self, problem: Problem, check: Check) -> str | None:
-        if problem.epsilon <= 0 and check != "inference":
+        if problem.epsilon <= 0 and (check != "inference" or not problem.track_running_stats):
             # torch/nn/functional.py (2.13) batch_norm: `if training and eps <= 0.0: raise ValueError(
-            # "batch_norm eps must be positive during training")`
+            # "batch_norm eps must be positive during training")`; without running statistics
+            # inference runs with training=True too
             return "torch rejects eps <= 0 in training (ValueError: eps must be positive during training)"
         return None
 
     def translations(self, problem: Problem) -> list[str]:
         out = []
-        if problem.momentum is None:
+        if not problem.track_running_stats:
+            out.append("track_running_stats false -> running_mean=None, running_var=None, training=True "
+                       "in inference too (as nn.BatchNorm(track_running_stats=False) calls it)")
+        elif problem.momentum is None:
             out.append("momentum null -> momentum=1/t at step t (cumulative average by hand)")
         else:
             out.append(f"momentum {problem.momentum:g} -> momentum={1 - problem.momentum:g} (1 - m)")
@@ -99,11 +109,12 @@ class TorchFunctional(Adapter):
 
     def state(self, problem: Problem) -> dict[str, torch.Tensor | None]:
         dtype = TORCH_DTYPES[problem.dtype]
+        tracked = problem.track_running_stats
         return {
             "weight": torch.tensor(problem.gamma, dtype=dtype) if problem.scale else None,
             "bias": torch.tensor(problem.beta, dtype=dtype) if problem.center else None,
-            "running_mean": torch.tensor(problem.moving_mean, dtype=dtype),
-            "running_var": torch.tensor(problem.moving_variance, dtype=dtype),
+            "running_mean": torch.tensor(problem.moving_mean, dtype=dtype) if tracked else None,
+            "running_var": torch.tensor(problem.moving_variance, dtype=dtype) if tracked else None,
         }
 
     def tensor(self, x: np.ndarray, problem: Problem) -> torch.Tensor:
@@ -120,11 +131,13 @@ class TorchFunctional(Adapter):
                 y = F.batch_norm(self.tensor(x, problem), s["running_mean"], s["running_var"],
                                  s["weight"], s["bias"], training=True, momentum=momentum,
                                  eps=problem.epsilon)
-            run = TrainingRun(output=self.back(y, problem), moving_mean=to_numpy(s["running_mean"]),
-                              moving_variance=to_numpy(s["running_var"]))
+            tracked = problem.track_running_stats
+            run = TrainingRun(output=self.back(y, problem),
+                              moving_mean=to_numpy(s["running_mean"]) if tracked else None,
+                              moving_variance=to_numpy(s["running_var"]) if tracked else None)
             if problem.infer_after_training:
                 y = F.batch_norm(self.tensor(problem.batches[-1], problem), s["running_mean"],
-                                 s["running_var"], s["weight"], s["bias"], training=False,
+                                 s["running_var"], s["weight"], s["bias"], training=not tracked,
                                  eps=problem.epsilon)
                 run.inference_output = self.back(y, problem)
         return run
@@ -133,7 +146,8 @@ class TorchFunctional(Adapter):
         s = self.state(problem)
         with torch.no_grad():
             y = F.batch_norm(self.tensor(problem.batches[-1], problem), s["running_mean"],
-                             s["running_var"], s["weight"], s["bias"], training=False,
+                             s["running_var"], s["weight"], s["bias"],
+                             training=not problem.track_running_stats,
                              eps=problem.epsilon)
         return self.back(y, problem)
 

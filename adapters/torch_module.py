@@ -10,6 +10,10 @@
   frozen with `requires_grad_(False)`, which is how torch users switch off one of the two.
 - The moving (running) variance is updated with the unbiased batch variance (declared below).
 - Modes: `.train()` for training, `.eval()` for inference.
+- track_running_stats false: `track_running_stats=False`; the module then has no running
+  statistics (`running_mean is None`) and normalizes with the batch's statistics in eval mode too
+  (torch/nn/modules/batchnorm.py `_BatchNorm.forward`: `bn_training = True` when both running
+  buffers are None).
 - Threads: importing this module calls `torch.set_num_threads(1)`, as the ONNX Runtime adapter
   runs its sessions on one thread. With a pool, each tiny call pays an OpenMP fork/barrier that
   costs milliseconds instead of microseconds when the cores are shared, and channel-last inputs
@@ -36,6 +40,7 @@ from adapters.base import (
     Observed,
     Problem,
     TrainingRun,
+    no_such_argument,
 )
 
 torch.set_num_threads(1)  # see the docstring: one thread for many tiny calls
@@ -72,21 +77,25 @@ class TorchModule(Adapter):
         return {"torch": torch.__version__}
 
     capabilities = Capabilities(
-        min_rank=2, max_rank=5, features=frozenset({"momentum-null"}),
+        min_rank=2, max_rank=5, features=frozenset({"momentum-null", "no-running-stats"}),
         why={"multi-axis": "torch BatchNorm normalizes over one channel dim (dim 1)",
+             **no_such_argument("torch.nn.BatchNorm", ("renorm", "ghost-batches", "adjustment")),
              "rank": "BatchNorm1d takes 2-D/3-D input, BatchNorm2d 4-D, BatchNorm3d 5-D"},
     )
 
     def not_expressible(self, problem: Problem, check: Check) -> str | None:
-        if problem.epsilon <= 0 and check != "inference":
+        if problem.epsilon <= 0 and (check != "inference" or not problem.track_running_stats):
             # torch/nn/functional.py (2.13) batch_norm: `if training and eps <= 0.0: raise ValueError(
-            # "batch_norm eps must be positive during training")`
+            # "batch_norm eps must be positive during training")`; without running statistics
+            # inference runs with training=True too
             return "torch rejects eps <= 0 in training (ValueError: eps must be positive during training)"
         return None
 
     def translations(self, problem: Problem) -> list[str]:
         out = []
-        if problem.momentum is None:
+        if not problem.track_running_stats:
+            out.append("track_running_stats false -> track_running_stats=False")
+        elif problem.momentum is None:
             out.append("momentum null -> momentum=None (cumulative average)")
         else:
             out.append(f"momentum {problem.momentum:g} -> momentum={1 - problem.momentum:g} (1 - m)")
@@ -110,6 +119,7 @@ class TorchModule(Adapter):
             eps=problem.epsilon,
             momentum=None if problem.momentum is None else 1.0 - problem.momentum,
             affine=problem.center or problem.scale,
+            track_running_stats=problem.track_running_stats,
             dtype=TORCH_DTYPES[problem.dtype],
         )
         with torch.no_grad():
@@ -118,8 +128,9 @@ class TorchModule(Adapter):
                 bn.bias.copy_(torch.tensor(problem.beta))
                 bn.weight.requires_grad_(problem.scale)
                 bn.bias.requires_grad_(problem.center)
-            bn.running_mean.copy_(torch.tensor(problem.moving_mean))
-            bn.running_var.copy_(torch.tensor(problem.moving_variance))
+            if problem.track_running_stats:
+                bn.running_mean.copy_(torch.tensor(problem.moving_mean))
+                bn.running_var.copy_(torch.tensor(problem.moving_variance))
         return bn
 
     def default_layer(self, shape: tuple[int, ...], dtype: str = "float32",
@@ -142,10 +153,11 @@ class TorchModule(Adapter):
         with torch.no_grad():
             for x in problem.batches:
                 y = bn(self.tensor(x, problem))
+            tracked = bn.running_mean is not None
             run = TrainingRun(
                 output=self.back(y, problem),
-                moving_mean=to_numpy(bn.running_mean),
-                moving_variance=to_numpy(bn.running_var),
+                moving_mean=to_numpy(bn.running_mean) if tracked else None,
+                moving_variance=to_numpy(bn.running_var) if tracked else None,
             )
             if problem.infer_after_training:
                 bn.eval()

@@ -37,6 +37,26 @@ SHRINK_SHARE = 0.3  # of a worker's budget, for finding a minimal case per group
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
+def optional_features(shape: list[int], axes: list[int], count: int) -> Any:
+    """One of renorm, ghost batches, adjustment, no running statistics (shrinks to none of them)."""
+    from hypothesis import strategies as st
+
+    rank = len(shape)
+    clips = st.sampled_from(({}, {"rmax": 3.0, "rmin": 0.3333, "dmax": 5.0},
+                             {"rmax": 1.5, "rmin": 0.7, "dmax": 0.5}))
+    options = [st.just({}),
+               st.builds(lambda m, c: {"renorm": {"momentum": m, **c}},
+                         st.sampled_from((0.99, 0.5, 0.9)), clips),
+               st.builds(lambda a, b: {"adjustment": {"scale": a, "bias": b}},
+                         st.lists(st.floats(0.5, 1.5), min_size=count, max_size=count),
+                         st.lists(st.floats(-0.5, 0.5), min_size=count, max_size=count)),
+               st.just({"track_running_stats": False})]
+    sizes = [v for v in (2, 4, 1) if shape[0] % v == 0]
+    if 0 not in {a % rank for a in axes} and sizes:
+        options.append(st.sampled_from(sizes).map(lambda v: {"virtual_batch_size": v}))
+    return st.one_of(*options)
+
+
 def case_strategy() -> Any:
     """Case documents over what the format allows; every part shrinks towards a plain float32 case."""
     from hypothesis import strategies as st
@@ -89,6 +109,8 @@ def case_strategy() -> Any:
                 doc["training"]["gradients"] = {"upstream": {"random": {"seed": 1}}}
         if inference_only or d(st.booleans()):
             doc["inference"] = {"expected": {}}
+        if d(st.integers(0, 9)) >= 7:  # drawn last and in three cases of ten: the other draws stay
+            params.update(d(optional_features(shape, axes, count)))
         return doc
 
     return draw()

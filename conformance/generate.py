@@ -2,8 +2,9 @@
 
 The hand-written cases under `cases/` each isolate one feature. Generated cases combine them at
 random (dtype x rank x layout x momentum x epsilon x affine x steps x modes x input shape and
-values), so an adapter is also tried on combinations nobody wrote down. Every feature is drawn
-often enough that a few hundred cases cover each one many times.
+values x renorm, ghost batches, adjustment or no running statistics), so an adapter is also
+tried on combinations nobody wrote down. Every feature is drawn often enough that a few hundred
+cases cover each one many times.
 
 Case `index` of seed `seed` is drawn from `numpy.random.default_rng([seed, index])` alone, so a
 larger count extends a smaller one (the first 300 of 1,000 cases are the 300 cases) and the same
@@ -36,6 +37,7 @@ from conformance import problem, reference
 from conformance.dtypes import round_to
 from conformance.fill import expected_values
 from conformance.loader import CaseErrors, LoadedCase, load_folders, load_text
+from conformance.outputs import outputs_of
 
 DTYPE_CYCLE = ("float16", "bfloat16", "float32", "float64")
 RANK_CYCLE = (2, 3, 4, 5, 2, 3, 4, 5, 1)  # length 9, coprime with 4: every (dtype, rank) pair in 36
@@ -228,6 +230,30 @@ def _epsilon(rng: np.random.Generator) -> tuple[float, str]:
     return (0.0 if choice == "0" else float(choice)), f"epsilon-{choice}"
 
 
+def _optional_features(rng: np.random.Generator, shapes: list[list[int]], axes: list[int], channels: int,
+                       tags: set[str]) -> dict[str, Any]:
+    """One case in three uses one of renorm, ghost batches, adjustment or no running statistics.
+    Drawn from a generator of their own, so adding them left every other draw as it was."""
+    choice = _pick(rng, ["none", "renorm", "ghost", "adjustment", "no-running-stats"], [8, 1, 1, 1, 1])
+    if choice == "renorm":
+        clips = _pick(rng, [{}, {"rmax": 3.0, "rmin": 0.3333, "dmax": 5.0},
+                            {"rmax": 1.5, "rmin": 0.7, "dmax": 0.5}])
+        tags.add("renorm")
+        return {"renorm": {"momentum": _pick(rng, [0.99, 0.9, 0.5]), **clips}}
+    sizes = [v for v in (2, 4, 1) if all(s[0] % v == 0 for s in shapes)]
+    if choice == "ghost" and 0 not in axes and sizes:
+        tags.add("ghost")
+        return {"virtual_batch_size": int(_pick(rng, sizes))}
+    if choice == "adjustment":
+        tags.add("adjustment")
+        return {"adjustment": {"scale": _per_channel(rng, channels, 0.5, 1.5),
+                               "bias": _per_channel(rng, channels, -0.5, 0.5)}}
+    if choice == "no-running-stats":
+        tags.add("no-running-stats")
+        return {"track_running_stats": False}
+    return {}
+
+
 def draw_case(seed: int, index: int) -> dict[str, Any]:
     """Case `index` of `seed`, without expected values (the reference fills them)."""
     rng = np.random.default_rng([seed, index])
@@ -304,6 +330,8 @@ def draw_case(seed: int, index: int) -> dict[str, Any]:
     if rng.random() < 0.4:
         params["moving_variance"] = _per_channel(rng, channels, 0.05, 4.0)
         tags.add("moving-variance")
+
+    params.update(_optional_features(np.random.default_rng([seed, index, 1]), shapes, axes, channels, tags))
 
     doc: dict[str, Any] = {"id": "", "title": "", "tags": [], "dtype": dtype}
     if n_batches == 1 and rng.random() < 0.8:
@@ -481,7 +509,8 @@ def _check_filled(loaded: list[LoadedCase], paths: set[Path]) -> None:
             ex = c.training.expected
             names = ("output", "batch_mean", "batch_variance", "moving_mean", "moving_variance",
                      "moving_variance_unbiased")
-            if any(getattr(ex, n) is None for n in names):
+            exists = {o.name for o in outputs_of("training") if o.exists(c.params)}
+            if any(getattr(ex, n) is None for n in names if n in exists):
                 raise RuntimeError(f"{item.path}: training expected values missing")
             if c.training.gradients is not None and c.training.gradients.expected.input is None:
                 raise RuntimeError(f"{item.path}: gradient expected values missing")

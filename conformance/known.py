@@ -18,8 +18,10 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from adapters.base import FEATURES
 from conformance import ROOT
 from conformance.outputs import CHECKS
+from conformance.problem import build
 from conformance.schema import Case, Params
 from conformance.variants import CATALOGUE
 
@@ -44,6 +46,7 @@ class When(BaseModel):
     multi_step: bool | None = None  # more than one training step
     values_per_channel: int | list[int] | None = None  # of the smallest batch fed: 1 = a batch of one
     channels: int | list[int] | None = None  # how many channels (the product of the channel dims)
+    features: list[str] | None = None  # the case uses every one of these optional features (FEATURES)
 
     @staticmethod
     def channel_count(case: Case) -> int:
@@ -57,6 +60,14 @@ class When(BaseModel):
         counts = [math.prod(s for d, s in enumerate(t.shape) if d not in {a % len(t.shape) for a in axes})
                   for t in case.tensors]
         return min(counts)
+
+    @field_validator("features")
+    @classmethod
+    def _feature_names(cls, names: list[str] | None) -> list[str] | None:
+        unknown = sorted(set(names or []) - set(FEATURES))
+        if unknown:
+            raise ValueError(f"unknown feature {unknown[0]!r} ({', '.join(FEATURES)})")
+        return names
 
     @field_validator("params")
     @classmethod
@@ -79,6 +90,7 @@ class When(BaseModel):
             self.values_per_channel is None or self.smallest_count(case) in _listed(self.values_per_channel),
             self.channels is None or self.channel_count(case) in _listed(self.channels),
             self.params is None or all(params.get(k) in _listed(v) for k, v in self.params.items()),
+            self.features is None or set(self.features) <= set(build(case, case.checks[0]).features()),
         ]
         return all(checks)
 

@@ -49,6 +49,14 @@ def _always(params: Any) -> bool:
     return True
 
 
+def _renorm(params: Any) -> bool:
+    return params.renorm is not None
+
+
+def _tracked(params: Any) -> bool:
+    return bool(params.track_running_stats)
+
+
 @dataclass(frozen=True)
 class Output:
     check: Check
@@ -71,12 +79,17 @@ OUTPUTS: tuple[Output, ...] = (
     Output("training", "output", "input", "y of the last step, normalized with the biased batch variance"),
     Output("training", "batch_mean", "channels", "mean of the last batch"),
     Output("training", "batch_variance", "channels", "biased (population) variance of the last batch"),
-    Output("training", "moving_mean", "channels", "moving mean after the last step"),
+    Output("training", "moving_mean", "channels", "moving mean after the last step (only when "
+           "track_running_stats is on)", exists=_tracked),
     Output("training", "moving_variance", "channels", "moving variance, every update with the biased batch "
-           "variance"),
+           "variance (only when track_running_stats is on)", exists=_tracked),
     Output("training", "moving_variance_unbiased", "channels", "the moving variance when every update uses "
            "the Bessel-corrected (n/(n-1)) batch variance", variant="moving-variance-unbiased",
-           stands_for="moving_variance"),
+           stands_for="moving_variance", exists=_tracked),
+    Output("training", "renorm_mean", "channels", "renorm's moving mean (mu_r) after the last step "
+           "(only with renorm)", exists=_renorm),
+    Output("training", "renorm_stddev", "channels", "renorm's moving standard deviation (sigma_r) after "
+           "the last step (only with renorm)", exists=_renorm),
     Output("training", "inference_output", "input", "inference on the last batch with the state after "
            "training; giving it asks adapters to run that inference"),
     Output("inference", "output", "input", "y with params.moving_mean and moving_variance"),

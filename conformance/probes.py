@@ -281,13 +281,76 @@ def variance_algorithm(adapter: Adapter) -> tuple[Value, str]:
                    f"by {error:.2g} (relative); E[x^2]-E[x]^2 in float32 is off by O(1), two-pass by ~1e-3")
 
 
+FEATURE_SHAPE = (8, 3)  # the channel axis last, where every API with these arguments defaults to it
+
+
+def _renorm_steps(adapter: Adapter, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """x (mean 2, std 3) and the output of the last of `steps` training steps of a layer built with
+    renorm=True and nothing else (gamma 1, beta 0, renorm mean 0 and standard deviation 1)."""
+    x = sample(FEATURE_SHAPE, mean=2.0, std=3.0, seed=5)
+    layer = adapter.feature_layer(FEATURE_SHAPE, {"renorm": True})
+    for _ in range(steps):
+        obs = layer.train_step(x)
+    return x, obs.output
+
+
+def renorm_default_clipping(adapter: Adapter) -> tuple[Value, str]:
+    x, y = _renorm_steps(adapter, 1)
+    # y = r * xhat + d per channel, xhat of mean 0: d = mean(y), r = std(y) / std(xhat); unclipped
+    # from renorm statistics 0 and 1 that is r = sigma_B (about 3 here) and d = mu_B, so y = x
+    r = y.std(axis=0) / x.std(axis=0) * np.sqrt(x.var(axis=0) + 1e-3)  # std(xhat), eps taken as 1e-3
+    d = y.mean(axis=0)
+    unclipped = np.allclose(y, x, rtol=1e-3, atol=1e-3)
+    return ("none" if unclipped else "clipped"), (
+        f"one step of renorm=True with nothing else on N(2, 3) {list(FEATURE_SHAPE)}: r = "
+        f"{[sig(v) for v in r]} (sigma_B {[sig(v) for v in x.std(axis=0)]}), d = {[sig(v) for v in d]} "
+        f"(mu_B {[sig(v) for v in x.mean(axis=0)]}); unclipped from renorm statistics 0 and 1, y = x")
+
+
+def renorm_default_momentum(adapter: Adapter) -> tuple[Value, str]:
+    x, y = _renorm_steps(adapter, 2)
+    # step 2, unclipped: y = (x - (1 - rho) mu_B) / s, s = rho * 1 + (1 - rho) * sigma_B
+    s = x.std(axis=0) / y.std(axis=0)
+    sigma = np.sqrt(x.var(axis=0) + 1e-3)
+    rho = (s - sigma) / (1 - sigma)
+    return sig(float(np.median(rho)), 4), (
+        f"two steps of renorm=True with nothing else on the same N(2, 3) {list(FEATURE_SHAPE)} batch: the "
+        f"second divides by s = rho + (1 - rho) sigma_B = {[sig(v, 5) for v in s]}, so rho = "
+        f"{[sig(v, 5) for v in rho]} (eps taken as 1e-3)")
+
+
+def ghost_grouping(adapter: Adapter) -> tuple[Value, str]:
+    x = sample(FEATURE_SHAPE, mean=0.0, std=1.0, seed=6)
+    x[4:] += 5.0  # rows 4..7 far from rows 0..3: every grouping has its own group means
+    y = adapter.feature_layer(FEATURE_SHAPE, {"virtual_batch_size": 2}).train_step(x).output
+    groupings = {"consecutive": reference.virtual_batches(8, 2), "interleaved":
+                 reference.virtual_batches(8, 2, interleaved=True), "whole batch": [slice(None)]}
+    worst = {name: max(float(np.abs(y[g].mean(axis=0)).max()) for g in groups)
+             for name, groups in groupings.items()}
+    # finest first: zero means in consecutive or interleaved pairs give a zero whole-batch mean too
+    value = next((name for name, w in worst.items() if w < 1e-3), "other")
+    return value, (f"virtual_batch_size=2 on a batch of 8, one training step: the output has mean 0 per "
+                   f"channel within the groups of that grouping; largest |group mean| per grouping: "
+                   f"{ {k: sig(v) for k, v in worst.items()} }")
+
+
+def trainable_false_freezes_stats(adapter: Adapter) -> tuple[Value, str]:
+    x = sample()
+    obs = adapter.default_layer(SHAPE, trainable=False).train_step(x)
+    frozen = bool(np.allclose(obs.moving_mean, 0) and np.allclose(obs.moving_variance, 1))
+    return frozen, (f"a layer built with trainable=False after one training step done the API's way: "
+                    f"moving mean {[sig(v) for v in np.ravel(obs.moving_mean)]} and variance "
+                    f"{[sig(v) for v in np.ravel(obs.moving_variance)]} (fresh: 0 and 1)")
+
+
 PROBES: dict[str, ProbeFn] = {
     fn.__name__: fn
     for fn in (default_momentum, default_epsilon, moving_variance_estimator, default_axis, default_mode,
                stats_update_without_extra_step, trainable_false_forces_inference, batch_of_one_training,
                axis_equal_rank, axis_minus_rank_minus_one, multi_axis, momentum_none,
                eps_zero_constant_channel, large_mean_output_std_rel_error, float16_output_dtype,
-               float16_moving_stats_dtype, variance_algorithm)
+               float16_moving_stats_dtype, variance_algorithm, renorm_default_clipping,
+               renorm_default_momentum, ghost_grouping, trainable_false_freezes_stats)
 }
 
 

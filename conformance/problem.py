@@ -8,11 +8,11 @@ from typing import Any
 
 import numpy as np
 
-from adapters.base import Check, Problem
+from adapters.base import Adjustment, Check, Problem, Renorm
 from conformance import reference, variants
 from conformance.dtypes import round_to
 from conformance.outputs import CHECKS, alternatives, outputs_of
-from conformance.schema import Case, Values
+from conformance.schema import Case, Params, Values
 from conformance.validate import flat_numbers
 
 
@@ -66,7 +66,24 @@ def _build(case: Case, check: Check) -> Problem:
         moving_variance=per_channel(p.moving_variance, channels, 1.0, dtype),
         upstream=upstream,
         infer_after_training=infer_after,
+        **_features(p, channels, dtype),
     )
+
+
+def _features(p: Params, channels: tuple[int, ...], dtype: str) -> dict[str, Any]:
+    """The optional feature fields (renorm, ghost batches, adjustment, running statistics)."""
+    out: dict[str, Any] = {"virtual_batch_size": p.virtual_batch_size,
+                           "track_running_stats": p.track_running_stats}
+    if p.renorm is not None:
+        r = p.renorm
+        out["renorm"] = Renorm(momentum=r.momentum, rmax=r.rmax, rmin=r.rmin, dmax=r.dmax)
+    if p.adjustment is not None:
+        scale = per_channel(p.adjustment.scale, channels, 1.0, dtype)
+        bias = per_channel(p.adjustment.bias, channels, 0.0, dtype)
+        scale.setflags(write=False)
+        bias.setflags(write=False)
+        out["adjustment"] = Adjustment(scale=scale, bias=bias)
+    return out
 
 
 @dataclass
@@ -145,13 +162,20 @@ def gradient_scales(problem: Problem) -> dict[str, float]:
         return {}
     axes = problem.channel_axes
     red = reference.reduce_axes(x.ndim, axes)
-    mean, var, _ = reference.moments(x, axes)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inv = np.abs(problem.gamma) / np.sqrt(var + problem.epsilon)
-        xhat = (x - reference.broadcastable(mean, x.ndim, axes)) * reference.broadcastable(
-            1 / np.sqrt(var + problem.epsilon), x.ndim, axes)
-    scales = {"input": float(np.nanmax(inv)) * float(np.abs(dy).max()),
-              "gamma": float(np.nanmax(np.abs(dy * xhat).sum(axis=red))),
+    inv_max, dgamma_terms = 0.0, 0.0
+    v = problem.virtual_batch_size  # ghost batches: xhat of each virtual batch, either grouping
+    for groups in ([slice(None)],) if v is None else (reference.virtual_batches(x.shape[0], v),
+                                                      reference.virtual_batches(x.shape[0], v, True)):
+        xhat = np.empty_like(x)
+        for g in groups:
+            mean, var, _ = reference.moments(x[g], axes)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                inv = np.abs(problem.gamma) / np.sqrt(var + problem.epsilon)
+                xhat[g] = (x[g] - reference.broadcastable(mean, x.ndim, axes)) * reference.broadcastable(
+                    1 / np.sqrt(var + problem.epsilon), x.ndim, axes)
+            inv_max = max(inv_max, float(np.nanmax(inv)))
+        dgamma_terms = max(dgamma_terms, float(np.nanmax(np.abs(dy * xhat).sum(axis=red))))
+    scales = {"input": inv_max * float(np.abs(dy).max()), "gamma": dgamma_terms,
               "beta": float(np.abs(dy).sum(axis=red).max())}
     return {k: max(1.0, v) for k, v in scales.items() if np.isfinite(v)}
 
@@ -164,12 +188,13 @@ def input_conditioning(problem: Problem) -> float:
     1 / sqrt(eps), not 0 (a float32 mean of equal values need not equal them). A channel with
     var + eps = 0 (eps 0, constant) is left out: its output is undefined (NaN) anyway."""
     worst = 0.0
-    for x in problem.batches:
-        mean, var, _ = reference.moments(x, problem.channel_axes)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.abs(mean) / np.sqrt(var + problem.epsilon)
-        finite = ratio[np.isfinite(ratio)]
-        worst = max(worst, float(finite.max()) if finite.size else 0.0)
+    for x in problem.batches:  # with ghost batches, each group of rows normalized together
+        for g in reference.normalized_together(x.shape[0], problem.virtual_batch_size):
+            mean, var, _ = reference.moments(x[g], problem.channel_axes)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = np.abs(mean) / np.sqrt(var + problem.epsilon)
+            finite = ratio[np.isfinite(ratio)]
+            worst = max(worst, float(finite.max()) if finite.size else 0.0)
     return worst
 
 

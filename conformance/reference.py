@@ -7,6 +7,26 @@ Plain formulas, written to be read next to the papers and framework docs:
     moving = (1 - 1/t) * moving + (1/t) * batch_stat      (momentum null: average of the t batches)
 
 Statistics reduce over every axis except the channel axes, with the two-pass algorithm.
+
+Optional features (docs/case-format.md):
+
+- virtual_batch_size v (ghost batches): axis 0 is cut into consecutive virtual batches of v rows
+  (rows 0..v-1 first); each is normalized with its own statistics. The step's statistics, which
+  renorm and the moving update use and batch_mean / batch_variance report, are the averages over
+  the virtual batches of their means and (biased, or for the unbiased track unbiased) variances:
+  one moving update per step, as tf_keras does (batch_normalization.py, "new_mean =
+  tf.reduce_mean(mean, axis=1)").
+- renorm (Ioffe 2017, as tf_keras and Keras 3 implement it): with sigma_B = sqrt(var + eps) and
+  the renorm statistics mu_r, sigma_r (starting at moving_mean and sqrt(moving_variance)),
+      s = max(sigma_r, sqrt(eps)),  r = clip(sigma_B / s, rmin, rmax),  d = clip((mu_B - mu_r) / s, +-dmax)
+      y = gamma * (r * xhat + d) + beta                     (r and d are constants for gradients)
+      mu_r = rho * mu_r + (1 - rho) * mu_B,  sigma_r = rho * sigma_r + (1 - rho) * sigma_B
+  The moving statistics keep a standard deviation sigma_m (starting at sqrt(moving_variance)):
+      sigma_m = m * sigma_m + (1 - m) * sigma_B,  moving_variance = max(sigma_m**2 - eps, 0)
+  so inference, sqrt(moving_variance + eps), divides by sigma_m as the paper does.
+- adjustment (scale a, bias b; training only): y = gamma * (a * (r * xhat + d) + b) + beta.
+- track_running_stats false: no moving statistics; inference normalizes with the statistics of
+  the batch it is given (over the whole batch).
 """
 
 from __future__ import annotations
@@ -56,14 +76,73 @@ def unbiased(var: np.ndarray, count: int) -> np.ndarray:
     return var * count / (count - 1)
 
 
-def normalize(x: np.ndarray, p: Problem, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
+def normalize(x: np.ndarray, p: Problem, mean: np.ndarray, var: np.ndarray,
+              affine: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """gamma * (x - mean) / sqrt(var + eps) + beta; `affine` replaces (gamma, beta) (`training_affine`)."""
     axes = p.channel_axes
+    gamma, beta = (p.gamma, p.beta) if affine is None else affine
 
     def b(v: np.ndarray) -> np.ndarray:
         return broadcastable(v, x.ndim, axes)
 
     with np.errstate(divide="ignore", invalid="ignore"):
-        return b(p.gamma) * (x - b(mean)) / np.sqrt(b(var) + p.epsilon) + b(p.beta)
+        return b(gamma) * (x - b(mean)) / np.sqrt(b(var) + p.epsilon) + b(beta)
+
+
+def virtual_batches(n: int, v: int | None, interleaved: bool = False) -> list[slice]:
+    """The rows of axis 0 each (ghost) batch takes: all of them without `v`; else n/v batches of v
+    consecutive rows, or, `interleaved` (the ghost-interleaved variant: tf_keras reshapes to
+    [v, n/v, ...] and reduces over the first dim), rows j, j + n/v, j + 2n/v, ..."""
+    if v is None or n == 0:
+        return [slice(None)]
+    k = n // v
+    return [slice(j, None, k) if interleaved else slice(j * v, (j + 1) * v) for j in range(k)]
+
+
+def normalized_together(n: int, v: int | None) -> list[slice]:
+    """Every group of rows some adapter normalizes with one set of statistics, for tolerances: the
+    whole batch, or each virtual batch, consecutive or interleaved (ghost-interleaved)."""
+    if v is None:
+        return [slice(None)]
+    return [*virtual_batches(n, v), *virtual_batches(n, v, interleaved=True)]
+
+
+def average(parts: list[np.ndarray]) -> np.ndarray:
+    """The mean over virtual batches (one batch: itself, bit for bit)."""
+    return parts[0] if len(parts) == 1 else np.mean(parts, axis=0)
+
+
+def renorm_correction(p: Problem, mean: np.ndarray, var: np.ndarray, renorm_mean: np.ndarray,
+                      renorm_stddev: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(r, d) of batch renormalization, clipped (see the module docstring)."""
+    assert p.renorm is not None
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = np.maximum(renorm_stddev, np.sqrt(p.epsilon))
+        r = np.sqrt(var + p.epsilon) / s
+        d = (mean - renorm_mean) / s
+    c = p.renorm
+    r = r if c.rmin is None else np.maximum(r, c.rmin)
+    r = r if c.rmax is None else np.minimum(r, c.rmax)
+    d = d if c.dmax is None else np.clip(d, -c.dmax, c.dmax)
+    return r, d
+
+
+def training_affine(p: Problem, rd: tuple[np.ndarray, np.ndarray] | None,
+                    ) -> tuple[np.ndarray, np.ndarray] | None:
+    """gamma * (a * (r * xhat + d) + b) + beta as one scale and offset on xhat; None without renorm
+    and adjustment (plain gamma and beta)."""
+    if rd is None and p.adjustment is None:
+        return None
+    r, d, a, b = corrections(p, rd)
+    return p.gamma * a * r, p.gamma * (a * d + b) + p.beta
+
+
+def corrections(p: Problem, rd: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, ...]:
+    """(r, d, adjustment scale, adjustment bias) per channel; ones and zeros where not used."""
+    ones, zeros = np.ones_like(p.gamma), np.zeros_like(p.gamma)
+    r, d = (ones, zeros) if rd is None else rd
+    a, b = (p.adjustment.scale, p.adjustment.bias) if p.adjustment is not None else (ones, zeros)
+    return r, d, a, b
 
 
 def update(moving: np.ndarray, batch: np.ndarray, momentum: float | None, step: int) -> np.ndarray:
@@ -83,16 +162,42 @@ class TrainingReference:
     inference_output: np.ndarray  # the last batch, normalized with the state after training
     inference_output_unbiased: np.ndarray  # the same with the unbiased moving variance
     batch_variance_unbiased: np.ndarray
+    renorm_mean: np.ndarray | None = None  # with renorm: mu_r and sigma_r after the last step
+    renorm_stddev: np.ndarray | None = None
 
 
 def train(p: Problem) -> TrainingReference:
     moving_mean, moving_var, moving_var_unbiased = p.moving_mean, p.moving_variance, p.moving_variance
+    renorm_mean, renorm_std = p.moving_mean, np.sqrt(p.moving_variance)
+    moving_std, moving_std_unbiased = renorm_std, renorm_std
     for step, x in enumerate(p.batches, start=1):
-        mean, var, count = moments(x, p.channel_axes)
-        output = normalize(x, p, mean, var)
+        groups = virtual_batches(x.shape[0], p.virtual_batch_size)
+        parts = [moments(x[g], p.channel_axes) for g in groups]
+        mean, var = average([m for m, _, _ in parts]), average([v for _, v, _ in parts])
+        var_unbiased = average([unbiased(v, n) for _, v, n in parts])
+        rd = None if p.renorm is None else renorm_correction(p, mean, var, renorm_mean, renorm_std)
+        affine = training_affine(p, rd)
+        output = np.empty_like(x)
+        for g, (m, v, _) in zip(groups, parts, strict=True):
+            output[g] = normalize(x[g], p, m, v, affine)
         moving_mean = update(moving_mean, mean, p.momentum, step)
-        moving_var = update(moving_var, var, p.momentum, step)
-        moving_var_unbiased = update(moving_var_unbiased, unbiased(var, count), p.momentum, step)
+        if p.renorm is None:
+            moving_var = update(moving_var, var, p.momentum, step)
+            moving_var_unbiased = update(moving_var_unbiased, var_unbiased, p.momentum, step)
+        else:
+            renorm_mean = update(renorm_mean, mean, p.renorm.momentum, step)
+            renorm_std = update(renorm_std, np.sqrt(var + p.epsilon), p.renorm.momentum, step)
+            moving_std = update(moving_std, np.sqrt(var + p.epsilon), p.momentum, step)
+            moving_std_unbiased = update(moving_std_unbiased, np.sqrt(var_unbiased + p.epsilon),
+                                         p.momentum, step)
+            moving_var = np.maximum(moving_std * moving_std - p.epsilon, 0.0)
+            moving_var_unbiased = np.maximum(moving_std_unbiased * moving_std_unbiased - p.epsilon, 0.0)
+    last = p.batches[-1]
+    if p.track_running_stats:
+        inference_output = normalize(last, p, moving_mean, moving_var)
+        inference_output_unbiased = normalize(last, p, moving_mean, moving_var_unbiased)
+    else:
+        inference_output = inference_output_unbiased = normalize(last, p, *moments(last, p.channel_axes)[:2])
     return TrainingReference(
         output=output,
         batch_mean=mean,
@@ -100,14 +205,19 @@ def train(p: Problem) -> TrainingReference:
         moving_mean=moving_mean,
         moving_variance=moving_var,
         moving_variance_unbiased=moving_var_unbiased,
-        inference_output=normalize(p.batches[-1], p, moving_mean, moving_var),
-        inference_output_unbiased=normalize(p.batches[-1], p, moving_mean, moving_var_unbiased),
-        batch_variance_unbiased=unbiased(var, count),
+        inference_output=inference_output,
+        inference_output_unbiased=inference_output_unbiased,
+        batch_variance_unbiased=var_unbiased,
+        **({} if p.renorm is None else {"renorm_mean": renorm_mean, "renorm_stddev": renorm_std}),
     )
 
 
 def infer(p: Problem) -> np.ndarray:
-    return normalize(p.batches[-1], p, p.moving_mean, p.moving_variance)
+    """With moving statistics: those of the case. Without (track_running_stats false): the batch's."""
+    x = p.batches[-1]
+    if not p.track_running_stats:
+        return normalize(x, p, *moments(x, p.channel_axes)[:2])
+    return normalize(x, p, p.moving_mean, p.moving_variance)
 
 
 def gradients(p: Problem) -> dict[str, np.ndarray]:
@@ -116,27 +226,43 @@ def gradients(p: Problem) -> dict[str, np.ndarray]:
     With xhat = (x - mean) / s, s = sqrt(var + eps), and means over the reduced axes:
         dbeta = sum(dy),  dgamma = sum(dy * xhat),
         dx = gamma / s * (dy - mean(dy) - xhat * mean(dy * xhat))
+    Ghost batches: each virtual batch by this formula with its own statistics. Renorm and
+    adjustment (r, d constants): y = G * xhat + B with G = gamma * a * r, so dx uses G for gamma,
+    and dgamma = sum(dy * (a * (r * xhat + d) + b)).
     """
     x, dy = p.batches[-1], p.upstream
     assert dy is not None, "gradients need an upstream gradient"
     axes = p.channel_axes
     red = reduce_axes(x.ndim, axes)
-    mean, var, _ = moments(x, axes)
+    groups = virtual_batches(x.shape[0], p.virtual_batch_size)
+    parts = [moments(x[g], axes) for g in groups]
+    rd = None
+    if p.renorm is not None:
+        mean, var = average([m for m, _, _ in parts]), average([v for _, v, _ in parts])
+        rd = renorm_correction(p, mean, var, p.moving_mean, np.sqrt(p.moving_variance))
+    affine = training_affine(p, rd)
+    gamma = p.gamma if affine is None else affine[0]
 
     def b(v: np.ndarray) -> np.ndarray:
         return broadcastable(v, x.ndim, axes)
 
+    xhat, dx = np.empty_like(x), np.empty_like(x)
     with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # an empty batch: means of nothing are NaN
-        inv_std = 1.0 / np.sqrt(b(var) + p.epsilon)
-        xhat = (x - b(mean)) * inv_std
-        dx = b(p.gamma) * inv_std * (
-            dy - dy.mean(axis=red, keepdims=True)
-            - xhat * (dy * xhat).mean(axis=red, keepdims=True)
-        )
+        for g, (mean, var, _) in zip(groups, parts, strict=True):
+            inv_std = 1.0 / np.sqrt(b(var) + p.epsilon)
+            xhat[g] = (x[g] - b(mean)) * inv_std
+            dx[g] = b(gamma) * inv_std * (
+                dy[g] - dy[g].mean(axis=red, keepdims=True)
+                - xhat[g] * (dy[g] * xhat[g]).mean(axis=red, keepdims=True)
+            )
+    z = xhat  # what gamma multiplies
+    if affine is not None:
+        r, d, a, c = corrections(p, rd)
+        z = b(a) * (b(r) * xhat + b(d)) + b(c)
     return {
         "input": dx,
-        "gamma": to_channels((dy * xhat).sum(axis=red, keepdims=True), axes),
+        "gamma": to_channels((dy * z).sum(axis=red, keepdims=True), axes),
         "beta": to_channels(dy.sum(axis=red, keepdims=True), axes),
     }
 

@@ -41,6 +41,26 @@ class Tensor(Values):
     shape: list[Annotated[int, Field(ge=0)]]
 
 
+class Renorm(Strict):
+    """Batch renormalization (Ioffe 2017): training multiplies the normalized values by r and adds d,
+    r = clip(sigma_B / sigma_r, rmin, rmax), d = clip((mu_B - mu_r) / sigma_r, -dmax, dmax), against
+    renorm statistics mu_r, sigma_r that start at moving_mean, sqrt(moving_variance) and decay with
+    `momentum`. A clip left out is not applied (Keras's default: no clipping)."""
+
+    momentum: float = Field(0.99, ge=0.0, le=1.0)  # decay form, as params.momentum
+    rmax: float | None = Field(None, gt=0.0)
+    rmin: float | None = Field(None, ge=0.0)
+    dmax: float | None = Field(None, ge=0.0)
+
+
+class Adjustment(Strict):
+    """tf.layers `adjustment`: in training the normalized values become xhat*scale + bias, before
+    gamma and beta. Per channel; scale defaults to ones, bias to zeros."""
+
+    scale: list[Any] | None = None
+    bias: list[Any] | None = None
+
+
 class Params(Strict):
     """The canonical convention. Defaults: momentum 0.9 and epsilon 1e-5 (torch's and ONNX's)."""
 
@@ -53,6 +73,11 @@ class Params(Strict):
     beta: list[Any] | None = None
     moving_mean: list[Any] | None = None
     moving_variance: list[Any] | None = None
+    # optional features (docs/case-format.md, "Renorm, ghost batches, adjustment, running statistics")
+    renorm: Renorm | None = None
+    virtual_batch_size: int | None = Field(None, ge=1)  # ghost BN over consecutive samples on axis 0
+    adjustment: Adjustment | None = None
+    track_running_stats: bool = True  # false: no moving statistics; inference uses batch statistics
 
     @property
     def axes(self) -> list[int]:

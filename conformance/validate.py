@@ -156,6 +156,7 @@ def semantic_errors(case: Case) -> Problems:
         values = getattr(case.params, name)
         if values is not None:
             errors.extend(_check_values(values, channel_dims, ("params", name), "channel count"))
+    errors.extend(_feature_errors(case, shapes, channel_dims))
     if case.params.beta is not None and not case.params.center:
         errors.append((("params", "beta"), "given while center is false (beta is not applied)"))
     if case.params.gamma is not None and not case.params.scale:
@@ -176,6 +177,29 @@ def semantic_errors(case: Case) -> Problems:
     if case.training is not None and case.training.gradients is not None:
         errors.extend(_values_errors(case.training.gradients.upstream, last,
                                      ("training", "gradients", "upstream")))
+    return errors
+
+
+def _feature_errors(case: Case, shapes: list[tuple[int, ...]], channel_dims: tuple[int, ...]) -> Problems:
+    """renorm, virtual_batch_size and adjustment against the shapes (docs/case-format.md)."""
+    p, errors = case.params, []
+    v = p.virtual_batch_size
+    if v is not None:
+        if 0 in (a % len(shapes[0]) for a in p.axes):
+            errors.append((("params", "virtual_batch_size"),
+                           "ghost batches split axis 0, which is a channel axis"))
+        elif any(s[0] % v for s in shapes):
+            sizes = sorted({s[0] for s in shapes})
+            errors.append((("params", "virtual_batch_size"), f"{v} does not divide the batch size {sizes}"))
+    if p.adjustment is not None:
+        for name in ("scale", "bias"):
+            values = getattr(p.adjustment, name)
+            if values is not None:
+                errors.extend(_check_values(values, channel_dims, ("params", "adjustment", name),
+                                            "channel count"))
+    r = p.renorm
+    if r is not None and r.rmin is not None and r.rmax is not None and r.rmin > r.rmax:
+        errors.append((("params", "renorm", "rmin"), f"rmin {r.rmin} is above rmax {r.rmax}"))
     return errors
 
 

@@ -68,6 +68,7 @@ class Knobs:
     empty_gamma_gradient_nan: bool = False  # dgamma = inv_std · Σ dy·(x - mean): NaN over no samples
     bessel_one_value: bool = False  # n/(n-1) taken as 1 for n = 1: the unbiased variance of one value is 0
     reduce_all_axes: bool = False  # statistics over every axis, the channel axes too
+    ghost_interleaved: bool = False  # virtual batches of rows j, j + n/v, ... instead of consecutive rows
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -135,9 +136,11 @@ def _stats(x: np.ndarray, p: Problem, k: Knobs) -> tuple[np.ndarray, np.ndarray,
     return reference.to_channels(mean, axes), reference.to_channels(var, axes), count
 
 
-def _normalize(x: np.ndarray, p: Problem, k: Knobs, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
+def _normalize(x: np.ndarray, p: Problem, k: Knobs, mean: np.ndarray, var: np.ndarray,
+               affine: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """reference.normalize, operation for operation, under the knobs."""
     r = _rounder(k.compute_dtype)
+    gamma, beta = (p.gamma, p.beta) if affine is None else affine
 
     def b(v: np.ndarray) -> np.ndarray:
         return r(reference.broadcastable(v, x.ndim, p.channel_axes))
@@ -145,12 +148,12 @@ def _normalize(x: np.ndarray, p: Problem, k: Knobs, mean: np.ndarray, var: np.nd
     eps = r(np.float64(p.epsilon if k.epsilon is None else k.epsilon))
     if k.normalize_folded:  # tf.nn.batch_normalization, Keras 3's jax backend: x·s + (beta - mean·s)
         with np.errstate(divide="ignore", invalid="ignore"):
-            s = r(r(1.0 / r(np.sqrt(r(b(var) + eps)))) * b(p.gamma))
-            return r(r(r(x) * s) + r(b(p.beta) - r(b(mean) * s)))
+            s = r(r(1.0 / r(np.sqrt(r(b(var) + eps)))) * b(gamma))
+            return r(r(r(x) * s) + r(b(beta) - r(b(mean) * s)))
     with np.errstate(divide="ignore", invalid="ignore"):
         outside = k.epsilon_outside_sqrt
         denom = r(r(np.sqrt(b(var))) + eps) if outside else r(np.sqrt(r(b(var) + eps)))
-        return r(r(r(b(p.gamma) * r(r(x) - b(mean))) / denom) + b(p.beta))
+        return r(r(r(b(gamma) * r(r(x) - b(mean))) / denom) + b(beta))
 
 
 def _update(moving: np.ndarray, batch: np.ndarray, m: float, k: Knobs) -> np.ndarray:
@@ -182,31 +185,58 @@ def _momenta(p: Problem) -> list[float]:
     return [1.0 - 1.0 / t if p.momentum is None else p.momentum for t in range(1, len(p.batches) + 1)]
 
 
+def _groups(x: np.ndarray, p: Problem, k: Knobs) -> list[slice]:
+    return reference.virtual_batches(x.shape[0], p.virtual_batch_size, k.ghost_interleaved)
+
+
 def _train(p: Problem, k: Knobs) -> dict[str, np.ndarray]:
+    """reference.train under the knobs (ghost batches, renorm and adjustment as it defines them)."""
     rs = _rounder("float32" if _lower(k) else None)
     moving_mean, moving_var = rs(p.moving_mean), rs(p.moving_variance)
+    renorm_mean, renorm_std = moving_mean, rs(np.sqrt(p.moving_variance))
+    moving_std = renorm_std
     for x, m in zip(p.batches, _momenta(p), strict=True):
-        mean, var, count = _stats(x, p, k)
-        used = (moving_mean, moving_var) if k.training_uses_moving_stats else (mean, var)
-        output = _normalize(x, p, k, *used)
+        groups = _groups(x, p, k)
+        parts = [_stats(x[g], p, k) for g in groups]
+        mean, var = reference.average([a for a, _, _ in parts]), reference.average([v for _, v, _ in parts])
+        rd = None
+        if p.renorm is not None:
+            rd = tuple(_rounder(k.compute_dtype)(c) for c in reference.renorm_correction(
+                p, mean, var, renorm_mean, renorm_std))
+        affine = reference.training_affine(p, rd)  # type: ignore[arg-type]
+        output = np.empty_like(x)
+        for g, (gm, gv, _) in zip(groups, parts, strict=True):
+            used = (moving_mean, moving_var) if k.training_uses_moving_stats else (gm, gv)
+            output[g] = _normalize(x[g], p, k, *used, affine)
         if not k.stats_frozen:
-            fed = _unbiased(var, count, k) if k.moving_variance_estimator == "unbiased" else var
-            moving_mean, moving_var = _update(moving_mean, mean, m, k), _update(moving_var, fed, m, k)
-    last = (mean, var) if k.inference_uses_batch_stats else (moving_mean, moving_var)
+            fed = (reference.average([_unbiased(v, n, k) for _, v, n in parts])
+                   if k.moving_variance_estimator == "unbiased" else var)
+            moving_mean = _update(moving_mean, mean, m, k)
+            if p.renorm is None:
+                moving_var = _update(moving_var, fed, m, k)
+            else:
+                renorm_mean = rs(reference.update(renorm_mean, mean, p.renorm.momentum, 1))
+                renorm_std = rs(reference.update(renorm_std, np.sqrt(var + p.epsilon), p.renorm.momentum, 1))
+                moving_std = _update(moving_std, np.sqrt(fed + p.epsilon), m, k)
+                moving_var = rs(np.maximum(moving_std * moving_std - p.epsilon, 0.0))
+    whole = not p.track_running_stats or k.inference_uses_batch_stats
+    last = _stats(p.batches[-1], p, k)[:2] if whole else (moving_mean, moving_var)
     return {
         "output": output,
         "batch_mean": mean,
-        "batch_variance": _unbiased(var, count, k) if k.batch_variance_estimator == "unbiased"
-        else var,
+        "batch_variance": reference.average([_unbiased(v, n, k) for _, v, n in parts])
+        if k.batch_variance_estimator == "unbiased" else var,
         "moving_mean": moving_mean,
         "moving_variance": moving_var,
         "inference_output": _normalize(p.batches[-1], p, k, *last),
+        **({} if p.renorm is None else {"renorm_mean": renorm_mean, "renorm_stddev": renorm_std}),
     }
 
 
 def _infer(p: Problem, k: Knobs) -> dict[str, np.ndarray]:
     x = p.batches[-1]
-    used = _stats(x, p, k)[:2] if k.inference_uses_batch_stats else (p.moving_mean, p.moving_variance)
+    whole = not p.track_running_stats or k.inference_uses_batch_stats
+    used = _stats(x, p, k)[:2] if whole else (p.moving_mean, p.moving_variance)
     return {"output": _normalize(x, p, k, *used)}
 
 
@@ -221,10 +251,18 @@ def _gradients(p: Problem, k: Knobs) -> dict[str, np.ndarray]:
     axes = p.channel_axes
     x, dy = r(p.batches[-1]), r(p.upstream)
     red = reference.reduce_axes(x.ndim, axes)
+    groups = _groups(x, p, k)
     if k.training_uses_moving_stats:
-        mean, var = p.moving_mean, p.moving_variance
+        parts = [(p.moving_mean, p.moving_variance)] * len(groups)
     else:
-        mean, var, _ = _stats(x, p, k)
+        parts = [_stats(x[g], p, k)[:2] for g in groups]
+    rd = None
+    if p.renorm is not None:
+        mean, var = reference.average([a for a, _ in parts]), reference.average([v for _, v in parts])
+        rd = tuple(r(c) for c in reference.renorm_correction(p, mean, var, p.moving_mean,
+                                                             np.sqrt(p.moving_variance)))
+    affine = reference.training_affine(p, rd)  # type: ignore[arg-type]
+    gamma = p.gamma if affine is None else affine[0]
 
     def b(v: np.ndarray) -> np.ndarray:
         return r(reference.broadcastable(v, x.ndim, axes))
@@ -238,22 +276,28 @@ def _gradients(p: Problem, k: Knobs) -> dict[str, np.ndarray]:
         return reference.to_channels(r(a.sum(axis=red, keepdims=True)), axes)
 
     eps = r(np.float64(p.epsilon if k.epsilon is None else k.epsilon))
+    xhat, dx = np.empty_like(x), np.empty_like(x)
     with np.errstate(divide="ignore", invalid="ignore"):
-        sigma = r(np.sqrt(b(var)))
-        s = r(sigma + eps) if k.epsilon_outside_sqrt else r(np.sqrt(r(b(var) + eps)))
-        inv_std = r(1.0 / s)
-        xhat = r(r(x - b(mean)) * inv_std)
-        if k.training_uses_moving_stats:
-            dx = r(r(b(p.gamma) * inv_std) * dy)
-        else:
-            correction = r(xhat * avg(r(dy * xhat)))
-            if k.epsilon_outside_sqrt:
-                correction = r(correction * r(s / sigma))
-            dx = r(r(b(p.gamma) * inv_std) * r(r(dy - avg(dy)) - correction))
-    gamma = total(r(dy * xhat))
+        for g, (mean, var) in zip(groups, parts, strict=True):
+            sigma = r(np.sqrt(b(var)))
+            s = r(sigma + eps) if k.epsilon_outside_sqrt else r(np.sqrt(r(b(var) + eps)))
+            inv_std = r(1.0 / s)
+            xhat[g] = r(r(x[g] - b(mean)) * inv_std)
+            if k.training_uses_moving_stats:
+                dx[g] = r(r(b(gamma) * inv_std) * dy[g])
+            else:
+                correction = r(xhat[g] * avg(r(dy[g] * xhat[g])))
+                if k.epsilon_outside_sqrt:
+                    correction = r(correction * r(s / sigma))
+                dx[g] = r(r(b(gamma) * inv_std) * r(r(dy[g] - avg(dy[g])) - correction))
+    z = xhat
+    if affine is not None:
+        rr, d, a, c = reference.corrections(p, rd)  # type: ignore[arg-type]
+        z = r(r(b(a) * r(r(b(rr) * xhat) + b(d))) + b(c))
+    gamma_grad = total(r(dy * z))
     if k.empty_gamma_gradient_nan and x.size == 0:
-        gamma = np.full_like(gamma, np.nan)
-    return {"input": dx, "gamma": gamma, "beta": total(dy)}
+        gamma_grad = np.full_like(gamma_grad, np.nan)
+    return {"input": dx, "gamma": gamma_grad, "beta": total(dy)}
 
 
 def undetermined(problem: Problem, check: Check, knobs: Knobs) -> dict[str, np.ndarray]:
@@ -318,15 +362,17 @@ def folded_error(knobs: Knobs, problem: Problem) -> float:
     dtype = knobs.compute_dtype or "float64"
     eps = problem.epsilon if knobs.epsilon is None else knobs.epsilon
     worst = 0.0
-    for x in problem.batches:
-        if x.size == 0:
-            continue
-        _, var, _ = reference.moments(x, problem.channel_axes)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            s = np.abs(problem.gamma) / np.sqrt(var + eps)
-            xs = np.abs(x) * reference.broadcastable(s, x.ndim, problem.channel_axes)
-        finite = xs[np.isfinite(xs)]
-        worst = max(worst, float(finite.max()) if finite.size else 0.0)
+    for batch in problem.batches:
+        for g in reference.normalized_together(batch.shape[0], problem.virtual_batch_size):
+            x = batch[g]
+            if x.size == 0:
+                continue
+            _, var, _ = reference.moments(x, problem.channel_axes)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                s = np.abs(problem.gamma) / np.sqrt(var + eps)
+                xs = np.abs(x) * reference.broadcastable(s, x.ndim, problem.channel_axes)
+            finite = xs[np.isfinite(xs)]
+            worst = max(worst, float(finite.max()) if finite.size else 0.0)
     return 2.0 * unit_roundoff_eps(dtype) * worst
 
 
@@ -377,6 +423,12 @@ def _momentum_float32(p: Problem) -> list[dict[str, Any]]:
 
 def _count(p: Problem, x: np.ndarray) -> int:
     return int(np.prod([x.shape[a] for a in reference.reduce_axes(x.ndim, p.channel_axes)]))
+
+
+def _interleaving_differs(p: Problem) -> bool:
+    """Ghost batches whose interleaved rows differ from the consecutive ones (v > 1 and n/v > 1)."""
+    v = p.virtual_batch_size
+    return v is not None and any(v < x.shape[0] and v > 1 for x in p.batches)
 
 
 def _folded(p: Problem) -> list[dict[str, Any]]:
@@ -455,6 +507,11 @@ VARIANTS = [
             lambda p, c: p.epsilon != 1e-3, {"epsilon": 1e-3}),
     Variant("epsilon-1e-5", "epsilon 1e-5 (the torch/ONNX/Flax default) instead of the case's",
             lambda p, c: p.epsilon != 1e-5, {"epsilon": 1e-5}),
+    # tf_keras ghost batches (batch_normalization.py call(): reshape to [virtual_batch_size, -1, ...],
+    # statistics over the first dim) group rows j, j + n/v, ...; the canonical groups are consecutive.
+    Variant("ghost-interleaved", "virtual batches of rows j, j + n/v, j + 2n/v, ... not consecutive rows",
+            lambda p, c: c in ("training", "gradients") and _interleaving_differs(p),
+            {"ghost_interleaved": True}),
     Variant("rejects", "the framework raises where the reference computes a value",
             lambda p, c: True, raises=True),
     # its mirror, for `expect_error` cases: linen accepts axis -5 on 4-D input (no range check)
@@ -464,7 +521,6 @@ VARIANTS = [
 CATALOGUE: dict[str, Variant] = {v.name: v for v in VARIANTS}
 
 RESERVED: dict[str, str] = {  # named, not computable: the case fields they need do not exist yet
-    "ghost-interleaved": "statistics over ghost batches taken by interleaved rather than contiguous rows",
     "replica-0-stats": "data-parallel training normalizes with replica 0's statistics only",
     "replica-mean-stats": "data-parallel training normalizes with statistics averaged over replicas",
 }

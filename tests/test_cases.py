@@ -172,3 +172,27 @@ def test_a_rule_naming_an_unknown_param_is_refused():
     with pytest.raises(ValidationError, match="unknown param 'momentun'"):
         Rule(adapters=["torch"], when={"params": {"momentun": 0.9}}, explained_by="rejects",
              reason="r", link="https://example.org")
+
+
+@pytest.mark.parametrize(("added", "field", "words"), [
+    ("  virtual_batch_size: 4", "params.virtual_batch_size", "does not divide the batch size [2]"),
+    ("  adjustment: {scale: [1, 2]}", "params.adjustment.scale", "channel count [3]"),
+    ("  renorm: {rmin: 2.0, rmax: 1.0}", "params.renorm.rmin", "above rmax"),
+    ("  renorm: {momentum: 0.9, rmaxx: 3}", "params.renorm.rmaxx", "did you mean 'rmax'"),
+])
+def test_feature_fields_are_checked_against_the_case(write_case, added, field, words):
+    [error] = errors_of(write_case, GOOD.replace("  gamma: [1, 2, 3]", f"  gamma: [1, 2, 3]\n{added}"))
+    assert error.field == field and words in error.message and error.line == 9
+
+
+def test_ghost_batches_need_axis_0_to_be_a_batch_axis(write_case):
+    text = GOOD.replace("  axis: 1\n  gamma: [1, 2, 3]", "  axis: 0\n  virtual_batch_size: 1")
+    [error] = errors_of(write_case, text)
+    assert error.field == "params.virtual_batch_size" and "axis 0" in error.message
+
+
+def test_moving_statistics_do_not_exist_without_running_stats(write_case):
+    text = GOOD.replace("  gamma: [1, 2, 3]", "  track_running_stats: false").replace(
+        "training: {}", "training:\n  expected:\n    moving_mean: [0, 0, 0]")
+    [error] = errors_of(write_case, text)
+    assert error.field == "training.expected.moving_mean" and "does not exist" in error.message

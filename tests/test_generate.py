@@ -70,7 +70,10 @@ def test_every_expected_value_filled(loaded: list[LoadedCase]):
         assert c.tolerance is None and not c.expect_error
         if c.training is not None:
             ex = c.training.expected
-            assert all(getattr(ex, name) is not None for name in TRAINING_NAMES), c.id
+            untracked = ("moving_mean", "moving_variance", "moving_variance_unbiased")
+            names = TRAINING_NAMES if c.params.track_running_stats else [
+                n for n in TRAINING_NAMES if n not in untracked]
+            assert all(getattr(ex, name) is not None for name in names), c.id
             assert (ex.inference_output is not None) == ("inference-after-training" in c.tags), c.id
             grads = c.training.gradients
             if grads is not None:
@@ -126,6 +129,14 @@ def _features(c) -> set[str]:
         out.add("negative-gamma")
     if any(t.values is not None for t in c.tensors):
         out.add("inline-values")
+    if c.params.renorm is not None:
+        out.add("renorm")
+    if c.params.virtual_batch_size is not None:
+        out.add("ghost")
+    if c.params.adjustment is not None:
+        out.add("adjustment")
+    if not c.params.track_running_stats:
+        out.add("no-running-stats")
     return out
 
 
@@ -146,6 +157,8 @@ def test_feature_mix_covers_everything_and_tags_tell_the_truth(loaded: list[Load
     for feature in common:
         assert seen[feature] >= 10, (feature, seen[feature])
     assert seen["unsorted-axes"] >= 5 and seen["epsilon-0"] >= 5
+    for feature in ("renorm", "ghost", "adjustment", "no-running-stats"):
+        assert seen[feature] >= 5, (feature, seen[feature])
     tags = Counter(t for item in loaded for t in item.case.tags)
     for tag in ("large-mean", "constant-channel", "inference-after-training", "batch-size-changes",
                 "momentum-0", "momentum-1", "momentum-0.5", "momentum-0.99", "momentum-random",

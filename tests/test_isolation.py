@@ -65,7 +65,8 @@ def test_a_segfaulting_family_is_reported_and_the_others_kept(tmp_path: Path):
     assert "crash: crashed (SIGSEGV)" in proc.stdout
     assert "segfaulting" in proc.stdout.split("crash: crashed (SIGSEGV)")[1]  # the tail of its log
     kept = json.loads((tmp_path / "results" / "torch.json").read_text())
-    assert {r["status"] for r in kept["records"]} == {"pass"} and len(kept["records"]) >= 6
+    statuses = [r["status"] for r in kept["records"]]  # hand cases of features torch lacks: not expressible
+    assert set(statuses) <= {"pass", "not-expressible"} and statuses.count("pass") >= 6
 
 
 def test_a_hanging_family_times_out(tmp_path: Path):

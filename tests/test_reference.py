@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from adapters.base import Problem
+from adapters.base import Adjustment, Problem, Renorm
 from conformance import reference
 from conformance.loader import load_folders
 from conformance.outputs import outputs_of
@@ -139,3 +140,130 @@ def test_reference_reproduces_hand_derived_values(loaded):
 
 def test_at_least_five_hand_derived_cases():
     assert len(hand_cases()) >= 5
+
+
+# --- renorm, ghost batches, adjustment, no running statistics: a per-channel, per-sample loop -------
+
+
+def with_features(p: Problem, *, renorm=None, ghost=None, adjust=False, track=True, seed=1) -> Problem:
+    rng = np.random.default_rng(seed)
+    shape = p.gamma.shape
+    adjustment = None
+    if adjust:
+        adjustment = Adjustment(scale=rng.uniform(0.5, 1.5, shape), bias=rng.normal(size=shape))
+    return dataclasses.replace(p, renorm=renorm, virtual_batch_size=ghost, adjustment=adjustment,
+                               track_running_stats=track)
+
+
+def loop_features(p: Problem):
+    """The canonical definitions (reference.py's docstring) one channel and one virtual batch at a
+    time, in plain Python arithmetic: output, moving mean and variance, inference output."""
+    axes = p.channel_axes
+    mm, mv = p.moving_mean.copy(), p.moving_variance.copy()
+    rmean, rstd, mstd = p.moving_mean.copy(), np.sqrt(p.moving_variance), np.sqrt(p.moving_variance)
+    for step, x in enumerate(p.batches, start=1):
+        out = np.empty_like(x)
+        m = (1 - 1 / step) if p.momentum is None else p.momentum
+        n = x.shape[0]
+        v = p.virtual_batch_size or n
+        for index in itertools.product(*(range(x.shape[a]) for a in axes)):
+            selector = [slice(None)] * x.ndim
+            for a, i in zip(axes, index, strict=True):
+                selector[a] = i
+            means, variances = [], []
+            for start in range(0, n, v):
+                rows = [slice(start, start + v), *selector[1:]] if 0 not in axes else selector
+                values = x[tuple(rows)].ravel()
+                mean = sum(values) / values.size
+                means.append(mean)
+                variances.append(sum((e - mean) ** 2 for e in values) / values.size)
+            mean, var = sum(means) / len(means), sum(variances) / len(variances)
+            r, d = 1.0, 0.0
+            if p.renorm is not None:
+                s = max(rstd[index], np.sqrt(p.epsilon))
+                r, d = np.sqrt(var + p.epsilon) / s, (mean - rmean[index]) / s
+                c = p.renorm
+                r = max(r, c.rmin) if c.rmin is not None else r
+                r = min(r, c.rmax) if c.rmax is not None else r
+                d = min(max(d, -c.dmax), c.dmax) if c.dmax is not None else d
+            a, b = (p.adjustment.scale[index], p.adjustment.bias[index]) if p.adjustment else (1.0, 0.0)
+            for j, start in enumerate(range(0, n, v)):
+                rows = tuple([slice(start, start + v), *selector[1:]])
+                xhat = (x[rows] - means[j]) / np.sqrt(variances[j] + p.epsilon)
+                out[rows] = p.gamma[index] * (a * (r * xhat + d) + b) + p.beta[index]
+            mm[index] = m * mm[index] + (1 - m) * mean
+            if p.renorm is None:
+                mv[index] = m * mv[index] + (1 - m) * var
+            else:
+                rho = p.renorm.momentum
+                rmean[index] = rho * rmean[index] + (1 - rho) * mean
+                rstd[index] = rho * rstd[index] + (1 - rho) * np.sqrt(var + p.epsilon)
+                mstd[index] = m * mstd[index] + (1 - m) * np.sqrt(var + p.epsilon)
+                mv[index] = max(mstd[index] ** 2 - p.epsilon, 0.0)
+    return out, mm, mv
+
+
+FEATURES = [
+    {"renorm": Renorm(momentum=0.9)},
+    {"renorm": Renorm(momentum=0.5, rmax=1.2, rmin=0.9, dmax=0.1)},
+    {"ghost": 2},
+    {"ghost": 3},
+    {"adjust": True},
+    {"renorm": Renorm(momentum=0.8, rmax=1.5, rmin=0.7, dmax=0.3), "ghost": 2, "adjust": True},
+    {"track": False},
+]
+
+
+@pytest.mark.parametrize("features", FEATURES, ids=str)
+@pytest.mark.parametrize(("shape", "axes"), [((6, 3), (1,)), ((6, 2, 3), (-1,)), ((6, 3, 2, 2), (1,))])
+def test_features_match_a_per_channel_loop(features, shape, axes):
+    p = with_features(problem(shape, axes, steps=3), **features)
+    r = reference.train(p)
+    out, mm, mv = loop_features(p)
+    np.testing.assert_allclose(r.output, out, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(r.moving_mean, mm, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(r.moving_variance, mv, rtol=1e-12, atol=1e-12)
+    if p.track_running_stats:
+        last = dataclasses.replace(p, batches=p.batches[-1:], moving_mean=mm, moving_variance=mv)
+    else:  # inference normalizes with the batch's own statistics
+        mean, var, _ = reference.moments(p.batches[-1], p.channel_axes)
+        last = dataclasses.replace(p, batches=p.batches[-1:], track_running_stats=True, moving_mean=mean,
+                                   moving_variance=var)
+    np.testing.assert_allclose(r.inference_output, reference.infer(last), rtol=1e-12, atol=1e-12)
+    if not p.track_running_stats:  # the inference check, too, uses the batch's statistics
+        np.testing.assert_allclose(reference.infer(dataclasses.replace(p, batches=p.batches[-1:])),
+                                   reference.infer(last), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("features", FEATURES, ids=str)
+def test_feature_gradients_match_torch_autograd(features):
+    """r and d are constants (stop_gradient), ghost batches each normalize with their own statistics."""
+    p = with_features(problem((6, 3, 2), (1,)), **features)
+    g = reference.gradients(p)
+    x = torch.tensor(p.batches[-1], requires_grad=True)
+    gamma = torch.tensor(p.gamma, requires_grad=True)
+    beta = torch.tensor(p.beta, requires_grad=True)
+    v = p.virtual_batch_size or 6
+    xs = x.reshape(6 // v, v, 3, 2)
+    mean = xs.mean(dim=(1, 3), keepdim=True)
+    var = ((xs - mean) ** 2).mean(dim=(1, 3), keepdim=True)
+    xhat = ((xs - mean) / torch.sqrt(var + p.epsilon)).reshape(6, 3, 2)
+    if p.renorm is not None:
+        with torch.no_grad():
+            bm, bv = mean.mean(dim=0).reshape(3), var.mean(dim=0).reshape(3)
+            s = torch.clamp(torch.sqrt(torch.tensor(p.moving_variance)), min=np.sqrt(p.epsilon))
+            r = torch.sqrt(bv + p.epsilon) / s
+            d = (bm - torch.tensor(p.moving_mean)) / s
+            c = p.renorm
+            r = r.clamp(min=c.rmin) if c.rmin is not None else r
+            r = r.clamp(max=c.rmax) if c.rmax is not None else r
+            d = d.clamp(-c.dmax, c.dmax) if c.dmax is not None else d
+        xhat = xhat * r.reshape(1, 3, 1) + d.reshape(1, 3, 1)
+    if p.adjustment is not None:
+        xhat = xhat * torch.tensor(p.adjustment.scale).reshape(1, 3, 1) + torch.tensor(
+            p.adjustment.bias).reshape(1, 3, 1)
+    y = gamma.reshape(1, 3, 1) * xhat + beta.reshape(1, 3, 1)
+    (y * torch.tensor(p.upstream)).sum().backward()
+    np.testing.assert_allclose(g["input"], x.grad.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(g["gamma"], gamma.grad.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(g["beta"], beta.grad.numpy(), rtol=1e-10, atol=1e-12)

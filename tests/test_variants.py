@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from adapters.base import Problem
+from adapters.base import Adjustment, Problem, Renorm
 from conformance import reference
 from conformance.compare import DEFAULT_TOLERANCE
 from conformance.dtypes import round_to
@@ -28,6 +28,7 @@ NAMES = {
     "inference-uses-batch-stats", "training-uses-moving-stats", "epsilon-outside-sqrt", "epsilon-1e-3",
     "epsilon-1e-5", "rejects", "accepts", "batch-variance-unbiased", "normalize-folded", "epsilon-float32",
     "empty-gamma-gradient-nan", "bessel-one-value", "variance-sum-of-squares-unclamped", "reduce-all-axes",
+    "ghost-interleaved",
 }
 CHECKS = ("training", "inference", "gradients")
 LAYOUTS = [((6, 3), (1,)), ((3, 6), (0,)), ((2, 4, 3), (-1,)), ((2, 3, 4, 5), (1, 2)),
@@ -241,7 +242,7 @@ def test_gradients_match_finite_differences(changes):
 
 def test_catalogue_names_are_the_contract():
     assert set(CATALOGUE) == NAMES
-    assert set(RESERVED) == {"ghost-interleaved", "replica-0-stats", "replica-mean-stats"}
+    assert set(RESERVED) == {"replica-0-stats", "replica-mean-stats"}
     assert not set(RESERVED) & set(CATALOGUE)
     assert all(v.summary and "\n" not in v.summary for v in CATALOGUE.values())
 
@@ -329,3 +330,41 @@ def test_tolerance_rule():
     stacked = apply(["compute-float32"], "variance-sum-of-squares", p64, "training")
     assert tolerance_for(stacked[0], p64, 4e-10, 4e-10, c) == (1e-4, 1e-4)
     assert tolerance_for(sos, p64, 4e-10, 4e-10, c) == (1e-9, 1e-9)  # float64 default x (1 + c²)
+
+
+FEATURE_PROBLEMS = [
+    {"renorm": Renorm(momentum=0.9, rmax=1.2, rmin=0.8, dmax=0.2)},
+    {"virtual_batch_size": 2},
+    {"adjustment": Adjustment(scale=np.array([0.5, 2.0, 1.5]), bias=np.array([0.1, -0.2, 0.3]))},
+    {"track_running_stats": False},
+    {"renorm": Renorm(momentum=0.5), "virtual_batch_size": 3,
+     "adjustment": Adjustment(scale=np.array([0.5, 2.0, 1.5]), bias=np.array([0.1, -0.2, 0.3]))},
+]
+
+
+@pytest.mark.parametrize("features", FEATURE_PROBLEMS, ids=lambda f: "-".join(f))
+def test_canonical_knobs_are_the_reference_with_features(features):
+    p = dataclasses.replace(problem((6, 3), (1,), steps=3), **features)
+    expected = vars(reference.train(p))
+    for name, got in simulate(p, "training", CANONICAL).items():
+        np.testing.assert_array_equal(got, expected[name])
+    np.testing.assert_array_equal(simulate(p, "inference")["output"], reference.infer(p))
+    for name, got in simulate(p, "gradients").items():
+        np.testing.assert_array_equal(got, reference.gradients(p)[name])
+
+
+def test_ghost_interleaved_takes_every_third_row():
+    """Six rows in virtual batches of 2: canonical [0, 1], [2, 3], [4, 5]; interleaved [0, 3], [1, 4],
+    [2, 5] (tf_keras's reshape to [2, 3, ...])."""
+    x = np.array([[0.0], [2.0], [10.0], [4.0], [6.0], [20.0]])
+    p = dataclasses.replace(hand(), batches=(x,), gamma=np.ones(1), virtual_batch_size=2, epsilon=0.0,
+                            upstream=np.ones_like(x))
+    canonical = simulate(p, "training")
+    interleaved = simulate(p, "training", knobs("ghost-interleaved", p))
+    close(canonical["output"].ravel(), [-1, 1, 1, -1, -1, 1])
+    close(interleaved["output"].ravel(), [-1, -1, -1, 1, 1, 1])
+    close(canonical["batch_variance"], [(1 + 9 + 49) / 3])  # ((2-0)/2)², ((10-4)/2)², ((20-6)/2)²
+    close(interleaved["batch_variance"], [(4 + 4 + 25) / 3])  # ((4-0)/2)², ((6-2)/2)², ((20-10)/2)²
+    assert CATALOGUE["ghost-interleaved"].applies(p, "training")
+    one_batch = dataclasses.replace(p, virtual_batch_size=6)
+    assert not CATALOGUE["ghost-interleaved"].applies(one_batch, "training")
