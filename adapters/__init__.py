@@ -39,6 +39,10 @@ ADAPTERS: dict[str, AdapterInfo] = {
         AdapterInfo("flax-linen", "jax", "adapters.flax_linen"),
         AdapterInfo("flax-nnx", "jax", "adapters.flax_nnx"),
         AdapterInfo("onnxruntime", "onnx", "adapters.onnx_runtime"),
+        # export paths (issue 15): the source framework's layer taken to a deployment runtime
+        *(AdapterInfo(i, "torch-export", "adapters.torch_export") for i in (
+            "torch-fuse", "torch-onnx", "torch-onnx-ortopt", "torch-onnx-dynamo", "torch-onnx-dynamo-ortopt",
+            "torch-onnx-openvino", "torch-onnx-training")),
     ]
 }
 

@@ -25,11 +25,31 @@ CHECKS: tuple[Check, ...] = ("training", "inference", "gradients")
 FEATURES: dict[str, str] = {
     "multi-axis": "several channel axes",
     "momentum-null": "momentum null (a cumulative average)",
+    "preceding": "a preceding 1x1 convolution / dense layer (params.preceding)",
 }
 
 
 class NotExpressible(Exception):
     """The API cannot state this case (several channel axes in torch, say); the reason is reported."""
+
+
+@dataclass(frozen=True, eq=False)
+class Preceding:
+    """A per-position linear map over the one channel axis before BN (a 1x1 convolution or a dense
+    layer), the layer exporters fold BN into: z[..., o] = sum_i weight[o, i] * x[..., i] + bias[o].
+    `weight` is (out, in) = (C, C), as torch's Conv/Linear hold it; values are in the case dtype."""
+
+    weight: np.ndarray
+    bias: np.ndarray
+
+    def apply(self, x: np.ndarray, axis: int) -> np.ndarray:
+        """The layer's output in float64 (the reference's), channel axis `axis` (non-negative)."""
+        moved = np.moveaxis(x, axis, -1)
+        return np.moveaxis(moved @ self.weight.T + self.bias, -1, axis)
+
+    def transpose_apply(self, dz: np.ndarray, axis: int) -> np.ndarray:
+        """dL/dx from dL/dz: the weight transposed, no bias."""
+        return np.moveaxis(np.moveaxis(dz, axis, -1) @ self.weight, -1, axis)
 
 
 @dataclass(frozen=True)
@@ -50,6 +70,8 @@ class Problem:
     moving_variance: np.ndarray
     upstream: np.ndarray | None = None  # dL/dy of the last step, for gradients
     infer_after_training: bool = False  # also run inference on the last batch after training
+    # the layer before BN; batches are its input. Adapters run it too, or do not declare the feature
+    preceding: Preceding | None = field(default=None, metadata={"feature": "preceding"})
 
     @property
     def rank(self) -> int:

@@ -6,13 +6,15 @@ Plain formulas, written to be read next to the papers and framework docs:
     moving = m * moving + (1 - m) * batch_stat            (decay form, momentum m)
     moving = (1 - 1/t) * moving + (1/t) * batch_stat      (momentum null: average of the t batches)
 
-Statistics reduce over every axis except the channel axes, with the two-pass algorithm.
+Statistics reduce over every axis except the channel axes, with the two-pass algorithm. A case with
+`preceding` (a 1x1 convolution / dense layer before BN) applies it first, in float64: BN's input is
+z = W·x + b along the channel axis, and dL/dx = Wᵀ·dL/dz.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -85,7 +87,17 @@ class TrainingReference:
     batch_variance_unbiased: np.ndarray
 
 
+def bn_input(p: Problem) -> Problem:
+    """The problem BN itself sees: with a preceding layer, the batches are that layer's float64
+    outputs (and no preceding layer is left); otherwise `p`."""
+    if p.preceding is None:
+        return p
+    axis = p.channel_axes[0]
+    return replace(p, batches=tuple(p.preceding.apply(x, axis) for x in p.batches), preceding=None)
+
+
 def train(p: Problem) -> TrainingReference:
+    p = bn_input(p)
     moving_mean, moving_var, moving_var_unbiased = p.moving_mean, p.moving_variance, p.moving_variance
     for step, x in enumerate(p.batches, start=1):
         mean, var, count = moments(x, p.channel_axes)
@@ -107,6 +119,7 @@ def train(p: Problem) -> TrainingReference:
 
 
 def infer(p: Problem) -> np.ndarray:
+    p = bn_input(p)
     return normalize(p.batches[-1], p, p.moving_mean, p.moving_variance)
 
 
@@ -117,6 +130,7 @@ def gradients(p: Problem) -> dict[str, np.ndarray]:
         dbeta = sum(dy),  dgamma = sum(dy * xhat),
         dx = gamma / s * (dy - mean(dy) - xhat * mean(dy * xhat))
     """
+    preceding, p = p.preceding, bn_input(p)
     x, dy = p.batches[-1], p.upstream
     assert dy is not None, "gradients need an upstream gradient"
     axes = p.channel_axes
@@ -135,7 +149,7 @@ def gradients(p: Problem) -> dict[str, np.ndarray]:
             - xhat * (dy * xhat).mean(axis=red, keepdims=True)
         )
     return {
-        "input": dx,
+        "input": dx if preceding is None else preceding.transpose_apply(dx, axes[0]),
         "gamma": to_channels((dy * xhat).sum(axis=red, keepdims=True), axes),
         "beta": to_channels(dy.sum(axis=red, keepdims=True), axes),
     }

@@ -41,6 +41,15 @@ class Tensor(Values):
     shape: list[Annotated[int, Field(ge=0)]]
 
 
+class Preceding(Strict):
+    """A per-position linear map over the channels before BN (a 1x1 convolution or a dense layer):
+    z[..., o] = sum_i weight[o][i] * x[..., i] + bias[o] along the channel axis. Square (C x C,
+    out x in as torch's Conv/Linear hold it), so outputs keep the input's shape."""
+
+    weight: list[Any]
+    bias: list[Any] | None = None  # default zeros
+
+
 class Params(Strict):
     """The canonical convention. Defaults: momentum 0.9 and epsilon 1e-5 (torch's and ONNX's)."""
 
@@ -53,6 +62,7 @@ class Params(Strict):
     beta: list[Any] | None = None
     moving_mean: list[Any] | None = None
     moving_variance: list[Any] | None = None
+    preceding: Preceding | None = None  # a layer exporters fold BN into (docs/case-format.md)
 
     @property
     def axes(self) -> list[int]:

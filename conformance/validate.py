@@ -156,6 +156,7 @@ def semantic_errors(case: Case) -> Problems:
         values = getattr(case.params, name)
         if values is not None:
             errors.extend(_check_values(values, channel_dims, ("params", name), "channel count"))
+    errors.extend(_preceding_errors(case, channel_dims))
     if case.params.beta is not None and not case.params.center:
         errors.append((("params", "beta"), "given while center is false (beta is not applied)"))
     if case.params.gamma is not None and not case.params.scale:
@@ -176,6 +177,22 @@ def semantic_errors(case: Case) -> Problems:
     if case.training is not None and case.training.gradients is not None:
         errors.extend(_values_errors(case.training.gradients.upstream, last,
                                      ("training", "gradients", "upstream")))
+    return errors
+
+
+def _preceding_errors(case: Case, channel_dims: tuple[int, ...]) -> Problems:
+    """`preceding` maps one channel axis onto itself: a C x C weight and C biases."""
+    preceding = case.params.preceding
+    if preceding is None:
+        return []
+    if len(channel_dims) != 1:
+        return [(("params", "preceding"), "needs exactly one channel axis")]
+    c = channel_dims[0]
+    errors = _check_values(preceding.weight, (c, c), ("params", "preceding", "weight"),
+                           "channels x channels")
+    if preceding.bias is not None:
+        errors.extend(_check_values(preceding.bias, channel_dims, ("params", "preceding", "bias"),
+                                    "channel count"))
     return errors
 
 
