@@ -43,6 +43,12 @@ ADAPTERS: dict[str, AdapterInfo] = {
         *(AdapterInfo(i, "torch-export", "adapters.torch_export") for i in (
             "torch-fuse", "torch-onnx", "torch-onnx-ortopt", "torch-onnx-dynamo", "torch-onnx-dynamo-ortopt",
             "torch-onnx-openvino", "torch-onnx-training")),
+        *(AdapterInfo(i, "tf-export", "adapters.tf_export", (("TF_USE_LEGACY_KERAS", "1"),)) for i in (
+            "tf-keras-tflite", "tf-keras-tf2onnx", "tf-layers-tflite", "tf-layers-tflite-training-default",
+            "tf-layers-tflite-no-update-ops")),
+        *(AdapterInfo(i, "keras-export", "adapters.keras_export", (("KERAS_BACKEND", backend),))
+          for i, backend in (("keras-tflite", "tensorflow"), ("keras-onnx", "tensorflow"),
+                             ("keras-torch-onnx", "torch"))),
     ]
 }
 
@@ -85,7 +91,7 @@ for _info in ADAPTERS.values():
 
 # Adapters that fix a process-wide setting another adapter of the same run would contradict:
 # `--framework=all` leaves them out; `python -m conformance run` gives each its own process.
-OWN_PROCESS = {"keras-jax", "keras-torch"}
+OWN_PROCESS = {"keras-jax", "keras-torch", "keras-torch-onnx"}
 
 
 def resolve(selection: str, own_process_too: bool = False) -> list[str]:

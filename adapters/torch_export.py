@@ -4,13 +4,15 @@ trained as the `torch` adapter does (`torch.nn.BatchNorm1d/2d/3d`, `momentum = 1
 variance updated with the unbiased batch variance), then handed to the tool as its documentation
 says. Each adapter id is one path:
 
-| id | path |
-|---|---|
-| `torch-fuse` | `torch.nn.utils.fusion.fuse_conv_bn_eval` (rank 3-5, Conv1d/2d/3d 1x1) or `fuse_linear_bn_eval` (rank 2, Linear), run eagerly |
-| `torch-onnx`, `torch-onnx-ortopt` | `torch.onnx.export(dynamo=False)` (TorchScript), ONNX Runtime with graph optimizations off / all on |
-| `torch-onnx-dynamo`, `torch-onnx-dynamo-ortopt` | `torch.onnx.export(dynamo=True)` (torch.export + onnxscript), ONNX Runtime off / all on |
-| `torch-onnx-openvino` | the TorchScript export read and compiled by OpenVINO on CPU with `INFERENCE_PRECISION_HINT=f32` |
-| `torch-onnx-training` | `torch.onnx.export(training=TrainingMode.TRAINING)`, ONNX Runtime off |
+- `torch-fuse`: `torch.nn.utils.fusion.fuse_conv_bn_eval` (rank 3-5, a 1x1 Conv1d/2d/3d) or
+  `fuse_linear_bn_eval` (rank 2, Linear), the fused layer run eagerly.
+- `torch-onnx`, `torch-onnx-ortopt`: `torch.onnx.export(dynamo=False)` (the TorchScript exporter),
+  run by ONNX Runtime with graph optimizations off / all on.
+- `torch-onnx-dynamo`, `torch-onnx-dynamo-ortopt`: `torch.onnx.export(dynamo=True)` (torch.export
+  and onnxscript), ONNX Runtime off / all on.
+- `torch-onnx-openvino`: the TorchScript export read and compiled by OpenVINO on CPU with
+  `INFERENCE_PRECISION_HINT=f32`.
+- `torch-onnx-training`: `torch.onnx.export(training=TrainingMode.TRAINING)`, ONNX Runtime off.
 
 - Parameters: `preceding` is a 1x1 `Conv{1,2,3}d(C, C, 1)` (rank 3-5) or `Linear(C, C)` (rank 2)
   whose weight and bias are the case's; without `preceding` the model is the BN alone (not
@@ -146,7 +148,8 @@ class TorchExport(Adapter):
         if problem.epsilon <= 0 and check == "training":
             # torch/nn/functional.py (2.13) batch_norm: "batch_norm eps must be positive during training"
             return "torch rejects eps <= 0 in training (ValueError: eps must be positive during training)"
-        if check == "training" and self.exporter != "torchscript-training" and not problem.infer_after_training:
+        inference_form = self.exporter != "torchscript-training"
+        if check == "training" and inference_form and not problem.infer_after_training:
             return ("the exported model is inference-only: the training check compares what it outputs "
                     "after the source trained (training.expected.inference_output), which this case "
                     "does not give")
@@ -211,7 +214,9 @@ class TorchExport(Adapter):
 
     def exported(self, model: torch.nn.Sequential, x: torch.Tensor) -> bytes:
         """The ONNX model's bytes, exported once per exporter, shape, mode and state."""
-        digest = hashlib.sha256(f"{self.exporter} {x.dtype} {tuple(x.shape)} {model.training}".encode())
+        # repr(model) holds what the state does not: eps, momentum, affine, the layer types
+        digest = hashlib.sha256(
+            f"{self.exporter} {x.dtype} {tuple(x.shape)} {model.training} {model!r}".encode())
         for t in model.state_dict().values():
             digest.update(t.detach().cpu().numpy().tobytes())
         key = digest.hexdigest()
@@ -224,7 +229,8 @@ class TorchExport(Adapter):
             warnings.simplefilter("ignore")  # deprecation notices of the TorchScript exporter
             if self.exporter == "dynamo":
                 _quiet()
-                return torch.onnx.export(model, (x,), dynamo=True, verbose=False).model_proto.SerializeToString()
+                program = torch.onnx.export(model, (x,), dynamo=True, verbose=False)
+                return program.model_proto.SerializeToString()
             f = io.BytesIO()
             if self.exporter == "torchscript-training":
                 torch.onnx.export(model, (x,), f, dynamo=False, training=torch.onnx.TrainingMode.TRAINING,
@@ -247,8 +253,9 @@ class TorchExport(Adapter):
             return self.back(self._openvino(data, feed), problem)
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
-        options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if self.runtime == "ort-all"
-                                            else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+        levels = ort.GraphOptimizationLevel
+        options.graph_optimization_level = (levels.ORT_ENABLE_ALL if self.runtime == "ort-all"
+                                            else levels.ORT_DISABLE_ALL)
         session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         return self.back(session.run(None, {session.get_inputs()[0].name: feed})[0], problem)
 

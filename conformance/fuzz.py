@@ -70,6 +70,10 @@ def case_strategy() -> Any:
             params["moving_mean"] = d(st.lists(st.floats(-2, 2), min_size=count, max_size=count))
             params["moving_variance"] = d(st.lists(st.floats(0.01, 4), min_size=count,
                                                    max_size=count))
+        if not several and count <= 8 and d(st.integers(0, 4)) == 4:  # a layer to fold BN into
+            row = st.lists(st.floats(-2, 2), min_size=count, max_size=count)
+            params["preceding"] = {"weight": d(st.lists(row, min_size=count, max_size=count)),
+                                   "bias": d(row)}
         mean = d(st.sampled_from((0.0, 3.0, -1.0)) | st.sampled_from((1e2, 1e4)))
         std = d(st.sampled_from((1.0, 0.1, 1e-3)))
         doc: dict[str, Any] = {"id": "fuzz", "dtype": dtype, "params": params,
