@@ -156,6 +156,9 @@ class KerasExport(Adapter):
                 interpreter.invoke()
                 return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
             path = Path(folder) / "model.onnx"
+            # export_onnx refuses a model never called, even a functional one whose input signature
+            # it has just computed (keras/src/export/onnx.py L77-79): call it once, in inference mode
+            model(x, training=False)
             model.export(str(path), format="onnx", verbose=False)
             options = ort.SessionOptions()
             options.intra_op_num_threads = 1

@@ -214,7 +214,9 @@ class TfExport(Adapter):
         graph = tf.Graph()
         with graph.as_default(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tf.compat.v1.layers deprecation notices
-            x_train = tf.compat.v1.placeholder(tf.float32, shape, name="x_train")
+            # training batches may change size; the converted inference graph has the last one's shape
+            x_train = tf.compat.v1.placeholder(tf.float32, [None] * (len(shape) - 1) + [shape[-1]],
+                                               name="x_train")
             x_infer = tf.compat.v1.placeholder(tf.float32, shape, name="x")
             init = tf.compat.v1.constant_initializer
 
