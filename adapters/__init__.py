@@ -42,7 +42,7 @@ ADAPTERS: dict[str, AdapterInfo] = {
         # export paths (issue 15): the source framework's layer taken to a deployment runtime
         *(AdapterInfo(i, "torch-export", "adapters.torch_export") for i in (
             "torch-fuse", "torch-onnx", "torch-onnx-ortopt", "torch-onnx-dynamo", "torch-onnx-dynamo-ortopt",
-            "torch-onnx-openvino", "torch-onnx-training")),
+            "torch-onnx-openvino", "torch-onnx-training", "torch-onnx-dynamo-training")),
         *(AdapterInfo(i, "tf-export", "adapters.tf_export", (("TF_USE_LEGACY_KERAS", "1"),)) for i in (
             "tf-keras-tflite", "tf-keras-tf2onnx", "tf-layers-tflite", "tf-layers-tflite-training-default",
             "tf-layers-tflite-no-update-ops")),

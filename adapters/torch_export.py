@@ -12,7 +12,13 @@ says. Each adapter id is one path:
   and onnxscript), ONNX Runtime off / all on.
 - `torch-onnx-openvino`: the TorchScript export read and compiled by OpenVINO on CPU with
   `INFERENCE_PRECISION_HINT=f32`.
-- `torch-onnx-training`: `torch.onnx.export(training=TrainingMode.TRAINING)`, ONNX Runtime off.
+- `torch-onnx-training`: `torch.onnx.export(dynamo=False, training=TrainingMode.TRAINING)`, ONNX
+  Runtime off.
+- `torch-onnx-dynamo-training`: the module left in training mode and exported with
+  `torch.onnx.export(dynamo=True, training=TrainingMode.TRAINING)` (the dynamo exporter documents
+  `training` as deprecated: "set the training mode of the model before exporting"), ONNX Runtime
+  off. It only warns ("Exporting a model while it is in training mode",
+  torch/onnx/_internal/exporter/_compat.py L75-83); what the graph then computes is measured.
 
 - Parameters: `preceding` is a 1x1 `Conv{1,2,3}d(C, C, 1)` (rank 3-5) or `Linear(C, C)` (rank 2)
   whose weight and bias are the case's; without `preceding` the model is the BN alone (not
@@ -82,7 +88,9 @@ PATHS: dict[str, tuple[str, str]] = {
     "torch-onnx-dynamo-ortopt": ("dynamo", "ort-all"),
     "torch-onnx-openvino": ("torchscript", "openvino"),
     "torch-onnx-training": ("torchscript-training", "ort-off"),
+    "torch-onnx-dynamo-training": ("dynamo-training", "ort-off"),
 }
+TRAINING_EXPORTS = ("torchscript-training", "dynamo-training")
 
 _EXPORTS: dict[str, bytes] = {}
 
@@ -107,7 +115,7 @@ class TorchExport(Adapter):
     def __init__(self, adapter_id: str):
         self.id = adapter_id
         self.exporter, self.runtime = PATHS[adapter_id]
-        checks = {"training"} if self.exporter == "torchscript-training" else {"training", "inference"}
+        checks = {"training"} if self.exporter in TRAINING_EXPORTS else {"training", "inference"}
         why = {"gradients": "an exported or folded artefact is run, not differentiated",
                "multi-axis": "torch BatchNorm normalizes over one channel dim (dim 1)",
                "rank": "BatchNorm1d takes 2-D/3-D input, BatchNorm2d 4-D, BatchNorm3d 5-D",
@@ -123,7 +131,7 @@ class TorchExport(Adapter):
         out = {"torch": torch.__version__}
         if self.exporter != "fuse":
             out |= {"onnx": onnx.__version__}
-        if self.exporter == "dynamo":
+        if self.exporter.startswith("dynamo"):
             import onnxscript
 
             out["onnxscript"] = onnxscript.__version__
@@ -148,7 +156,7 @@ class TorchExport(Adapter):
         if problem.epsilon <= 0 and check == "training":
             # torch/nn/functional.py (2.13) batch_norm: "batch_norm eps must be positive during training"
             return "torch rejects eps <= 0 in training (ValueError: eps must be positive during training)"
-        inference_form = self.exporter != "torchscript-training"
+        inference_form = self.exporter not in TRAINING_EXPORTS
         if check == "training" and inference_form and not problem.infer_after_training:
             return ("the exported model is inference-only: the training check compares what it outputs "
                     "after the source trained (training.expected.inference_output), which this case "
@@ -173,6 +181,8 @@ class TorchExport(Adapter):
             "dynamo": "torch.onnx.export(dynamo=True)",
             "torchscript-training": "torch.onnx.export(dynamo=False, training=TrainingMode.TRAINING, "
                                     "do_constant_folding=False)",
+            "dynamo-training": "model.train(); torch.onnx.export(dynamo=True, "
+                               "training=TrainingMode.TRAINING)",
         }[self.exporter])
         out.append({"torch": "run eagerly", "ort-off": "ONNX Runtime, ORT_DISABLE_ALL",
                     "ort-all": "ONNX Runtime, ORT_ENABLE_ALL",
@@ -227,9 +237,10 @@ class TorchExport(Adapter):
     def _export(self, model: torch.nn.Sequential, x: torch.Tensor) -> bytes:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # deprecation notices of the TorchScript exporter
-            if self.exporter == "dynamo":
+            if self.exporter.startswith("dynamo"):
                 _quiet()
-                program = torch.onnx.export(model, (x,), dynamo=True, verbose=False)
+                mode = torch.onnx.TrainingMode.TRAINING if model.training else torch.onnx.TrainingMode.EVAL
+                program = torch.onnx.export(model, (x,), dynamo=True, verbose=False, training=mode)
                 return program.model_proto.SerializeToString()
             f = io.BytesIO()
             if self.exporter == "torchscript-training":
@@ -273,9 +284,9 @@ class TorchExport(Adapter):
     def train(self, problem: Problem) -> TrainingRun:
         model = self.source(problem).train()
         with torch.no_grad():
-            for x in problem.batches[:-1] if self.exporter == "torchscript-training" else problem.batches:
+            for x in problem.batches[:-1] if self.exporter in TRAINING_EXPORTS else problem.batches:
                 model(self.tensor(x, problem))
-        if self.exporter == "torchscript-training":
+        if self.exporter in TRAINING_EXPORTS:
             return TrainingRun(output=self.run_artefact(model, problem.batches[-1], problem),
                                moving_mean=None, moving_variance=None)
         return TrainingRun(output=None, moving_mean=None, moving_variance=None,  # type: ignore[arg-type]
