@@ -40,6 +40,9 @@ says. Each adapter id is one path:
   machine: `conv-bn-nchw-trained` inference off by 0.0236, outputs all bfloat16 values such as
   0.59765625). That depends on the machine, so the adapter asks for `f32`, as OpenVINO's precision
   documentation says to for full precision, and `versions()` records the machine's default.
+- Where ONNX Runtime's CPU provider has no kernel for the exported graph (a double Conv), the
+  session's NOT_IMPLEMENTED error is reported as not expressible with its text, as
+  `adapters/onnx_runtime.py` does.
 - Exports are cached per exporter, dtype, input shape, mode and state (bytes), so the ONNX Runtime
   off / on and OpenVINO ids reuse one export. Runtimes use one thread.
 """
@@ -267,7 +270,10 @@ class TorchExport(Adapter):
         levels = ort.GraphOptimizationLevel
         options.graph_optimization_level = (levels.ORT_ENABLE_ALL if self.runtime == "ort-all"
                                             else levels.ORT_DISABLE_ALL)
-        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        try:
+            session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        except ort.capi.onnxruntime_pybind11_state.NotImplemented as exc:  # as adapters/onnx_runtime.py
+            raise NotExpressible(f"ONNX Runtime CPU cannot run the exported model: {exc}") from exc
         return self.back(session.run(None, {session.get_inputs()[0].name: feed})[0], problem)
 
     def _openvino(self, data: bytes, feed: np.ndarray) -> np.ndarray:
