@@ -70,10 +70,6 @@ def case_strategy() -> Any:
             params["moving_mean"] = d(st.lists(st.floats(-2, 2), min_size=count, max_size=count))
             params["moving_variance"] = d(st.lists(st.floats(0.01, 4), min_size=count,
                                                    max_size=count))
-        if not several and count <= 8 and d(st.integers(0, 4)) == 4:  # a layer to fold BN into
-            row = st.lists(st.floats(-2, 2), min_size=count, max_size=count)
-            params["preceding"] = {"weight": d(st.lists(row, min_size=count, max_size=count)),
-                                   "bias": d(row)}
         mean = d(st.sampled_from((0.0, 3.0, -1.0)) | st.sampled_from((1e2, 1e4)))
         std = d(st.sampled_from((1.0, 0.1, 1e-3)))
         doc: dict[str, Any] = {"id": "fuzz", "dtype": dtype, "params": params,
@@ -87,6 +83,11 @@ def case_strategy() -> Any:
                 doc["training"]["gradients"] = {"upstream": {"random": {"seed": 1}}}
         if inference_only or d(st.booleans()):
             doc["inference"] = {"expected": {}}
+        # drawn last, so the draws before it (and the seeds tests rely on) stay as they were
+        if not several and count <= 8 and d(st.integers(0, 4)) == 4:  # a layer to fold BN into
+            row = st.lists(st.floats(-2, 2), min_size=count, max_size=count)
+            params["preceding"] = {"weight": d(st.lists(row, min_size=count, max_size=count)),
+                                   "bias": d(row)}
         return doc
 
     return draw()
