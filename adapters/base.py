@@ -121,7 +121,7 @@ class Problem:
 class TrainingRun:
     """What a framework produced after the training steps. None = the API does not expose it."""
 
-    output: np.ndarray
+    output: np.ndarray | None  # None: an exported inference-only artefact has no training output
     moving_mean: np.ndarray | None
     moving_variance: np.ndarray | None
     batch_mean: np.ndarray | None = None

@@ -295,7 +295,7 @@ class TorchExport(Adapter):
         if self.exporter in TRAINING_EXPORTS:
             return TrainingRun(output=self.run_artefact(model, problem.batches[-1], problem),
                                moving_mean=None, moving_variance=None)
-        return TrainingRun(output=None, moving_mean=None, moving_variance=None,  # type: ignore[arg-type]
+        return TrainingRun(output=None, moving_mean=None, moving_variance=None,
                            inference_output=self.run_artefact(model.eval(), problem.batches[-1], problem))
 
     def infer(self, problem: Problem) -> np.ndarray:
