@@ -44,10 +44,12 @@ ADAPTERS: dict[str, AdapterInfo] = {
             "torch-fuse", "torch-onnx", "torch-onnx-ortopt", "torch-onnx-dynamo", "torch-onnx-dynamo-ortopt",
             "torch-onnx-openvino", "torch-onnx-training", "torch-onnx-dynamo-training")),
         *(AdapterInfo(i, "tf-export", "adapters.tf_export", (("TF_USE_LEGACY_KERAS", "1"),)) for i in (
-            "tf-keras-tflite", "tf-keras-tf2onnx", "tf-layers-tflite", "tf-layers-tflite-training-default",
+            "tf-keras-tflite", "tf-keras-tf2onnx", "tf-keras-tf2onnx-openvino", "tf-layers-tflite",
+            "tf-layers-tflite-training-default",
             "tf-layers-tflite-no-update-ops")),
         *(AdapterInfo(i, "keras-export", "adapters.keras_export", (("KERAS_BACKEND", backend),))
           for i, backend in (("keras-tflite", "tensorflow"), ("keras-onnx", "tensorflow"),
+                             ("keras-onnx-openvino", "tensorflow"),
                              ("keras-torch-onnx", "torch"))),
     ]
 }

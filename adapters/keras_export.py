@@ -5,6 +5,8 @@ Runtime, or `tf.lite.TFLiteConverter.from_keras_model` run by LiteRT (`ai-edge-l
   run by the LiteRT `Interpreter`.
 - `keras-onnx` (tensorflow backend): `model.export(path, format="onnx")` (tf2onnx underneath), run
   by ONNX Runtime with graph optimizations off.
+- `keras-onnx-openvino` (tensorflow backend): that ONNX model run by OpenVINO (CPU,
+  `INFERENCE_PRECISION_HINT=f32`; its default on AVX512_BF16/AMX CPUs is bfloat16).
 - `keras-torch-onnx` (torch backend): `model.export(path, format="onnx")` (torch.onnx.export
   underneath), ONNX Runtime, optimizations off.
 
@@ -73,6 +75,7 @@ class KerasExport(Adapter):
     def __init__(self, adapter_id: str):
         self.id = adapter_id
         self.converter = "tflite" if adapter_id == "keras-tflite" else "onnx"
+        self.runtime = "openvino" if adapter_id.endswith("-openvino") else "default"
 
     def versions(self) -> dict[str, str]:
         out = {"keras": keras.__version__, "backend": BACKEND}
@@ -84,6 +87,10 @@ class KerasExport(Adapter):
                     "ai-edge-litert": getattr(ai_edge_litert, "__version__", "")}
         else:
             out["onnxruntime"] = ort.__version__
+            if self.runtime == "openvino":
+                import openvino
+
+                out["openvino"] = openvino.__version__
             if BACKEND == "tensorflow":
                 import tf2onnx
 
@@ -113,8 +120,10 @@ class KerasExport(Adapter):
             kind = "Dense" if problem.rank == 2 else f"Conv{problem.rank - 2}D kernel 1"
             out.append(f"preceding -> {kind} with kernel = weight transposed, bias")
         out.append(f"batch dimension fixed to {problem.batches[-1].shape[0]}")
+        runtime = ("OpenVINO CPU, INFERENCE_PRECISION_HINT=f32" if self.runtime == "openvino"
+                   else "ONNX Runtime ORT_DISABLE_ALL")
         out.append("TFLiteConverter.from_keras_model; LiteRT Interpreter" if self.converter == "tflite"
-                   else f"model.export(format='onnx') on {BACKEND}; ONNX Runtime ORT_DISABLE_ALL")
+                   else f"model.export(format='onnx') on {BACKEND}; {runtime}")
         return out
 
     def last(self, x: np.ndarray, problem: Problem) -> np.ndarray:
@@ -160,6 +169,13 @@ class KerasExport(Adapter):
             # it has just computed (keras/src/export/onnx.py L77-79): call it once, in inference mode
             model(x, training=False)
             model.export(str(path), format="onnx", verbose=False)
+            if self.runtime == "openvino":
+                import openvino
+
+                core = openvino.Core()
+                compiled = core.compile_model(core.read_model(path), "CPU", {
+                    "INFERENCE_NUM_THREADS": 1, "INFERENCE_PRECISION_HINT": "f32"})
+                return np.asarray(compiled([x])[compiled.output(0)])
             options = ort.SessionOptions()
             options.intra_op_num_threads = 1
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

@@ -4,7 +4,8 @@
 - `tf-keras-tflite`: a tf_keras functional model `Input -> preceding -> BatchNormalization`,
   converted with `tf.lite.TFLiteConverter.from_keras_model`, run by the LiteRT `Interpreter`.
 - `tf-keras-tf2onnx`: the same model through `tf2onnx.convert.from_keras`, run by ONNX Runtime
-  with graph optimizations off.
+  with graph optimizations off; `tf-keras-tf2onnx-openvino`: that ONNX model run by OpenVINO (CPU,
+  `INFERENCE_PRECISION_HINT=f32`).
 - `tf-layers-tflite`: `tf.compat.v1.layers` in a graph, trained with `training=True` and the
   UPDATE_OPS dependency, the inference graph (`training=False`, shared variables) converted with
   `tf.compat.v1.lite.TFLiteConverter.from_session`, run by LiteRT.
@@ -40,8 +41,10 @@ and for the default `training=False`, `training-uses-moving-stats`).
 
 from __future__ import annotations
 
+import tempfile
 import warnings
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -65,6 +68,7 @@ from adapters.base import (
 PATHS: dict[str, tuple[str, str, str]] = {
     "tf-keras-tflite": ("tf_keras", "documented", "tflite"),
     "tf-keras-tf2onnx": ("tf_keras", "documented", "tf2onnx"),
+    "tf-keras-tf2onnx-openvino": ("tf_keras", "documented", "tf2onnx"),
     "tf-layers-tflite": ("layers", "documented", "tflite"),
     "tf-layers-tflite-training-default": ("layers", "training-default", "tflite"),
     "tf-layers-tflite-no-update-ops": ("layers", "no-update-ops", "tflite"),
@@ -81,6 +85,20 @@ def run_tflite(model: bytes, x: np.ndarray) -> np.ndarray:
     return interpreter.get_tensor(interpreter.get_output_details()[0]["index"]).astype(np.float64)
 
 
+def run_openvino(model: bytes, x: np.ndarray) -> np.ndarray:
+    """OpenVINO on CPU, asked for f32: its default precision hint is the CPU's best, bfloat16 on
+    AVX512_BF16/AMX machines (see adapters/torch_export.py)."""
+    import openvino
+
+    core = openvino.Core()
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.onnx"
+        path.write_bytes(model)
+        compiled = core.compile_model(core.read_model(path), "CPU",
+                                      {"INFERENCE_NUM_THREADS": 1, "INFERENCE_PRECISION_HINT": "f32"})
+    return np.asarray(compiled([x])[compiled.output(0)], dtype=np.float64)
+
+
 class TfExport(Adapter):
     family = "tf-export"
     conventions = Conventions(notes=("the source layer's moving-variance estimator: unbiased where the fused "
@@ -89,6 +107,7 @@ class TfExport(Adapter):
     def __init__(self, adapter_id: str):
         self.id = adapter_id
         self.source, self.training, self.converter = PATHS[adapter_id]
+        self.runtime = "openvino" if adapter_id.endswith("-openvino") else "default"
         if self.training != "documented":  # the misuse concerns training; inference is tf-layers-tflite's
             self.capabilities = replace(TfExport.capabilities, checks=frozenset({"training"}), why={
                 **TfExport.capabilities.why, "inference": "this id differs from tf-layers-tflite only in "
@@ -125,6 +144,10 @@ class TfExport(Adapter):
             import tf2onnx
 
             out |= {"tf2onnx": tf2onnx.__version__, "onnxruntime": ort.__version__}
+        if self.runtime == "openvino":
+            import openvino
+
+            out["openvino"] = openvino.__version__
         return out
 
     def not_expressible(self, problem: Problem, check: Check) -> str | None:
@@ -148,7 +171,8 @@ class TfExport(Adapter):
         out.append(f"batch dimension fixed to {problem.batches[-1].shape[0]}")
         out.append({"tflite": "TFLiteConverter defaults; LiteRT Interpreter",
                     "tf2onnx": "tf2onnx.convert.from_keras (default opset); ONNX Runtime ORT_DISABLE_ALL"
-                    }[self.converter])
+                    }[self.converter] if self.runtime == "default" else
+                   "tf2onnx.convert.from_keras (default opset); OpenVINO CPU, INFERENCE_PRECISION_HINT=f32")
         if self.training == "training-default":
             out.append("training steps call the layer without `training` (default False), as the seed "
                        "article's author did")
@@ -199,6 +223,8 @@ class TfExport(Adapter):
     def run_artefact(self, artefact: Any, x: np.ndarray) -> np.ndarray:
         if self.converter == "tflite":
             return run_tflite(artefact, x)
+        if self.runtime == "openvino":
+            return run_openvino(artefact, x)
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
