@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[all]" 2>&1 \
 		| { grep -v "^WARNING: Location" || true; }
 	$(PY) -c "import conformance, adapters, reports, torch, tensorflow, tf_keras, keras, jax, flax, onnxruntime"
+	$(PY) -c "import onnxscript, tf2onnx, ai_edge_litert, openvino"
 	touch $(STAMP)
 
 install: $(STAMP)

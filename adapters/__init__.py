@@ -39,6 +39,18 @@ ADAPTERS: dict[str, AdapterInfo] = {
         AdapterInfo("flax-linen", "jax", "adapters.flax_linen"),
         AdapterInfo("flax-nnx", "jax", "adapters.flax_nnx"),
         AdapterInfo("onnxruntime", "onnx", "adapters.onnx_runtime"),
+        # export paths (issue 15): the source framework's layer taken to a deployment runtime
+        *(AdapterInfo(i, "torch-export", "adapters.torch_export") for i in (
+            "torch-fuse", "torch-onnx", "torch-onnx-ortopt", "torch-onnx-dynamo", "torch-onnx-dynamo-ortopt",
+            "torch-onnx-openvino", "torch-onnx-training", "torch-onnx-dynamo-training")),
+        *(AdapterInfo(i, "tf-export", "adapters.tf_export", (("TF_USE_LEGACY_KERAS", "1"),)) for i in (
+            "tf-keras-tflite", "tf-keras-tf2onnx", "tf-keras-tf2onnx-openvino", "tf-layers-tflite",
+            "tf-layers-tflite-training-default",
+            "tf-layers-tflite-no-update-ops")),
+        *(AdapterInfo(i, "keras-export", "adapters.keras_export", (("KERAS_BACKEND", backend),))
+          for i, backend in (("keras-tflite", "tensorflow"), ("keras-onnx", "tensorflow"),
+                             ("keras-onnx-openvino", "tensorflow"),
+                             ("keras-torch-onnx", "torch"))),
     ]
 }
 
@@ -81,7 +93,7 @@ for _info in ADAPTERS.values():
 
 # Adapters that fix a process-wide setting another adapter of the same run would contradict:
 # `--framework=all` leaves them out; `python -m conformance run` gives each its own process.
-OWN_PROCESS = {"keras-jax", "keras-torch"}
+OWN_PROCESS = {"keras-jax", "keras-torch", "keras-torch-onnx"}
 
 
 def resolve(selection: str, own_process_too: bool = False) -> list[str]:

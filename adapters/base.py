@@ -30,6 +30,7 @@ FEATURES: dict[str, str] = {
     "ghost-batches": "ghost batches (virtual_batch_size)",
     "adjustment": "an adjustment of the normalized values in training",
     "no-running-stats": "no moving statistics (track_running_stats false)",
+    "preceding": "a preceding 1x1 convolution / dense layer (params.preceding)",
 }
 
 
@@ -40,6 +41,25 @@ NAMES = ("momentum", "epsilon", "axis", "center", "scale", "gamma", "beta", "mov
 
 class NotExpressible(Exception):
     """The API cannot state this case (several channel axes in torch, say); the reason is reported."""
+
+
+@dataclass(frozen=True, eq=False)
+class Preceding:
+    """A per-position linear map over the one channel axis before BN (a 1x1 convolution or a dense
+    layer), the layer exporters fold BN into: z[..., o] = sum_i weight[o, i] * x[..., i] + bias[o].
+    `weight` is (out, in) = (C, C), as torch's Conv/Linear hold it; values are in the case dtype."""
+
+    weight: np.ndarray
+    bias: np.ndarray
+
+    def apply(self, x: np.ndarray, axis: int) -> np.ndarray:
+        """The layer's output in float64 (the reference's), channel axis `axis` (non-negative)."""
+        moved = np.moveaxis(x, axis, -1)
+        return np.moveaxis(moved @ self.weight.T + self.bias, -1, axis)
+
+    def transpose_apply(self, dz: np.ndarray, axis: int) -> np.ndarray:
+        """dL/dx from dL/dz: the weight transposed, no bias."""
+        return np.moveaxis(np.moveaxis(dz, axis, -1) @ self.weight, -1, axis)
 
 
 @dataclass(frozen=True)
@@ -83,6 +103,8 @@ class Problem:
     virtual_batch_size: int | None = field(default=None, metadata={"feature": "ghost-batches"})
     adjustment: Adjustment | None = field(default=None, metadata={"feature": "adjustment"})
     track_running_stats: bool = field(default=True, metadata={"feature": "no-running-stats"})
+    # the layer before BN; batches are its input. Adapters run it too, or do not declare the feature
+    preceding: Preceding | None = field(default=None, metadata={"feature": "preceding"})
 
     @property
     def rank(self) -> int:
@@ -132,7 +154,7 @@ class Problem:
 class TrainingRun:
     """What a framework produced after the training steps. None = the API does not expose it."""
 
-    output: np.ndarray
+    output: np.ndarray | None  # None: an exported inference-only artefact has no training output
     moving_mean: np.ndarray | None
     moving_variance: np.ndarray | None
     batch_mean: np.ndarray | None = None

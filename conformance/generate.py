@@ -330,6 +330,13 @@ def draw_case(seed: int, index: int) -> dict[str, Any]:
     if rng.random() < 0.4:
         params["moving_variance"] = _per_channel(rng, channels, 0.05, 4.0)
         tags.add("moving-variance")
+    extra = np.random.default_rng([seed, index, 1])  # its own stream: earlier seeds draw as before
+    if isinstance(spelled, int) and 0 < channels <= 16 and extra.random() < 0.15:
+        # a 1x1 convolution / dense layer before BN, for the export paths to fold (params.preceding)
+        weight = extra.normal(0, 1, (channels, channels))
+        params["preceding"] = {"weight": [[_short(v) for v in row] for row in weight],
+                               "bias": [_short(v) for v in extra.normal(0, 1, channels)]}
+        tags.add("preceding")
 
     params.update(_optional_features(np.random.default_rng([seed, index, 1]), shapes, axes, channels, tags))
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from adapters.base import Adjustment, Check, Problem, Renorm
+from adapters.base import Adjustment, Check, Preceding, Problem, Renorm
 from conformance import reference, variants
 from conformance.dtypes import round_to
 from conformance.outputs import CHECKS, alternatives, outputs_of
@@ -33,7 +33,9 @@ def _frozen(problem: Problem) -> Problem:
     """Make every array read-only: the problem is shared by the checks and the reference, so an
     adapter that wrote into its input (torch.from_numpy + an in-place update) would corrupt both."""
     for value in vars(problem).values():
-        for array in value if isinstance(value, tuple) else (value,):
+        values = vars(value).values() if isinstance(value, Preceding) else value if isinstance(
+            value, tuple) else (value,)
+        for array in values:
             if isinstance(array, np.ndarray):
                 array.setflags(write=False)
     return problem
@@ -67,6 +69,9 @@ def _build(case: Case, check: Check) -> Problem:
         upstream=upstream,
         infer_after_training=infer_after,
         **_features(p, channels, dtype),
+        preceding=None if p.preceding is None else Preceding(
+            weight=round_to(np.array(flat_numbers(p.preceding.weight, ())[0]).reshape(channels * 2), dtype),
+            bias=per_channel(p.preceding.bias, channels, 0.0, dtype)),
     )
 
 
@@ -157,6 +162,7 @@ def gradient_scales(problem: Problem) -> dict[str, float]:
     cancels to 0 with two values per channel, leaving rounding of size u * |gamma|/s * |dy|.
     So the default atol is scaled by max |gamma|/s * max |dy| for dL/dx, by max over channels
     of sum |dy * xhat| for dL/dgamma and of sum |dy| for dL/dbeta (never below 1)."""
+    preceding, problem = problem.preceding, reference.bn_input(problem)
     x, dy = problem.batches[-1], problem.upstream
     if dy is None or x.size == 0:
         return {}
@@ -175,7 +181,8 @@ def gradient_scales(problem: Problem) -> dict[str, float]:
                     1 / np.sqrt(var + problem.epsilon), x.ndim, axes)
             inv_max = max(inv_max, float(np.nanmax(inv)))
         dgamma_terms = max(dgamma_terms, float(np.nanmax(np.abs(dy * xhat).sum(axis=red))))
-    scales = {"input": inv_max * float(np.abs(dy).max()), "gamma": dgamma_terms,
+    through = 1.0 if preceding is None else float(np.abs(preceding.weight).sum(axis=0).max())  # Wᵀ dz
+    scales = {"input": inv_max * float(np.abs(dy).max()) * through, "gamma": dgamma_terms,
               "beta": float(np.abs(dy).sum(axis=red).max())}
     return {k: max(1.0, v) for k, v in scales.items() if np.isfinite(v)}
 
@@ -186,13 +193,26 @@ def input_conditioning(problem: Problem) -> float:
     one ulp of its own magnitude (and a mean rounded likewise) leaves (x - mean) off by about
     u |mean|, which the normalization scales by 1 / sqrt(var + eps): for a constant channel that is
     1 / sqrt(eps), not 0 (a float32 mean of equal values need not equal them). A channel with
-    var + eps = 0 (eps 0, constant) is left out: its output is undefined (NaN) anyway."""
+    var + eps = 0 (eps 0, constant) is left out: its output is undefined (NaN) anyway.
+
+    With a preceding layer the statistics are those of its output z = W·x + b, and z itself, held
+    in the case dtype, is off by about u·(|W|·|x| + |b|) per element (every product rounds, however
+    much their sum cancels): that magnitude over sqrt(var + eps) counts like |mean| does. It is also
+    what bounds a folded layer's output error, W'·x + b' with W' = s·W (s = gamma/sqrt(var + eps)):
+    u·s·(|W|·|x| + |b - mean|), i.e. c ulps of gamma, per channel at most."""
     worst = 0.0
-    for x in problem.batches:  # with ghost batches, each group of rows normalized together
-        for g in reference.normalized_together(x.shape[0], problem.virtual_batch_size):
+    bn = reference.bn_input(problem)
+    for raw, x in zip(problem.batches, bn.batches, strict=True):
+        for g in reference.normalized_together(x.shape[0], problem.virtual_batch_size):  # ghost batches
             mean, var, _ = reference.moments(x[g], problem.channel_axes)
             with np.errstate(divide="ignore", invalid="ignore"):
                 ratio = np.abs(mean) / np.sqrt(var + problem.epsilon)
+                if problem.preceding is not None and x[g].size:
+                    axis = problem.channel_axes[0]
+                    size = Preceding(np.abs(problem.preceding.weight), np.abs(problem.preceding.bias))
+                    largest = np.moveaxis(size.apply(np.abs(raw[g]), axis), axis, -1).reshape(
+                        -1, x.shape[axis])
+                    ratio = np.maximum(ratio, largest.max(axis=0) / np.sqrt(var + problem.epsilon))
             finite = ratio[np.isfinite(ratio)]
             worst = max(worst, float(finite.max()) if finite.size else 0.0)
     return worst

@@ -27,12 +27,14 @@ Optional features (docs/case-format.md):
 - adjustment (scale a, bias b; training only): y = gamma * (a * (r * xhat + d) + b) + beta.
 - track_running_stats false: no moving statistics; inference normalizes with the statistics of
   the batch it is given (over the whole batch).
+- preceding (a 1x1 convolution / dense layer before BN) is applied first, in float64: BN's input is
+  z = W·x + b along the channel axis, and dL/dx = Wᵀ·dL/dz.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -166,7 +168,17 @@ class TrainingReference:
     renorm_stddev: np.ndarray | None = None
 
 
+def bn_input(p: Problem) -> Problem:
+    """The problem BN itself sees: with a preceding layer, the batches are that layer's float64
+    outputs (and no preceding layer is left); otherwise `p`."""
+    if p.preceding is None:
+        return p
+    axis = p.channel_axes[0]
+    return replace(p, batches=tuple(p.preceding.apply(x, axis) for x in p.batches), preceding=None)
+
+
 def train(p: Problem) -> TrainingReference:
+    p = bn_input(p)
     moving_mean, moving_var, moving_var_unbiased = p.moving_mean, p.moving_variance, p.moving_variance
     renorm_mean, renorm_std = p.moving_mean, np.sqrt(p.moving_variance)
     moving_std, moving_std_unbiased = renorm_std, renorm_std
@@ -214,6 +226,7 @@ def train(p: Problem) -> TrainingReference:
 
 def infer(p: Problem) -> np.ndarray:
     """With moving statistics: those of the case. Without (track_running_stats false): the batch's."""
+    p = bn_input(p)
     x = p.batches[-1]
     if not p.track_running_stats:
         return normalize(x, p, *moments(x, p.channel_axes)[:2])
@@ -230,6 +243,7 @@ def gradients(p: Problem) -> dict[str, np.ndarray]:
     adjustment (r, d constants): y = G * xhat + B with G = gamma * a * r, so dx uses G for gamma,
     and dgamma = sum(dy * (a * (r * xhat + d) + b)).
     """
+    preceding, p = p.preceding, bn_input(p)
     x, dy = p.batches[-1], p.upstream
     assert dy is not None, "gradients need an upstream gradient"
     axes = p.channel_axes
@@ -261,7 +275,7 @@ def gradients(p: Problem) -> dict[str, np.ndarray]:
         r, d, a, c = corrections(p, rd)
         z = b(a) * (b(r) * xhat + b(d)) + b(c)
     return {
-        "input": dx,
+        "input": dx if preceding is None else preceding.transpose_apply(dx, axes[0]),
         "gamma": to_channels((dy * z).sum(axis=red, keepdims=True), axes),
         "beta": to_channels(dy.sum(axis=red, keepdims=True), axes),
     }

@@ -59,6 +59,13 @@ class Adjustment(Strict):
 
     scale: list[Any] | None = None
     bias: list[Any] | None = None
+class Preceding(Strict):
+    """A per-position linear map over the channels before BN (a 1x1 convolution or a dense layer):
+    z[..., o] = sum_i weight[o][i] * x[..., i] + bias[o] along the channel axis. Square (C x C,
+    out x in as torch's Conv/Linear hold it), so outputs keep the input's shape."""
+
+    weight: list[Any]
+    bias: list[Any] | None = None  # default zeros
 
 
 class Params(Strict):
@@ -78,6 +85,7 @@ class Params(Strict):
     virtual_batch_size: int | None = Field(None, ge=1)  # ghost BN over consecutive samples on axis 0
     adjustment: Adjustment | None = None
     track_running_stats: bool = True  # false: no moving statistics; inference uses batch statistics
+    preceding: Preceding | None = None  # a layer exporters fold BN into (docs/case-format.md)
 
     @property
     def axes(self) -> list[int]:

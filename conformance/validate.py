@@ -157,6 +157,7 @@ def semantic_errors(case: Case) -> Problems:
         if values is not None:
             errors.extend(_check_values(values, channel_dims, ("params", name), "channel count"))
     errors.extend(_feature_errors(case, shapes, channel_dims))
+    errors.extend(_preceding_errors(case, channel_dims))
     if case.params.beta is not None and not case.params.center:
         errors.append((("params", "beta"), "given while center is false (beta is not applied)"))
     if case.params.gamma is not None and not case.params.scale:
@@ -200,6 +201,22 @@ def _feature_errors(case: Case, shapes: list[tuple[int, ...]], channel_dims: tup
     r = p.renorm
     if r is not None and r.rmin is not None and r.rmax is not None and r.rmin > r.rmax:
         errors.append((("params", "renorm", "rmin"), f"rmin {r.rmin} is above rmax {r.rmax}"))
+    return errors
+
+
+def _preceding_errors(case: Case, channel_dims: tuple[int, ...]) -> Problems:
+    """`preceding` maps one channel axis onto itself: a C x C weight and C biases."""
+    preceding = case.params.preceding
+    if preceding is None:
+        return []
+    if len(channel_dims) != 1:
+        return [(("params", "preceding"), "needs exactly one channel axis")]
+    c = channel_dims[0]
+    errors = _check_values(preceding.weight, (c, c), ("params", "preceding", "weight"),
+                           "channels x channels")
+    if preceding.bias is not None:
+        errors.extend(_check_values(preceding.bias, channel_dims, ("params", "preceding", "bias"),
+                                    "channel count"))
     return errors
 
 

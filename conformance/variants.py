@@ -307,6 +307,7 @@ def undetermined(problem: Problem, check: Check, knobs: Knobs) -> dict[str, np.n
     order. Empty where everything is predictable."""
     if knobs.variance != "sum-of-squares-unclamped":
         return {}
+    problem = reference.bn_input(problem)  # masks are per element, so W mixing them is not tracked
     eps = problem.epsilon if knobs.epsilon is None else knobs.epsilon
     width = DEFAULT_TOLERANCE[stats_dtype(knobs, problem)]
     fed = problem.batches if check == "training" else problem.batches[-1:]
@@ -334,7 +335,10 @@ def simulate(problem: Problem, check: Check, knobs: Knobs = CANONICAL) -> dict[s
     moving_variance (after all steps), inference_output; inference: output; gradients: input,
     gamma, beta."""
     run = {"train": _train, "infer": _infer, "gradients": _gradients}[CHECKS[check].method]
-    return run(problem, knobs)
+    out = run(reference.bn_input(problem), knobs)  # a preceding layer: in float64, before BN
+    if problem.preceding is not None and "input" in out:  # dL/dx = Wᵀ dL/dz
+        out["input"] = problem.preceding.transpose_apply(out["input"], problem.channel_axes[0])
+    return out
 
 
 def tolerance_for(knobs: Knobs, problem: Problem, base_rtol: float, base_atol: float,
@@ -361,6 +365,7 @@ def folded_error(knobs: Knobs, problem: Problem) -> float:
     (u = eps/2 of the compute dtype). A channel with one value has var 0 and s = gamma/sqrt(eps)."""
     dtype = knobs.compute_dtype or "float64"
     eps = problem.epsilon if knobs.epsilon is None else knobs.epsilon
+    problem = reference.bn_input(problem)
     worst = 0.0
     for batch in problem.batches:
         for g in reference.normalized_together(batch.shape[0], problem.virtual_batch_size):

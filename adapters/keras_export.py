@@ -1,0 +1,203 @@
+"""A Keras 3 BatchNormalization taken to deployment: `model.export(format="onnx")` run by ONNX
+Runtime, or `tf.lite.TFLiteConverter.from_keras_model` run by LiteRT (`ai-edge-litert`).
+
+- `keras-tflite` (tensorflow backend): `tf.lite.TFLiteConverter.from_keras_model(model).convert()`,
+  run by the LiteRT `Interpreter`.
+- `keras-onnx` (tensorflow backend): `model.export(path, format="onnx")` (tf2onnx underneath), run
+  by ONNX Runtime with graph optimizations off.
+- `keras-onnx-openvino` (tensorflow backend): that ONNX model run by OpenVINO (CPU,
+  `INFERENCE_PRECISION_HINT=f32`; its default on AVX512_BF16/AMX CPUs is bfloat16).
+- `keras-torch-onnx` (torch backend): `model.export(path, format="onnx")` (torch.onnx.export
+  underneath), ONNX Runtime, optimizations off.
+
+On the jax backend `format="onnx"` needs the `jax2onnx` package, which is not among the pinned
+dependencies (keras/src/export/onnx.py raises ImportError), so there is no `keras-jax-onnx`.
+
+- Source model: `keras.Model(Input(shape, batch_size=N), BatchNormalization(preceding(x)))`,
+  channels-last; `preceding` is a 1x1 `Conv1D/2D/3D(C, 1)` (rank 3-5) or `Dense(C)` (rank 2) with
+  kernel = the case's weight transposed. BN: `axis=-1`, `momentum=m` (Keras's decay form),
+  `epsilon=`, `center=`, `scale=`, weights set to the case's values.
+- Channel axis: moved last in NumPy before the model and back after it.
+- Checks. inference: the case's state exported and run on the batch. training: the source trains
+  eagerly (`model(x, training=True)` per step; Keras 3 assigns the moving averages, biased
+  variance, as `adapters/keras3.py` measures), the trained model is exported, and the artefact runs
+  the last batch, compared as `inference_output`; the source's moving statistics and last training
+  output are compared too. A case without `inference_output` is not expressible; gradients: an
+  artefact is run, not differentiated.
+- Dtypes: float32 (the exporters' input signatures and TFLite's kernels are float32 here).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import onnxruntime as ort
+
+from adapters.base import (
+    Adapter,
+    Capabilities,
+    Check,
+    Conventions,
+    Gradients,
+    NotExpressible,
+    Problem,
+    TrainingRun,
+)
+
+BACKEND = keras.backend.backend()
+CONVS = {3: keras.layers.Conv1D, 4: keras.layers.Conv2D, 5: keras.layers.Conv3D}
+
+
+def to_numpy(t: Any) -> np.ndarray:
+    return np.asarray(keras.ops.convert_to_numpy(t), dtype=np.float64)
+
+
+class KerasExport(Adapter):
+    family = "keras-export"
+    conventions = Conventions(notes=("the source layer's moving variance: biased (Keras 3 ops.moments)",))
+    capabilities = Capabilities(
+        dtypes=frozenset({"float32"}), checks=frozenset({"training", "inference"}), min_rank=2, max_rank=5,
+        features=frozenset({"preceding"}),
+        why={"gradients": "an exported artefact is run, not differentiated",
+             "float16": "the exported models here are float32",
+             "bfloat16": "the exported models here are float32",
+             "float64": "the exported models here are float32 (TFLite has no float64 kernels)",
+             "momentum-null": "Keras momentum is a fixed decay; it has no cumulative average",
+             "multi-axis": "the exported layer normalizes the last axis of a channels-last model",
+             "rank": "a channels-last model with a batch dim: rank 2 (Dense) to 5 (Conv3D)"},
+    )
+
+    def __init__(self, adapter_id: str):
+        self.id = adapter_id
+        self.converter = "tflite" if adapter_id == "keras-tflite" else "onnx"
+        self.runtime = "openvino" if adapter_id.endswith("-openvino") else "default"
+
+    def versions(self) -> dict[str, str]:
+        out = {"keras": keras.__version__, "backend": BACKEND}
+        if self.converter == "tflite":
+            import ai_edge_litert
+            import tensorflow as tf
+
+            out |= {"tensorflow": tf.__version__,
+                    "ai-edge-litert": getattr(ai_edge_litert, "__version__", "")}
+        else:
+            out["onnxruntime"] = ort.__version__
+            if self.runtime == "openvino":
+                import openvino
+
+                out["openvino"] = openvino.__version__
+            if BACKEND == "tensorflow":
+                import tf2onnx
+
+                out["tf2onnx"] = tf2onnx.__version__
+            else:
+                import torch
+
+                out["torch"] = torch.__version__
+        return out
+
+    def not_expressible(self, problem: Problem, check: Check) -> str | None:
+        if check == "training" and not problem.infer_after_training:
+            return ("the exported model is inference-only: the training check compares what it outputs "
+                    "after the source trained (training.expected.inference_output), which this case "
+                    "does not give")
+        if any(x.size == 0 for x in problem.batches):
+            return "an exported model here has a fixed, non-empty batch dimension"
+        return None
+
+    def translations(self, problem: Problem) -> list[str]:
+        out = [f"momentum {problem.momentum:g} -> momentum={problem.momentum:g} (same decay form)",
+               f"epsilon {problem.epsilon:g} -> epsilon={problem.epsilon:g}"]
+        axis = problem.axes[0]
+        if axis not in (-1, problem.rank - 1):
+            out.append(f"channel axis {axis} -> np.moveaxis({axis}, -1) before the model and back after")
+        if problem.preceding is not None:
+            kind = "Dense" if problem.rank == 2 else f"Conv{problem.rank - 2}D kernel 1"
+            out.append(f"preceding -> {kind} with kernel = weight transposed, bias")
+        out.append(f"batch dimension fixed to {problem.batches[-1].shape[0]}")
+        runtime = ("OpenVINO CPU, INFERENCE_PRECISION_HINT=f32" if self.runtime == "openvino"
+                   else "ONNX Runtime ORT_DISABLE_ALL")
+        out.append("TFLiteConverter.from_keras_model; LiteRT Interpreter" if self.converter == "tflite"
+                   else f"model.export(format='onnx') on {BACKEND}; {runtime}")
+        return out
+
+    def last(self, x: np.ndarray, problem: Problem) -> np.ndarray:
+        return np.ascontiguousarray(np.moveaxis(x, problem.axes[0], -1), dtype=np.float32)
+
+    def back(self, y: np.ndarray, problem: Problem) -> np.ndarray:
+        return np.moveaxis(np.asarray(y, np.float64), -1, problem.axes[0])
+
+    def model(self, problem: Problem) -> keras.Model:
+        shape = self.last(problem.batches[-1], problem).shape
+        channels = shape[-1]
+        inputs = keras.Input(shape=shape[1:], batch_size=shape[0], dtype="float32")
+        z = inputs
+        if problem.preceding is not None:
+            pre = keras.layers.Dense(channels) if problem.rank == 2 else CONVS[problem.rank](channels, 1)
+            z = pre(z)
+            weight_t = problem.preceding.weight.T
+            kernel = weight_t.reshape((1,) * (problem.rank - 2) + weight_t.shape)
+            pre.set_weights([kernel, problem.preceding.bias])
+        bn = keras.layers.BatchNormalization(axis=-1, momentum=problem.momentum, epsilon=problem.epsilon,
+                                             center=problem.center, scale=problem.scale)
+        model = keras.Model(inputs, bn(z))
+        values = ([problem.gamma] if problem.scale else []) + ([problem.beta] if problem.center else [])
+        bn.set_weights([*values, problem.moving_mean, problem.moving_variance])
+        return model
+
+    def exported(self, model: keras.Model, x: np.ndarray) -> np.ndarray:
+        """The model through this id's path, run on x (channels-last float32)."""
+        with warnings.catch_warnings(), tempfile.TemporaryDirectory() as folder:
+            warnings.simplefilter("ignore")
+            if self.converter == "tflite":
+                import tensorflow as tf
+                from ai_edge_litert.interpreter import Interpreter
+
+                converted = tf.lite.TFLiteConverter.from_keras_model(model).convert()
+                interpreter = Interpreter(model_content=converted, num_threads=1)
+                interpreter.allocate_tensors()
+                interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
+                interpreter.invoke()
+                return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+            path = Path(folder) / "model.onnx"
+            # export_onnx refuses a model never called, even a functional one whose input signature
+            # it has just computed (keras/src/export/onnx.py L77-79): call it once, in inference mode
+            model(x, training=False)
+            model.export(str(path), format="onnx", verbose=False)
+            if self.runtime == "openvino":
+                import openvino
+
+                core = openvino.Core()
+                compiled = core.compile_model(core.read_model(path), "CPU", {
+                    "INFERENCE_NUM_THREADS": 1, "INFERENCE_PRECISION_HINT": "f32"})
+                return np.asarray(compiled([x])[compiled.output(0)])
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = 1
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+    def train(self, problem: Problem) -> TrainingRun:
+        model = self.model(problem)
+        for x in problem.batches:
+            output = to_numpy(model(self.last(x, problem), training=True))
+        bn = model.layers[-1]
+        y = self.exported(model, self.last(problem.batches[-1], problem))
+        return TrainingRun(output=self.back(output, problem), moving_mean=to_numpy(bn.moving_mean),
+                           moving_variance=to_numpy(bn.moving_variance),
+                           inference_output=self.back(y, problem))
+
+    def infer(self, problem: Problem) -> np.ndarray:
+        return self.back(self.exported(self.model(problem), self.last(problem.batches[-1], problem)), problem)
+
+    def gradients(self, problem: Problem) -> Gradients:
+        raise NotExpressible(self.why_not_expressible(problem, "gradients"))
+
+
+def make(adapter_id: str) -> Adapter:
+    return KerasExport(adapter_id)
