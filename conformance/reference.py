@@ -287,8 +287,8 @@ def outputs(p: Problem, check: str) -> dict[str, np.ndarray]:
     check is computed by the formula of the adapter method that runs it (the problem already holds
     the batches it feeds)."""
     method = CHECKS[check].method
-    if method == "train":
-        return vars(train(p))
+    if method == "train":  # without renorm there are no renorm statistics (None): not an output
+        return {name: value for name, value in vars(train(p)).items() if value is not None}
     if method == "gradients":
         return gradients(p)
     return {"output": infer(p)}
