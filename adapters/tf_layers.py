@@ -155,8 +155,16 @@ class TfLayers(Adapter):
         shapes = {b.shape for b in problem.batches}
         return tuple(dims[0] if len(set(dims)) == 1 else None for dims in zip(*shapes, strict=True))
 
-    def graph(self, problem: Problem) -> BatchNormGraph:
+    def batch_norm(self, x: tf.Tensor, training: tf.Tensor, problem: Problem) -> tf.Tensor:
+        """The layer's output, called in the graph being built (the one place the API is called)."""
         axis = problem.axes[0] if len(problem.axes) == 1 else list(problem.axes)
+        with warnings.catch_warnings():  # its deprecation notice, once per graph, says nothing new
+            warnings.filterwarnings("ignore", message=".*batch_normalization` is deprecated")
+            return tf.compat.v1.layers.batch_normalization(
+                x, axis=axis, momentum=problem.momentum, epsilon=problem.epsilon,
+                center=problem.center, scale=problem.scale, training=training, name="bn")
+
+    def graph(self, problem: Problem) -> BatchNormGraph:
         shape = self.input_shape(problem)
         key = (shape, problem.dtype, problem.axes, problem.momentum, problem.epsilon,
                problem.center, problem.scale)
@@ -168,11 +176,7 @@ class TfLayers(Adapter):
         with graph.as_default():
             x = tf.compat.v1.placeholder(dtype, shape, name="x")
             training = tf.compat.v1.placeholder(tf.bool, (), name="training")
-            with warnings.catch_warnings():  # its deprecation notice, once per graph, says nothing new
-                warnings.filterwarnings("ignore", message=".*batch_normalization` is deprecated")
-                y = tf.compat.v1.layers.batch_normalization(
-                    x, axis=axis, momentum=problem.momentum, epsilon=problem.epsilon,
-                    center=problem.center, scale=problem.scale, training=training, name="bn")
+            y = self.batch_norm(x, training, problem)
             update_ops = tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.UPDATE_OPS)
             with tf.control_dependencies(update_ops):
                 train_op = tf.identity(y, name="train_op")
@@ -272,12 +276,7 @@ class DefaultGraphLayer(DefaultLayer):
         graph = tf.compat.v1.Graph()
         with graph.as_default():
             x = tf.compat.v1.placeholder(tf.as_dtype(self.dtype), self.shape, name="x")
-            kwargs: dict = {} if mode is None else {"training": mode == "training"}
-            if not self.trainable:
-                kwargs["trainable"] = False
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*batch_normalization` is deprecated")
-                y = tf.compat.v1.layers.batch_normalization(x, **kwargs)
+            y = self.layer(x, mode)
             with tf.control_dependencies(tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.UPDATE_OPS)):
                 train_op = tf.identity(y)
             variables = {v.op.name.split("/")[-1]: v for v in tf.compat.v1.global_variables()}
@@ -288,6 +287,15 @@ class DefaultGraphLayer(DefaultLayer):
         session.run(init)
         self.graphs[mode] = ModeGraph(session, x, y, train_op, variables, values, load_op)
         return self.graphs[mode]
+
+    def layer(self, x: tf.Tensor, mode: Check | None) -> tf.Tensor:
+        """The default call: no `training` argument for mode None, else training=True/False."""
+        kwargs: dict = {} if mode is None else {"training": mode == "training"}
+        if not self.trainable:
+            kwargs["trainable"] = False
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*batch_normalization` is deprecated")
+            return tf.compat.v1.layers.batch_normalization(x, **kwargs)
 
     def run(self, x: np.ndarray, mode: Check | None, fetch: str) -> Observed:
         g = self.graph(mode)
