@@ -25,6 +25,7 @@ CHECKS: tuple[Check, ...] = ("training", "inference", "gradients")
 FEATURES: dict[str, str] = {
     "multi-axis": "several channel axes",
     "momentum-null": "momentum null (a cumulative average)",
+    "param-dtype": "gamma, beta and moving statistics in a dtype other than the input's (mixed precision)",
 }
 
 
@@ -50,6 +51,14 @@ class Problem:
     moving_variance: np.ndarray
     upstream: np.ndarray | None = None  # dL/dy of the last step, for gradients
     infer_after_training: bool = False  # also run inference on the last batch after training
+    # mixed precision: the dtype of gamma, beta and the moving statistics when it is not `dtype`
+    # (None: the same as the input); their values above are representable in it
+    param_dtype: str | None = field(default=None, metadata={"feature": "param-dtype"})
+
+    @property
+    def params_dtype(self) -> str:
+        """The dtype gamma, beta and the moving statistics are held in."""
+        return self.param_dtype or self.dtype
 
     @property
     def rank(self) -> int:

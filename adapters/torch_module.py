@@ -10,6 +10,13 @@
   frozen with `requires_grad_(False)`, which is how torch users switch off one of the two.
 - The moving (running) variance is updated with the unbiased batch variance (declared below).
 - Modes: `.train()` for training, `.eval()` for inference.
+- Mixed precision (`param_dtype`): the module is built in `param_dtype` (float32) and fed input of
+  the case dtype (float16/bfloat16), as in a float32 model fed reduced-precision activations; the
+  CPU kernel accepts exactly that mix (a float32 module and float16/bfloat16 input; any other mix
+  raises "expected scalar type", so it is not expressible) and keeps weight, bias and the running
+  statistics in float32 (measured). `torch.autocast("cpu")` changes nothing for BatchNorm: it is on
+  neither of CPU autocast's cast lists, and the same case run under it gives the same bits
+  (measured), so autocast needs no translation of its own.
 - Threads: importing this module calls `torch.set_num_threads(1)`, as the ONNX Runtime adapter
   runs its sessions on one thread. With a pool, each tiny call pays an OpenMP fork/barrier that
   costs milliseconds instead of microseconds when the cores are shared, and channel-last inputs
@@ -65,12 +72,16 @@ class TorchModule(Adapter):
         return {"torch": torch.__version__}
 
     capabilities = Capabilities(
-        min_rank=2, max_rank=5, features=frozenset({"momentum-null"}),
+        min_rank=2, max_rank=5, features=frozenset({"momentum-null", "param-dtype"}),
         why={"multi-axis": "torch BatchNorm normalizes over one channel dim (dim 1)",
              "rank": "BatchNorm1d takes 2-D/3-D input, BatchNorm2d 4-D, BatchNorm3d 5-D"},
     )
 
     def not_expressible(self, problem: Problem, check: Check) -> str | None:
+        if problem.param_dtype is not None and not (
+                problem.param_dtype == "float32" and problem.dtype in ("float16", "bfloat16")):
+            return (f"{problem.dtype} input with {problem.param_dtype} parameters: the CPU kernel mixes only "
+                    "float16/bfloat16 input with a float32 module")
         if problem.epsilon <= 0 and check != "inference":
             # torch/nn/functional.py (2.13) batch_norm: `if training and eps <= 0.0: raise ValueError(
             # "batch_norm eps must be positive during training")`
@@ -92,6 +103,9 @@ class TorchModule(Adapter):
             out.append(f"affine=True with {frozen} frozen (requires_grad=False)")
         elif not problem.center:
             out.append("affine=False")
+        if problem.param_dtype is not None:
+            out.append(f"param_dtype {problem.param_dtype} -> module dtype={problem.param_dtype}, fed "
+                       f"{problem.dtype} input (a mixed-precision call)")
         return out
 
     # -- building the module, the way a user who ports weights would
@@ -103,7 +117,7 @@ class TorchModule(Adapter):
             eps=problem.epsilon,
             momentum=None if problem.momentum is None else 1.0 - problem.momentum,
             affine=problem.center or problem.scale,
-            dtype=TORCH_DTYPES[problem.dtype],
+            dtype=TORCH_DTYPES[problem.params_dtype],
         )
         with torch.no_grad():
             if bn.affine:

@@ -20,7 +20,8 @@ from pathlib import Path
 import adapters as registry
 from conformance import ROOT
 
-LONG_FAMILIES = ("tf", "jax", "keras", "torch-compile")  # started first, so the last process to start is a short one
+# started first, so the last process to start is a short one
+LONG_FAMILIES = ("tf", "jax", "keras", "torch-compile")
 
 
 @dataclass

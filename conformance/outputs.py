@@ -15,6 +15,9 @@ from adapters.base import CHECKS as CHECK_NAMES
 from adapters.base import Check
 
 ShapeKind = Literal["input", "channels"]  # like the (last) input fed, or like the channel dims
+# the dtype an output is held in, for its tolerance under mixed precision (`params.param_dtype`):
+# the input's, the parameters' (gamma, beta, moving statistics), or the coarser of the two
+HeldIn = Literal["input", "params", "both"]
 
 
 Batches = Literal["every-step", "last-fed", "last-listed"]
@@ -61,6 +64,7 @@ class Output:
     variant: str | None = None
     stands_for: str | None = None
     exists: Callable[[Any], bool] = _always  # given the case's params: does the output exist at all
+    held_in: HeldIn = "input"
 
     @property
     def compared(self) -> bool:
@@ -71,18 +75,20 @@ OUTPUTS: tuple[Output, ...] = (
     Output("training", "output", "input", "y of the last step, normalized with the biased batch variance"),
     Output("training", "batch_mean", "channels", "mean of the last batch"),
     Output("training", "batch_variance", "channels", "biased (population) variance of the last batch"),
-    Output("training", "moving_mean", "channels", "moving mean after the last step"),
+    Output("training", "moving_mean", "channels", "moving mean after the last step", held_in="params"),
     Output("training", "moving_variance", "channels", "moving variance, every update with the biased batch "
-           "variance"),
+           "variance", held_in="params"),
     Output("training", "moving_variance_unbiased", "channels", "the moving variance when every update uses "
            "the Bessel-corrected (n/(n-1)) batch variance", variant="moving-variance-unbiased",
-           stands_for="moving_variance"),
+           stands_for="moving_variance", held_in="params"),
     Output("training", "inference_output", "input", "inference on the last batch with the state after "
-           "training; giving it asks adapters to run that inference"),
+           "training; giving it asks adapters to run that inference", held_in="both"),
     Output("inference", "output", "input", "y with params.moving_mean and moving_variance"),
     Output("gradients", "input", "input", "dL/dx"),
-    Output("gradients", "gamma", "channels", "dL/dgamma (only when scale is on)", exists=lambda p: p.scale),
-    Output("gradients", "beta", "channels", "dL/dbeta (only when center is on)", exists=lambda p: p.center),
+    Output("gradients", "gamma", "channels", "dL/dgamma (only when scale is on)", exists=lambda p: p.scale,
+           held_in="params"),
+    Output("gradients", "beta", "channels", "dL/dbeta (only when center is on)", exists=lambda p: p.center,
+           held_in="params"),
 )
 
 

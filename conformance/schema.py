@@ -53,6 +53,8 @@ class Params(Strict):
     beta: list[Any] | None = None
     moving_mean: list[Any] | None = None
     moving_variance: list[Any] | None = None
+    # mixed precision: the dtype gamma, beta and the moving statistics are held in; null = `dtype`
+    param_dtype: Literal["float16", "bfloat16", "float32", "float64"] | None = None
 
     @property
     def axes(self) -> list[int]:
