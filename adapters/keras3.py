@@ -15,6 +15,10 @@ Three adapters, one per backend, each in a process of its own backend (Keras fix
 - Dtype: `dtype=<case dtype>`. The layer then keeps gamma, beta and the moving statistics in that
   dtype too, and computes in at least float32 (`backend.result_type(inputs.dtype, "float32")`).
   On JAX, adapters/jax_setup.py turns on x64 mode (float64 cases) and the compile cache.
+- Mixed precision (`param_dtype`): Keras states it as a dtype policy, `dtype="mixed_float16"` or
+  `"mixed_bfloat16"`: variables (gamma, beta, moving statistics) float32, computation and output in
+  the lower dtype. Those two are the only mixed policies, so float32 parameters with float16 or
+  bfloat16 input are expressible and nothing else is. The input tensor has the case dtype.
 - Modes: `layer(x, training=True)` normalizes with the batch statistics and assigns the moving
   averages (biased variance from `ops.moments`, measured); `layer(x, training=False)` is inference.
 - Gradients: each backend's own autodiff on the same eager call: `tf.GradientTape` on tensorflow,
@@ -47,6 +51,14 @@ if BACKEND == "jax":
     import adapters.jax_setup  # noqa: F401  (x64 for float64 cases, the compile cache)
 
 
+MIXED_POLICIES = {("float16", "float32"): "mixed_float16", ("bfloat16", "float32"): "mixed_bfloat16"}
+
+
+def layer_dtype(problem: Problem) -> str:
+    """The layer's dtype policy: the case dtype, or a mixed policy for float32 parameters."""
+    return MIXED_POLICIES.get((problem.dtype, problem.param_dtype), problem.dtype)
+
+
 def to_numpy(t) -> np.ndarray:
     return np.asarray(keras.ops.convert_to_numpy(t)).astype(np.float64)
 
@@ -76,9 +88,16 @@ class Keras3(Adapter):
         return out
 
     capabilities = Capabilities(
+        features=frozenset({"param-dtype"}),
         why={"momentum-null": "Keras momentum is a fixed decay; it has no cumulative average",
              "multi-axis": "Keras 3 BatchNormalization takes one integer axis (self.axis = int(axis))"},
     )
+
+    def not_expressible(self, problem: Problem, check: Check) -> str | None:
+        if problem.param_dtype is not None and (problem.dtype, problem.param_dtype) not in MIXED_POLICIES:
+            return (f"{problem.dtype} input with {problem.param_dtype} parameters: Keras's mixed policies "
+                    "are mixed_float16 and mixed_bfloat16 (float32 variables) only")
+        return None
 
     def default_layer(self, shape: tuple[int, ...], dtype: str = "float32",
                       trainable: bool = True) -> DefaultLayer:
@@ -88,7 +107,10 @@ class Keras3(Adapter):
         out = [f"momentum {problem.momentum:g} -> momentum={problem.momentum:g} (same decay form)",
                f"epsilon {problem.epsilon:g} -> epsilon={problem.epsilon:g}",
                f"channel axis {problem.axes[0]} -> axis={problem.axes[0]}",
-               f"dtype {problem.dtype} -> dtype={problem.dtype!r} (parameters and statistics too)",
+               f"dtype {problem.dtype} -> dtype={problem.dtype!r} (parameters and statistics too)"
+               if problem.param_dtype is None else f"dtype {problem.dtype}, param_dtype "
+               f"{problem.param_dtype} -> dtype={layer_dtype(problem)!r} (a mixed policy: float32 variables, "
+               f"{problem.dtype} compute)",
                f"backend {BACKEND}"]
         if not (problem.center and problem.scale):
             out.append(f"center={problem.center}, scale={problem.scale}")
@@ -99,7 +121,7 @@ class Keras3(Adapter):
     def layer(self, problem: Problem) -> keras.layers.BatchNormalization:
         bn = keras.layers.BatchNormalization(
             axis=problem.axes[0], momentum=problem.momentum, epsilon=problem.epsilon,
-            center=problem.center, scale=problem.scale, dtype=problem.dtype)
+            center=problem.center, scale=problem.scale, dtype=layer_dtype(problem))
         bn.build(problem.batches[0].shape)  # an out-of-range axis raises here
         bn.moving_mean.assign(problem.moving_mean)
         bn.moving_variance.assign(problem.moving_variance)

@@ -18,7 +18,10 @@ by the case's three checks, with the case's state assigned into the variables be
   list for several axes; out of range raises ValueError). With several axes the variables have
   the broadcast shape (channel sizes at the channel axes in ascending order, 1 elsewhere).
 - Dtype: the placeholder has the case dtype and the layer takes it from its input; for
-  float16/bfloat16 gamma, beta and the moving statistics are float32 (`_param_dtype`).
+  float16/bfloat16 gamma, beta and the moving statistics are float32 (`_param_dtype`). That is
+  mixed precision as `param_dtype: float32` states it, the only mix the layer has (it takes no dtype
+  argument of its own), so those cases run unchanged; for a float16/bfloat16 case without
+  `param_dtype` the float32 storage is listed in `translations`.
 - Which kernel: the layer (tf_keras's V1 BatchNormalization) defaults to `fused=None`, which fuses
   4-D input with the channel axis 1 or 3 and 5-D input with axis 1 or 4 unless the dtype is
   float64 (`build` in tf_keras/src/layers/normalization/batch_normalization.py). In a graph the
@@ -104,6 +107,26 @@ UNFUSED = Conventions(
 )
 
 
+def mixed_not_expressible(problem: Problem) -> str | None:
+    """The V1 layer's only mix: float16/bfloat16 input with float32 variables (`_param_dtype`)."""
+    if problem.param_dtype is not None and not (
+            problem.param_dtype == "float32" and problem.dtype in ("float16", "bfloat16")):
+        return (f"{problem.dtype} input with {problem.param_dtype} parameters: the layer takes its dtype "
+                "from the input and holds float16/bfloat16 layers' variables in float32, no other mix")
+    return None
+
+
+def storage_translations(problem: Problem) -> list[str]:
+    """Where the variables' dtype is not the case's: float32 for float16/bfloat16 input."""
+    if problem.dtype not in ("float16", "bfloat16"):
+        return []
+    if problem.param_dtype == "float32":
+        return [f"param_dtype float32 -> {problem.dtype} input; the layer keeps float32 variables itself "
+                "(_param_dtype)"]
+    return [f"gamma, beta and the moving statistics are kept in float32 (the layer's _param_dtype), not "
+            f"{problem.dtype}: finer than the case states"]
+
+
 class TfLayers(Adapter):
     id = "tf-layers"
     family = "tf"
@@ -123,10 +146,13 @@ class TfLayers(Adapter):
         return FUSED if takes_fused_path(problem) else UNFUSED
 
     capabilities = Capabilities(
-        features=frozenset({"multi-axis"}),
+        features=frozenset({"multi-axis", "param-dtype"}),
         why={"momentum-null": "Keras momentum is a fixed decay; it has no cumulative average"},
     )
     # an out-of-range axis is the layer's to reject
+
+    def not_expressible(self, problem: Problem, check: Check) -> str | None:
+        return mixed_not_expressible(problem)
 
     def default_layer(self, shape: tuple[int, ...], dtype: str = "float32",
                       trainable: bool = True) -> DefaultLayer:
@@ -144,6 +170,7 @@ class TfLayers(Adapter):
         if problem.axes_in_range:
             out.append(f"fused=None -> the {'fused' if takes_fused_path(problem) else 'unfused'} kernel "
                        "for this input")
+        out.extend(storage_translations(problem))
         return out
 
     # -- the graph

@@ -54,7 +54,11 @@ class TfNn(Adapter):
     def versions(self) -> dict[str, str]:
         return {"tensorflow": tf.__version__}
 
-    capabilities = Capabilities(features=frozenset({"multi-axis", "momentum-null"}))  # broadcasting
+    capabilities = Capabilities(  # broadcasting
+        features=frozenset({"multi-axis", "momentum-null"}),
+        why={"param-dtype": "tf.nn.moments and tf.nn.batch_normalization take x and every parameter in "
+                            "one dtype (TF math ops do not promote)"},
+    )
 
     def default_layer(self, shape: tuple[int, ...], dtype: str = "float32",
                       trainable: bool = True) -> DefaultLayer:

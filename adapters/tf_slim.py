@@ -44,7 +44,9 @@ How each canonical parameter maps:
   kernel averages the Bessel-corrected batch variance into the moving variance (declared, per
   problem).
 - Dtype: the placeholder has the case dtype; float16/bfloat16 variables are float32, as in the
-  tf_keras layer.
+  tf_keras layer (and in `_fused_batch_norm`: SL:299 `variable_dtype = dtypes.float32`), so
+  `param_dtype: float32` with float16/bfloat16 input runs unchanged; other mixes are not
+  expressible (as for tf-layers).
 - Modes: `is_training=` a boolean placeholder fed True or False.
 """
 
@@ -61,7 +63,16 @@ from tensorflow.python.framework import ops, tensor
 from tensorflow.python.ops import cond, control_flow_ops, control_flow_util_v2
 
 from adapters.base import Adapter, Capabilities, Check, Conventions, DefaultLayer, NotExpressible, Problem
-from adapters.tf_layers import FUSED, UNFUSED, BatchNormGraph, DefaultGraphLayer, TfLayers, takes_fused_path
+from adapters.tf_layers import (
+    FUSED,
+    UNFUSED,
+    BatchNormGraph,
+    DefaultGraphLayer,
+    TfLayers,
+    mixed_not_expressible,
+    storage_translations,
+    takes_fused_path,
+)
 
 # the shim: see the docstring
 sys.modules.setdefault("tf_keras.legacy_tf_layers", sys.modules["tf_keras.src.legacy_tf_layers"])
@@ -91,7 +102,7 @@ class TfSlim(TfLayers):
     conventions = FUSED
 
     capabilities = Capabilities(
-        min_rank=2,
+        min_rank=2, features=frozenset({"param-dtype"}),
         why={"momentum-null": "decay is a fixed moving-average decay; there is no cumulative average",
              "multi-axis": "batch_norm normalizes over one channel dim, picked by data_format",
              "rank": "batch_norm takes inputs with 2 or more dimensions"},
@@ -105,6 +116,8 @@ class TfSlim(TfLayers):
         """batch_norm takes no axis: data_format puts the channel last or at dim 1, so no other
         axis, out-of-range ones included, can be stated (there is nothing for Slim to reject)."""
         axis = problem.axes[0]
+        if mixed_not_expressible(problem):
+            return mixed_not_expressible(problem)
         if not problem.axes_in_range or axis % problem.rank not in (1, problem.rank - 1):
             return (f"channel axis {axis} of a rank-{problem.rank} input: batch_norm has no axis argument; "
                     "data_format takes the channel last (NHWC) or at dim 1 (NCHW) only")
@@ -128,7 +141,7 @@ class TfSlim(TfLayers):
                       "the layer's fused kernel" if fused(problem) else
                       "the layer's unfused kernel for this input")
             out.append(f"fused=None (True): {kernel}")
-        return out
+        return [*out, *storage_translations(problem)]
 
     def default_layer(self, shape: tuple[int, ...], dtype: str = "float32",
                       trainable: bool = True) -> DefaultLayer:

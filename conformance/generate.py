@@ -1,8 +1,8 @@
 """`python -m conformance.generate`: deterministic folders of valid, filled cases the suite has never seen.
 
 The hand-written cases under `cases/` each isolate one feature. Generated cases combine them at
-random (dtype x rank x layout x momentum x epsilon x affine x steps x modes x input shape and
-values), so an adapter is also tried on combinations nobody wrote down. Every feature is drawn
+random (dtype x rank x layout x momentum x epsilon x affine x mixed precision x steps x modes x
+input shape and values), so an adapter is also tried on combinations nobody wrote down. Every feature is drawn
 often enough that a few hundred cases cover each one many times.
 
 Case `index` of seed `seed` is drawn from `numpy.random.default_rng([seed, index])` alone, so a
@@ -228,6 +228,15 @@ def _epsilon(rng: np.random.Generator) -> tuple[float, str]:
     return (0.0 if choice == "0" else float(choice)), f"epsilon-{choice}"
 
 
+def _param_dtype(rng: np.random.Generator, dtype: str) -> str | None:
+    """Mixed precision: float32 parameters for a float16/bfloat16 input one case in four (Keras
+    mixed policies, a float32 torch module fed float16), float64 for float32 one in twenty. Drawn
+    from a stream of its own, so the cases drawn before this field existed stay as they were."""
+    if dtype in ("float16", "bfloat16"):
+        return "float32" if rng.random() < 0.25 else None
+    return "float64" if dtype == "float32" and rng.random() < 0.05 else None
+
+
 def draw_case(seed: int, index: int) -> dict[str, Any]:
     """Case `index` of `seed`, without expected values (the reference fills them)."""
     rng = np.random.default_rng([seed, index])
@@ -304,6 +313,10 @@ def draw_case(seed: int, index: int) -> dict[str, Any]:
     if rng.random() < 0.4:
         params["moving_variance"] = _per_channel(rng, channels, 0.05, 4.0)
         tags.add("moving-variance")
+    param_dtype = _param_dtype(np.random.default_rng([seed, index, 1]), dtype)
+    if param_dtype is not None:
+        params["param_dtype"] = param_dtype
+        tags.update({"mixed-precision", f"param-{param_dtype}"})
 
     doc: dict[str, Any] = {"id": "", "title": "", "tags": [], "dtype": dtype}
     if n_batches == 1 and rng.random() < 0.8:
