@@ -104,7 +104,7 @@ def evaluate(adapter: Adapter, case: Case, check: Check, outcome: Outcome | None
             return outcome
         outcome.status = Status.FAIL
         found = diagnose(problem, check, outcome.conventions, {name: value for name, _, value, _ in compared},
-                         {name: held for name, held, _, _ in compared}, tol, conditioning, scales)
+                         {name: held for name, held, _, _ in compared}, tol, conditioning, scales, per_output)
         outcome.explained_by, outcome.closest = found.explained_by, found.closest
     apply_rules(outcome, rules.for_check(adapter.id, case, check))
     return outcome
