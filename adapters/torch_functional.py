@@ -7,6 +7,9 @@
 - Channel axis: dim 1; others are moved there with `movedim`. Any rank >= 2 works.
 - center/scale off: `bias=None` / `weight=None`, which the function treats as 0 / 1.
 - The running variance is updated with the unbiased batch variance (declared below).
+- Mixed precision (`param_dtype`): weight, bias and the running statistics are `param_dtype`
+  tensors and x is the case dtype; the CPU kernel mixes only float16/bfloat16 input with float32
+  parameters (as for `nn.BatchNorm`), other mixes are not expressible.
 - Threads: importing this module calls `torch.set_num_threads(1)`, as the ONNX Runtime adapter
   runs its sessions on one thread. With a pool, each tiny call pays an OpenMP fork/barrier that
   costs milliseconds instead of microseconds when the cores are shared, and channel-last inputs
@@ -57,12 +60,16 @@ class TorchFunctional(Adapter):
         return {"torch": torch.__version__}
 
     capabilities = Capabilities(
-        min_rank=2, features=frozenset({"momentum-null"}),
+        min_rank=2, features=frozenset({"momentum-null", "param-dtype"}),
         why={"multi-axis": "F.batch_norm normalizes over one channel dim (dim 1)",
              "rank": "F.batch_norm needs at least 2-D input (batch, channels, ...)"},
     )
 
     def not_expressible(self, problem: Problem, check: Check) -> str | None:
+        if problem.param_dtype is not None and not (
+                problem.param_dtype == "float32" and problem.dtype in ("float16", "bfloat16")):
+            return (f"{problem.dtype} input with {problem.param_dtype} parameters: the CPU kernel mixes only "
+                    "float16/bfloat16 input with float32 parameters")
         if problem.epsilon <= 0 and check != "inference":
             # torch/nn/functional.py (2.13) batch_norm: `if training and eps <= 0.0: raise ValueError(
             # "batch_norm eps must be positive during training")`
@@ -82,6 +89,9 @@ class TorchFunctional(Adapter):
             out.append("scale off -> weight=None")
         if not problem.center:
             out.append("center off -> bias=None")
+        if problem.param_dtype is not None:
+            out.append(f"param_dtype {problem.param_dtype} -> weight, bias, running_mean/var as "
+                       f"{problem.param_dtype} tensors, x {problem.dtype}")
         return out
 
     def default_layer(self, shape: tuple[int, ...], dtype: str = "float32",
@@ -91,7 +101,7 @@ class TorchFunctional(Adapter):
         return DefaultCall(shape, dtype)
 
     def state(self, problem: Problem) -> dict[str, torch.Tensor | None]:
-        dtype = TORCH_DTYPES[problem.dtype]
+        dtype = TORCH_DTYPES[problem.params_dtype]
         return {
             "weight": torch.tensor(problem.gamma, dtype=dtype) if problem.scale else None,
             "bias": torch.tensor(problem.beta, dtype=dtype) if problem.center else None,
