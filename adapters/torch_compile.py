@@ -24,6 +24,13 @@ difference between the two columns is what compiling changes.
   running statistics differ in the last bits only (float32 up to 4.8e-7 on y of order 1; bfloat16
   modules one bfloat16 ulp on y and the running statistics, as Inductor computes in float32 and
   rounds once), within every case's tolerance.
+- Mixed precision (a float32 module fed float16/bfloat16 input, as for `torch`): the forward and
+  the running statistics match eager, but the decomposition saves the batch mean and invstd in
+  the input dtype on CPU (torch/_decomp/decompositions.py:2150-2152), so dL/dweight carries
+  float16 rounding where eager's is float32-accurate: a known rule (adapters/known/torch-compile.yaml).
+- Family `torch-compile`, its own process: compiling costs seconds per configuration (measured
+  over cases/: 273 s with an empty Inductor cache, 42 s with a warm one, on 2 shared cores), which
+  would slow the 5-second `torch` family.
 """
 
 from __future__ import annotations
