@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from importlib import metadata
 
 import tensorflow as tf
 import tf_keras
@@ -110,7 +111,7 @@ class TfSlim(TfLayers):
 
     def versions(self) -> dict[str, str]:
         return {"tensorflow": tf.__version__, "tf_keras": tf_keras.__version__,
-                "tf_slim": getattr(tf_slim, "__version__", "1.1.0")}
+                "tf_slim": metadata.version("tf_slim")}  # the module has no __version__
 
     def not_expressible(self, problem: Problem, check: Check) -> str | None:
         """batch_norm takes no axis: data_format puts the channel last or at dim 1, so no other

@@ -64,7 +64,10 @@ class TorchCompile(TorchModule):
     def versions(self) -> dict[str, str]:
         import torch._inductor.cpp_builder as builder
 
-        return {"torch": torch.__version__, "c++ compiler": builder.get_cpp_compiler()}
+        compiler = builder.get_cpp_compiler()
+        info = builder.get_compiler_version_info(compiler)  # `-v` output, lines joined by "_"
+        last = info.rstrip("_ ").rsplit("_", 1)[-1]  # "gcc version 12.2.0 (Debian ...)"
+        return {"torch": torch.__version__, "c++ compiler": f"{compiler}: {last}"}
 
     def module(self, problem: Problem) -> torch.nn.Module:
         return compiled(super().module(problem))

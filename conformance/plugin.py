@@ -366,7 +366,8 @@ def case_summary(loaded: LoadedCase) -> dict[str, Any]:
         "shapes": [t.shape for t in case.tensors],
         "steps": case.steps if case.training is not None else None,
         "params": {"axis": p.axis, "momentum": p.momentum, "epsilon": p.epsilon,
-                   "center": p.center, "scale": p.scale},
+                   "center": p.center, "scale": p.scale,
+                   **({"param_dtype": p.param_dtype} if p.param_dtype is not None else {})},
         "expect_error": case.expect_error,
         "tolerance_override": case.tolerance.model_dump() if case.tolerance else None,
     }
