@@ -299,13 +299,29 @@ def mixed_float16_stats_dtype(adapter: Adapter) -> tuple[Value, str]:
                    f"reference by {error:.2g} (relative; float32 storage ~1e-7, float16 ~1e-2)")
 
 
+def mixed_float16_gamma_gradient_precision(adapter: Adapter) -> tuple[Value, str]:
+    x = sample((4, 2, 3, 3), mean=0.5, std=1.5, seed=6, dtype="float16")
+    p = replace(problem([x], (1,), dtype="float16"), param_dtype="float32", upstream=x)
+    reason = adapter.why_not_expressible(p, "gradients")
+    if reason:
+        raise NotExpressible(reason)
+    got = np.ravel(adapter.gradients(p).gamma)
+    ref = np.ravel(reference.gradients(p)["gamma"])  # dy = x: sum(x * xhat) = n * std, far from 0
+    error = float(np.max(np.abs(got / ref - 1)))
+    value = "float32" if error < 1e-4 else "float16"
+    return value, (f"float16 input, param_dtype float32 as the API states it, dL/dy = x: dL/dgamma is off "
+                   f"the float64 reference by {error:.2g} (relative; computed in float32 ~1e-7, from "
+                   f"float16-rounded statistics ~5e-4)")
+
+
 PROBES: dict[str, ProbeFn] = {
     fn.__name__: fn
     for fn in (default_momentum, default_epsilon, moving_variance_estimator, default_axis, default_mode,
                stats_update_without_extra_step, trainable_false_forces_inference, batch_of_one_training,
                axis_equal_rank, axis_minus_rank_minus_one, multi_axis, momentum_none,
                eps_zero_constant_channel, large_mean_output_std_rel_error, float16_output_dtype,
-               float16_moving_stats_dtype, variance_algorithm, mixed_float16_stats_dtype)
+               float16_moving_stats_dtype, variance_algorithm, mixed_float16_stats_dtype,
+               mixed_float16_gamma_gradient_precision)
 }
 
 
