@@ -14,9 +14,10 @@
   the case dtype (float16/bfloat16), as in a float32 model fed reduced-precision activations; the
   CPU kernel accepts exactly that mix (a float32 module and float16/bfloat16 input; any other mix
   raises "expected scalar type", so it is not expressible) and keeps weight, bias and the running
-  statistics in float32 (measured). `torch.autocast("cpu")` changes nothing for BatchNorm: it is on
-  neither of CPU autocast's cast lists, and the same case run under it gives the same bits
-  (measured), so autocast needs no translation of its own.
+  statistics in float32 (measured). `torch.autocast("cpu", dtype=float16 or bfloat16)` changes
+  nothing for BatchNorm (measured: output, running statistics and the input and weight gradients
+  are the same bits with and without it, and a float32 input stays float32 under it: batch_norm is
+  not among the ops CPU autocast lowers), so autocast needs no translation of its own.
 - Threads: importing this module calls `torch.set_num_threads(1)`, as the ONNX Runtime adapter
   runs its sessions on one thread. With a pool, each tiny call pays an OpenMP fork/barrier that
   costs milliseconds instead of microseconds when the cores are shared, and channel-last inputs
