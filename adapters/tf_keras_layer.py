@@ -200,7 +200,7 @@ class TfKeras(TfKerasLayer):
             return ("fused=None rejects axis=-4 on 4-D input (ValueError: Unsupported axis), though "
                     "axis=0 is accepted: tf_keras batch_normalization.py _raise_if_fused_cannot_be_used"
                     " lets -4 through for 5-D and build() then refuses axis 0 for the fused kernel")
-        return None
+        return super().not_expressible(problem, check)
 
 
 class TfKerasUnfused(TfKerasLayer):
