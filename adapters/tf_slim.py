@@ -89,12 +89,18 @@ def data_format(problem: Problem) -> str:
     return "NHWC" if problem.axes[0] % problem.rank == problem.rank - 1 else "NCHW"
 
 
+def float64_2d(problem: Problem) -> bool:
+    """2-D float64 input, which Slim's default fused path cannot run (nn.fused_batch_norm has no
+    float64 kernel): it is run with fused=False."""
+    return problem.rank == 2 and problem.dtype == "float64"
+
+
 def fused(problem: Problem) -> bool:
     """Whether the fused kernel runs: Slim's fused=None is True, which takes Slim's own
     `_fused_batch_norm` for 2-D input; otherwise the tf_keras V1 layer built with fused=True
     fuses only where it can (`build`: `self.fused = rank in (4, 5) and self._fused_can_be_used()`,
     tf_keras/src/layers/normalization/batch_normalization.py:366, so not float64 nor 3-D)."""
-    return (problem.rank == 2 and problem.dtype != "float64") or takes_fused_path(problem)
+    return (problem.rank == 2 and not float64_2d(problem)) or takes_fused_path(problem)
 
 
 class TfSlim(TfLayers):
@@ -117,8 +123,8 @@ class TfSlim(TfLayers):
         """batch_norm takes no axis: data_format puts the channel last or at dim 1, so no other
         axis, out-of-range ones included, can be stated (there is nothing for Slim to reject)."""
         axis = problem.axes[0]
-        if mixed_not_expressible(problem):
-            return mixed_not_expressible(problem)
+        if mixed := mixed_not_expressible(problem):
+            return mixed
         if not problem.axes_in_range or axis % problem.rank not in (1, problem.rank - 1):
             return (f"channel axis {axis} of a rank-{problem.rank} input: batch_norm has no axis argument; "
                     "data_format takes the channel last (NHWC) or at dim 1 (NCHW) only")
@@ -134,7 +140,7 @@ class TfSlim(TfLayers):
                f"center={problem.center}, scale={problem.scale} (always passed; Slim: scale=False)",
                f"input placeholder of dtype {problem.dtype}; is_training fed to a tf.bool placeholder",
                "moving statistics updated by UPDATE_OPS under tf.control_dependencies of the train op"]
-        if problem.rank == 2 and problem.dtype == "float64":
+        if float64_2d(problem):
             out.append("fused=False: Slim's default fused path for 2-D input raises TypeError on float64 "
                        "(nn.fused_batch_norm takes float16/bfloat16/float32)")
         else:
@@ -159,7 +165,7 @@ class TfSlim(TfLayers):
     def batch_norm(self, x: tf.Tensor, training: tf.Tensor, problem: Problem) -> tf.Tensor:
         """Slim's call; its own `smart_cond` (2-D input) is built outputting every intermediate,
         so that `tf.gradients` can differentiate it (see the module docstring)."""
-        kwargs = {"fused": False} if problem.rank == 2 and problem.dtype == "float64" else {}
+        kwargs = {"fused": False} if float64_2d(problem) else {}
         before = control_flow_util_v2._EXPERIMENTAL_OUTPUT_ALL_INTERMEDIATES_OVERRIDE
         tf.compat.v1.experimental.output_all_intermediates(True)
         try:
