@@ -103,6 +103,9 @@ class TfKerasLayer(Adapter):
                f"(a mixed policy: float32 variables, {problem.dtype} compute)"]
         if not (problem.center and problem.scale):
             out.append(f"center={problem.center}, scale={problem.scale}")
+        if problem.param_dtype is None and problem.dtype in ("float16", "bfloat16"):
+            out.append(f"gamma, beta and the moving statistics are kept in float32 (the layer's "
+                       f"_param_dtype), not {problem.dtype}: finer than the case states")
         if self.fused is False:
             out.append("fused=False")
         elif problem.axes_in_range:
