@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[all]" 2>&1 \
 		| { grep -v "^WARNING: Location" || true; }
-	$(PY) -c "import conformance, adapters, reports, torch, tensorflow, tf_keras, keras, jax, flax, onnxruntime"
+	$(PY) -c "import conformance, adapters, reports, torch, tensorflow, tf_keras, tf_slim, keras, jax, flax, onnxruntime"
 	$(PY) -c "import onnxscript, tf2onnx, ai_edge_litert, openvino"
 	touch $(STAMP)
 

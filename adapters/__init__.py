@@ -27,6 +27,7 @@ ADAPTERS: dict[str, AdapterInfo] = {
         AdapterInfo("tf-layers", "tf", "adapters.tf_layers", (("TF_USE_LEGACY_KERAS", "1"),)),
         AdapterInfo("tf-keras", "tf", "adapters.tf_keras_layer", (("TF_USE_LEGACY_KERAS", "1"),)),
         AdapterInfo("tf-keras-unfused", "tf", "adapters.tf_keras_layer", (("TF_USE_LEGACY_KERAS", "1"),)),
+        AdapterInfo("tf-slim", "tf", "adapters.tf_slim", (("TF_USE_LEGACY_KERAS", "1"),)),
         AdapterInfo("tf-nn", "tf", "adapters.tf_nn"),
         AdapterInfo("tf-nn-fused", "tf", "adapters.tf_nn_fused"),
         # `keras` runs on the backend the user chose (tensorflow when unset), fixed per process
@@ -36,6 +37,7 @@ ADAPTERS: dict[str, AdapterInfo] = {
         AdapterInfo("keras-torch", "keras", "adapters.keras3", (("KERAS_BACKEND", "torch"),)),
         AdapterInfo("torch", "torch", "adapters.torch_module"),
         AdapterInfo("torch-functional", "torch", "adapters.torch_functional"),
+        AdapterInfo("torch-compile", "torch-compile", "adapters.torch_compile"),
         AdapterInfo("flax-linen", "jax", "adapters.flax_linen"),
         AdapterInfo("flax-nnx", "jax", "adapters.flax_nnx"),
         AdapterInfo("onnxruntime", "onnx", "adapters.onnx_runtime"),

@@ -31,6 +31,7 @@ FEATURES: dict[str, str] = {
     "adjustment": "an adjustment of the normalized values in training",
     "no-running-stats": "no moving statistics (track_running_stats false)",
     "preceding": "a preceding 1x1 convolution / dense layer (params.preceding)",
+    "param-dtype": "gamma, beta and moving statistics in a dtype other than the input's (mixed precision)",
 }
 
 
@@ -105,6 +106,14 @@ class Problem:
     track_running_stats: bool = field(default=True, metadata={"feature": "no-running-stats"})
     # the layer before BN; batches are its input. Adapters run it too, or do not declare the feature
     preceding: Preceding | None = field(default=None, metadata={"feature": "preceding"})
+    # mixed precision: the dtype of gamma, beta and the moving statistics when it is not `dtype`
+    # (None: the same as the input); their values above are representable in it
+    param_dtype: str | None = field(default=None, metadata={"feature": "param-dtype"})
+
+    @property
+    def params_dtype(self) -> str:
+        """The dtype gamma, beta and the moving statistics are held in."""
+        return self.param_dtype or self.dtype
 
     @property
     def rank(self) -> int:

@@ -14,10 +14,16 @@
 - Modes: training is `apply(..., use_running_average=False, mutable=['batch_stats'])`, the new
   statistics read back from the returned collection after every step; inference is
   `use_running_average=True`.
-- Dtypes: `dtype=` and `param_dtype=` are the case dtype. Statistics are computed in at least
-  float32 (`force_float32_reductions=True`) and `init` creates `batch_stats` in float32, so the
-  state is placed in float32 for float16/bfloat16/float32 cases and in float64 for float64 ones
-  (init's float32 would round a float64 checkpoint).
+- Dtypes: `dtype=` and `param_dtype=` are the case dtype (see mixed precision below). Statistics
+  are computed in at least float32 (`force_float32_reductions=True`) and `init` creates
+  `batch_stats` in float32, so the state is placed in float32 for float16/bfloat16/float32 cases
+  and in float64 for float64 ones (init's float32 would round a float64 checkpoint).
+- Mixed precision (`param_dtype`): `dtype=` (computation and output) is the case dtype and
+  `param_dtype=` (scale, bias) the case's `param_dtype`, Flax's own spelling of it. batch_stats
+  stay float32 (float64 for a float64 input), which holds float32 statistics exactly and
+  float16/bfloat16 ones finer than the case states (listed in `translations`). float64
+  parameters on a lower-precision input are not expressible: the statistics are then computed
+  and kept in float32, so no float64 statistics exist.
 - Variance: linen's default `use_fast_variance=True` computes E[x^2] - E[x]^2 clamped at 0; it is
   left at its default as users run it, so large-mean inputs lose digits (xfails in jax.yaml).
 - Gradients: `jax.grad` of `sum(upstream * y)` in training mode with respect to input and params.
@@ -65,13 +71,13 @@ JAX_DTYPES = {
 
 @functools.lru_cache(maxsize=256)
 def compiled(axis: int | tuple[int, ...], momentum: float, epsilon: float, center: bool, scale: bool,
-             dtype: str) -> dict[str, Callable[..., Any]]:
+             dtype: str, param_dtype: str) -> dict[str, Callable[..., Any]]:
     """Jitted train step / inference / gradients for one layer configuration (jit caches shapes)."""
     # use_fast_variance stays True (the default): var = max(0, E[x^2] - E[x]^2), see
     # flax/linen/normalization.py L137-142 (v0.12.8). The axis goes in raw: _canonicalize_axes
     # (L45-49) adds the rank to a negative axis without a range check.
     bn = nn.BatchNorm(axis=axis, momentum=momentum, epsilon=epsilon, use_bias=center,
-                      use_scale=scale, dtype=JAX_DTYPES[dtype], param_dtype=JAX_DTYPES[dtype])
+                      use_scale=scale, dtype=JAX_DTYPES[dtype], param_dtype=JAX_DTYPES[param_dtype])
 
     def step(variables: dict, x: jax.Array) -> tuple[jax.Array, dict]:
         y, updates = bn.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
@@ -87,6 +93,16 @@ def compiled(axis: int | tuple[int, ...], momentum: float, epsilon: float, cente
 
     return {"module": bn, "step": jax.jit(step), "infer": jax.jit(infer),
             "grad": jax.jit(jax.grad(loss, argnums=(0, 1)))}
+
+
+def mixed_not_expressible(problem: Problem) -> str | None:
+    """Flax takes any param_dtype, but keeps and computes statistics in float32 for a
+    lower-precision input, so float64 parameters there have no float64 statistics."""
+    if problem.param_dtype == "float64" and problem.dtype != "float64":
+        return (f"float64 parameters with {problem.dtype} input: Flax computes the statistics in float32 "
+                "for it (force_float32_reductions) and keeps batch_stats in float32, so the float64 "
+                "moving statistics the case states do not exist")
+    return None
 
 
 class FlaxLinen(Adapter):
@@ -118,18 +134,21 @@ class FlaxLinen(Adapter):
         return jax.devices()[0].platform
 
     capabilities = Capabilities(
-        features=frozenset({"multi-axis"}),
+        features=frozenset({"multi-axis", "param-dtype"}),
         why={"momentum-null": "linen's BatchNorm.momentum is a fixed decay rate",
              **no_such_argument("linen.BatchNorm")},
     )
+
+    def not_expressible(self, problem: Problem, check: Check) -> str | None:
+        return mixed_not_expressible(problem)
 
     def translations(self, problem: Problem) -> list[str]:
         axis = problem.axes[0] if len(problem.axes) == 1 else problem.axes
         out = [f"momentum {problem.momentum:g} -> momentum={problem.momentum:g} (same decay form)",
                f"epsilon {problem.epsilon:g} -> epsilon={problem.epsilon:g}",
                f"axis {list(problem.axes)} -> axis={axis}",
-               f"dtype {problem.dtype} -> dtype=param_dtype=jnp.{problem.dtype}; batch_stats in "
-               f"{self.stats_dtype(problem)}"]
+               f"dtype {problem.dtype} -> dtype=jnp.{problem.dtype}, param_dtype=jnp.{problem.params_dtype}; "
+               f"batch_stats in {self.stats_dtype(problem)}"]
         if len(problem.axes) > 1 and problem.axes_in_range and list(problem.channel_axes) != sorted(
                 problem.channel_axes):
             out.append("per-channel arrays transposed to linen's ascending feature-axis order and back")
@@ -153,7 +172,7 @@ class FlaxLinen(Adapter):
         axis = problem.axes[0] if len(problem.axes) == 1 else tuple(problem.axes)
         assert problem.momentum is not None
         configuration = (axis, float(problem.momentum), float(problem.epsilon), problem.center,
-                         problem.scale, problem.dtype)
+                         problem.scale, problem.dtype, problem.params_dtype)
         compiling_for(("linen", *configuration, problem.batches[0].shape))
         return compiled(*configuration)
 
@@ -167,7 +186,7 @@ class FlaxLinen(Adapter):
             # nothing per-channel to place: let linen create its own and judge the axis itself
             return fns["module"].init(jax.random.key(0), self.tensor(problem.batches[0], problem),
                                       use_running_average=False)
-        pdt, sdt = problem.dtype, self.stats_dtype(problem)
+        pdt, sdt = problem.params_dtype, self.stats_dtype(problem)
         params = {}
         if problem.scale:
             params["scale"] = on_device(problem.to_ascending(problem.gamma), pdt)

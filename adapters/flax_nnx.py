@@ -14,9 +14,11 @@
   dtype the constructor chose.
 - Modes: `layer.train()` then calls (each updates `layer.mean` / `layer.var`), `layer.eval()`
   for inference. Calls go through `nnx.jit`, as users run them.
-- Dtypes: `dtype=` and `param_dtype=` are the case dtype; statistics are computed in at least
+- Dtypes: `dtype=` is the case dtype and `param_dtype=` the case's `param_dtype` (mixed precision,
+  Flax's own spelling; the case dtype when not given); statistics are computed in at least
   float32 and the constructor makes the `BatchStat`s float32, so they are placed in float32, or in
-  float64 for float64 cases.
+  float64 for float64 cases. float64 parameters on a lower-precision input are not expressible
+  (no float64 statistics exist then).
 - Variance: `use_fast_variance=True` (default, kept): E[x^2] - E[x]^2 clamped at 0.
 - Gradients: `nnx.grad` of `sum(upstream * y)` in training mode, with respect to the input
   (argnums) and the layer's `nnx.Param`s.
@@ -101,18 +103,28 @@ class FlaxNNX(Adapter):
         return jax.devices()[0].platform
 
     capabilities = Capabilities(
+        features=frozenset({"param-dtype"}),
         why={"momentum-null": "nnx's BatchNorm.momentum is a fixed decay rate",
              **no_such_argument("nnx.BatchNorm"),
              "multi-axis": "nnx.BatchNorm takes one feature axis: num_features is an int and its "
                            "parameters and statistics are 1-D"},
     )
 
+    def not_expressible(self, problem: Problem, check: Check) -> str | None:
+        """nnx takes any param_dtype, but keeps and computes statistics in float32 for a
+        lower-precision input: float64 parameters there have no float64 statistics."""
+        if problem.param_dtype == "float64" and problem.dtype != "float64":
+            return (f"float64 parameters with {problem.dtype} input: nnx computes the statistics in float32 "
+                    "for it and keeps mean/var in float32, so the float64 moving statistics the case "
+                    "states do not exist")
+        return None
+
     def translations(self, problem: Problem) -> list[str]:
         out = [f"momentum {problem.momentum:g} -> momentum={problem.momentum:g} (same decay form)",
                f"epsilon {problem.epsilon:g} -> epsilon={problem.epsilon:g}",
                f"axis {problem.axes[0]} -> axis={problem.axes[0]}, num_features={problem.gamma.size}",
-               f"dtype {problem.dtype} -> dtype=param_dtype=jnp.{problem.dtype}; BatchStats in "
-               f"{self.stats_dtype(problem)}"]
+               f"dtype {problem.dtype} -> dtype=jnp.{problem.dtype}, param_dtype=jnp.{problem.params_dtype}; "
+               f"BatchStats in {self.stats_dtype(problem)}"]
         if not problem.center:
             out.append("center off -> use_bias=False")
         if not problem.scale:
@@ -130,19 +142,20 @@ class FlaxNNX(Adapter):
 
     def layer(self, problem: Problem) -> nnx.BatchNorm:
         compiling_for(("nnx", problem.axes, problem.momentum, problem.epsilon, problem.center, problem.scale,
-                       problem.dtype, problem.batches[0].shape))
-        dtype = JAX_DTYPES[problem.dtype]
+                       problem.dtype, problem.params_dtype, problem.batches[0].shape))
+        dtype = JAX_DTYPES[problem.params_dtype]  # scale and bias
         bn = nnx.BatchNorm(
             num_features=int(problem.gamma.size), axis=problem.axes[0], momentum=problem.momentum,
-            epsilon=problem.epsilon, dtype=dtype, param_dtype=dtype, use_bias=problem.center,
+            epsilon=problem.epsilon, dtype=JAX_DTYPES[problem.dtype], param_dtype=dtype,
+            use_bias=problem.center,
             use_scale=problem.scale, rngs=nnx.Rngs(0),
         )
         if problem.axes_in_range:  # else there is nothing per-channel to place: the layer keeps its own
             stats = self.stats_dtype(problem)
             if problem.scale:
-                bn.scale.set_value(on_device(problem.gamma, problem.dtype))
+                bn.scale.set_value(on_device(problem.gamma, problem.params_dtype))
             if problem.center:
-                bn.bias.set_value(on_device(problem.beta, problem.dtype))
+                bn.bias.set_value(on_device(problem.beta, problem.params_dtype))
             bn.mean.set_value(on_device(problem.moving_mean, stats))
             bn.var.set_value(on_device(problem.moving_variance, stats))
         return bn

@@ -15,6 +15,10 @@ Three adapters, one per backend, each in a process of its own backend (Keras fix
 - Dtype: `dtype=<case dtype>`. The layer then keeps gamma, beta and the moving statistics in that
   dtype too, and computes in at least float32 (`backend.result_type(inputs.dtype, "float32")`).
   On JAX, adapters/jax_setup.py turns on x64 mode (float64 cases) and the compile cache.
+- Mixed precision (`param_dtype`): Keras states it as a dtype policy, `dtype="mixed_float16"` or
+  `"mixed_bfloat16"`: variables (gamma, beta, moving statistics) float32, computation and output in
+  the lower dtype. Those two are the only mixed policies, so float32 parameters with float16 or
+  bfloat16 input are expressible and nothing else is. The input tensor has the case dtype.
 - Modes: `layer(x, training=True)` normalizes with the batch statistics and assigns the moving
   averages (biased variance from `ops.moments`, measured); `layer(x, training=False)` is inference.
 - renorm: `renorm=True`, `renorm_momentum=` the canonical renorm momentum (same decay form),
@@ -56,6 +60,14 @@ if BACKEND == "jax":
     import adapters.jax_setup  # noqa: F401  (x64 for float64 cases, the compile cache)
 
 
+MIXED_POLICIES = {("float16", "float32"): "mixed_float16", ("bfloat16", "float32"): "mixed_bfloat16"}
+
+
+def layer_dtype(problem: Problem) -> str:
+    """The layer's dtype policy: the case dtype, or a mixed policy for float32 parameters."""
+    return MIXED_POLICIES.get((problem.dtype, problem.param_dtype), problem.dtype)
+
+
 def to_numpy(t) -> np.ndarray:
     return np.asarray(keras.ops.convert_to_numpy(t)).astype(np.float64)
 
@@ -90,12 +102,18 @@ class Keras3(Adapter):
         return out
 
     capabilities = Capabilities(
-        features=frozenset({"renorm"}),
+        features=frozenset({"renorm", "param-dtype"}),
         why={"momentum-null": "Keras momentum is a fixed decay; it has no cumulative average",
              "multi-axis": "Keras 3 BatchNormalization takes one integer axis (self.axis = int(axis))",
              **no_such_argument("Keras 3 BatchNormalization", ("ghost-batches", "adjustment",
                                                                "no-running-stats"))},
     )
+
+    def not_expressible(self, problem: Problem, check: Check) -> str | None:
+        if problem.param_dtype is not None and (problem.dtype, problem.param_dtype) not in MIXED_POLICIES:
+            return (f"{problem.dtype} input with {problem.param_dtype} parameters: Keras's mixed policies "
+                    "are mixed_float16 and mixed_bfloat16 (float32 variables) only")
+        return None
 
     def default_layer(self, shape: tuple[int, ...], dtype: str = "float32",
                       trainable: bool = True) -> DefaultLayer:
@@ -110,7 +128,10 @@ class Keras3(Adapter):
         out = [f"momentum {problem.momentum:g} -> momentum={problem.momentum:g} (same decay form)",
                f"epsilon {problem.epsilon:g} -> epsilon={problem.epsilon:g}",
                f"channel axis {problem.axes[0]} -> axis={problem.axes[0]}",
-               f"dtype {problem.dtype} -> dtype={problem.dtype!r} (parameters and statistics too)",
+               f"dtype {problem.dtype} -> dtype={problem.dtype!r} (parameters and statistics too)"
+               if problem.param_dtype is None else f"dtype {problem.dtype}, param_dtype "
+               f"{problem.param_dtype} -> dtype={layer_dtype(problem)!r} (a mixed policy: float32 variables, "
+               f"{problem.dtype} compute)",
                f"backend {BACKEND}"]
         if not (problem.center and problem.scale):
             out.append(f"center={problem.center}, scale={problem.scale}")
@@ -126,30 +147,31 @@ class Keras3(Adapter):
     def layer(self, problem: Problem) -> keras.layers.BatchNormalization:
         bn = keras.layers.BatchNormalization(
             axis=problem.axes[0], momentum=problem.momentum, epsilon=problem.epsilon,
-            center=problem.center, scale=problem.scale, dtype=problem.dtype, **renorm_arguments(problem))
+            center=problem.center, scale=problem.scale, dtype=layer_dtype(problem),
+            **renorm_arguments(problem))
         bn.build(problem.batches[0].shape)  # an out-of-range axis raises here
         if problem.renorm is not None:  # as the layer's initializers derive them from the moving ones
-            bn.renorm_mean.assign(self.host_cast(problem.moving_mean, problem))
-            bn.renorm_stddev.assign(self.host_cast(np.sqrt(problem.moving_variance), problem))
-            bn.moving_stddev.assign(self.host_cast(np.sqrt(problem.moving_variance), problem))
-        bn.moving_mean.assign(self.host_cast(problem.moving_mean, problem))
-        bn.moving_variance.assign(self.host_cast(problem.moving_variance, problem))
+            bn.renorm_mean.assign(self.host_cast(problem.moving_mean, problem.params_dtype))
+            bn.renorm_stddev.assign(self.host_cast(np.sqrt(problem.moving_variance), problem.params_dtype))
+            bn.moving_stddev.assign(self.host_cast(np.sqrt(problem.moving_variance), problem.params_dtype))
+        bn.moving_mean.assign(self.host_cast(problem.moving_mean, problem.params_dtype))
+        bn.moving_variance.assign(self.host_cast(problem.moving_variance, problem.params_dtype))
         if problem.scale:
-            bn.gamma.assign(self.host_cast(problem.gamma, problem))
+            bn.gamma.assign(self.host_cast(problem.gamma, problem.params_dtype))
         if problem.center:
-            bn.beta.assign(self.host_cast(problem.beta, problem))
+            bn.beta.assign(self.host_cast(problem.beta, problem.params_dtype))
         return bn
 
     @staticmethod
-    def host_cast(x: np.ndarray, problem: Problem) -> np.ndarray:
-        """On the jax backend, the case dtype's NumPy array (exact: the values are representable):
+    def host_cast(x: np.ndarray, dtype: str) -> np.ndarray:
+        """On the jax backend, a NumPy array of `dtype` (exact: the values are representable in it):
         a cast on the device would compile a program for every shape. Other backends get x as is."""
         if BACKEND != "jax":
             return x
-        return np.asarray(x).astype(jax.numpy.dtype(problem.dtype))
+        return np.asarray(x).astype(jax.numpy.dtype(dtype))
 
     def tensor(self, x: np.ndarray, problem: Problem):
-        return keras.ops.convert_to_tensor(self.host_cast(x, problem), dtype=problem.dtype)
+        return keras.ops.convert_to_tensor(self.host_cast(x, problem.dtype), dtype=problem.dtype)
 
     def train(self, problem: Problem) -> TrainingRun:
         bn = self.layer(problem)

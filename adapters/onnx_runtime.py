@@ -15,6 +15,9 @@ CPUExecutionProvider, as an exported model would run it.
 - Modes: training is `training_mode=1` with the three outputs (Y, running_mean, running_var); the
   running outputs are fed back as `input_mean`/`input_var` for the next step. Inference is
   `training_mode=0` with Y only. Params and state are fed as graph inputs each run.
+- Mixed precision (`param_dtype`): BatchNormalization-15 types X/Y as T, scale/B as T1 and the
+  statistics as T2, so X is the case dtype and the other four inputs and two running outputs are
+  `param_dtype`; a mix ONNX Runtime has no kernel for is its NOT_IMPLEMENTED error, not expressible.
 - Dtypes: every tensor in the case dtype (an exported float16 model is float16 throughout). Where
   ONNX Runtime has no kernel (bfloat16 on CPU) the session's NOT_IMPLEMENTED error is raised as
   NotExpressible with ONNX Runtime's text.
@@ -63,9 +66,11 @@ STAT_INPUTS = ("scale", "B", "input_mean", "input_var")
 
 @functools.lru_cache(maxsize=256)
 def session(shape: tuple[int, ...], axis: int, dtype: str, training: bool, momentum: float,
-            epsilon: float) -> ort.InferenceSession:
-    """Transpose -> BatchNormalization -> Transpose, compiled once per shape and attribute set."""
+            epsilon: float, param_dtype: str | None = None) -> ort.InferenceSession:
+    """Transpose -> BatchNormalization -> Transpose, compiled once per shape and attribute set.
+    `param_dtype`: scale/B (the op's T1) and the statistics (T2) in another dtype than X (T)."""
     elem = ELEMENT_TYPES[dtype]
+    param_elem = ELEMENT_TYPES[param_dtype or dtype]
     perm = channels_first_permutation(len(shape), axis)
     moved = perm != list(range(len(shape)))
     nodes = []
@@ -82,9 +87,9 @@ def session(shape: tuple[int, ...], axis: int, dtype: str, training: bool, momen
     if moved:
         nodes.append(helper.make_node("Transpose", ["Y_nc"], ["Y"], perm=np.argsort(perm).tolist()))
     inputs = [helper.make_tensor_value_info("X", elem, list(shape))]
-    inputs += [helper.make_tensor_value_info(name, elem, ["C"]) for name in STAT_INPUTS]
+    inputs += [helper.make_tensor_value_info(name, param_elem, ["C"]) for name in STAT_INPUTS]
     outs = [helper.make_tensor_value_info("Y", elem, None)]
-    outs += [helper.make_tensor_value_info(name, elem, ["C"]) for name in outputs[1:]]
+    outs += [helper.make_tensor_value_info(name, param_elem, ["C"]) for name in outputs[1:]]
     graph = helper.make_graph(nodes, "batch_norm", inputs, outs)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     options = ort.SessionOptions()
@@ -156,7 +161,8 @@ class OnnxRuntime(Adapter):
         return DefaultNode(shape, dtype)
 
     capabilities = Capabilities(
-        checks=frozenset({"training", "inference"}), min_rank=2, features=frozenset({"momentum-null"}),
+        checks=frozenset({"training", "inference"}), min_rank=2,
+        features=frozenset({"momentum-null", "param-dtype"}),
         why={**no_such_argument("ONNX BatchNormalization"),
              "gradients": "an ONNX Runtime InferenceSession has no autodiff (training needs the "
                           "separate onnxruntime-training package)",
@@ -182,22 +188,26 @@ class OnnxRuntime(Adapter):
             out.append("center off -> B fed as zeros")
         out.append("training: training_mode=1 with outputs Y, running_mean, running_var; "
                    "inference: training_mode=0")
+        if problem.param_dtype is not None:
+            out.append(f"param_dtype {problem.param_dtype} -> X and Y (type T) {problem.dtype}; scale, B "
+                       f"(T1), mean, var and the running outputs (T2) {problem.param_dtype}")
         return out
 
     # -- running the model
 
-    def cast(self, a: np.ndarray, problem: Problem) -> np.ndarray:
-        if problem.dtype not in NUMPY_DTYPES:  # bfloat16: the session raises NotExpressible first
-            raise NotExpressible(f"no NumPy dtype fed to ONNX Runtime for {problem.dtype}")
-        return np.ascontiguousarray(a, dtype=NUMPY_DTYPES[problem.dtype])
+    def cast(self, a: np.ndarray, dtype: str) -> np.ndarray:
+        if dtype not in NUMPY_DTYPES:  # bfloat16: the session raises NotExpressible first
+            raise NotExpressible(f"no NumPy dtype fed to ONNX Runtime for {dtype}")
+        return np.ascontiguousarray(a, dtype=NUMPY_DTYPES[dtype])
 
     def run(self, problem: Problem, x: np.ndarray, training: bool, momentum: float,
             mean: np.ndarray, var: np.ndarray) -> list[np.ndarray]:
         sess = session(tuple(x.shape), problem.axes[0], problem.dtype, training, float(momentum),
-                       float(problem.epsilon))
-        feed = {"X": self.cast(x, problem), "scale": self.cast(problem.gamma, problem),
-                "B": self.cast(problem.beta, problem), "input_mean": self.cast(mean, problem),
-                "input_var": self.cast(var, problem)}
+                       float(problem.epsilon), problem.param_dtype)
+        held = problem.params_dtype
+        feed = {"X": self.cast(x, problem.dtype), "scale": self.cast(problem.gamma, held),
+                "B": self.cast(problem.beta, held), "input_mean": self.cast(mean, held),
+                "input_var": self.cast(var, held)}
         return sess.run(None, feed)
 
     def train(self, problem: Problem) -> TrainingRun:

@@ -33,6 +33,11 @@ Two adapters: `tf-keras` leaves `fused=None` (the layer picks the fused kernel w
   dtype shaped to broadcast against the input.
 - renorm, virtual_batch_size and adjustment make `fused=None` take the unfused kernel
   (`_raise_if_fused_cannot_be_used`). No argument drops the moving statistics.
+- Mixed precision (`param_dtype`): a dtype policy, `dtype="mixed_float16"` or `"mixed_bfloat16"`
+  (`tf_keras.mixed_precision`): float32 variables, computation and output in the lower dtype. Those
+  are the only mixed policies: float32 parameters with float16/bfloat16 input are expressible,
+  nothing else. (A float16 layer already keeps float32 variables, `_param_dtype`; the policy is
+  what a mixed-precision user writes.)
 - Default layer (semantic probes): `BatchNormalization()` with no argument but `dtype` for
   float16, `trainable=False` when asked, and `fused=False` for `tf-keras-unfused` (that argument is
   what the adapter id means).
@@ -76,6 +81,14 @@ def takes_fused_path(problem: Problem) -> bool:
     return problem.axes[0] % problem.rank in FUSED_AXES[problem.rank]
 
 
+MIXED_POLICIES = {("float16", "float32"): "mixed_float16", ("bfloat16", "float32"): "mixed_bfloat16"}
+
+
+def layer_dtype(problem: Problem) -> str:
+    """The layer's dtype policy: the case dtype, or a mixed policy for float32 parameters."""
+    return MIXED_POLICIES.get((problem.dtype, problem.param_dtype), problem.dtype)
+
+
 class TfKerasLayer(Adapter):
     family = "tf"
     fused: bool | None
@@ -89,13 +102,19 @@ class TfKerasLayer(Adapter):
         return {"tensorflow": tf.__version__, "tf_keras": tf_keras.__version__}
 
     capabilities = Capabilities(
-        features=frozenset({"multi-axis", "renorm", "ghost-batches", "adjustment"}),
+        features=frozenset({"multi-axis", "renorm", "ghost-batches", "adjustment", "param-dtype"}),
         why={"momentum-null": "Keras momentum is a fixed decay; it has no cumulative average",
              **no_such_argument("tf_keras BatchNormalization", ("no-running-stats",))},
     )
 
     def conventions_for(self, problem: Problem) -> Conventions:
         return with_ghost(self.conventions, problem)
+
+    def not_expressible(self, problem: Problem, check: Check) -> str | None:
+        if problem.param_dtype is not None and (problem.dtype, problem.param_dtype) not in MIXED_POLICIES:
+            return (f"{problem.dtype} input with {problem.param_dtype} parameters: Keras's mixed policies "
+                    "are mixed_float16 and mixed_bfloat16 (float32 variables) only")
+        return None
 
     def default_layer(self, shape: tuple[int, ...], dtype: str = "float32",
                       trainable: bool = True) -> DefaultLayer:
@@ -109,10 +128,15 @@ class TfKerasLayer(Adapter):
         out = [f"momentum {problem.momentum:g} -> momentum={problem.momentum:g} (same decay form)",
                f"epsilon {problem.epsilon:g} -> epsilon={problem.epsilon:g}",
                f"channel axis {axis} -> axis={axis}",
-               f"dtype {problem.dtype} -> dtype={problem.dtype!r}"]
+               f"dtype {problem.dtype} -> dtype={problem.dtype!r}" if problem.param_dtype is None else
+               f"dtype {problem.dtype}, param_dtype {problem.param_dtype} -> dtype={layer_dtype(problem)!r} "
+               f"(a mixed policy: float32 variables, {problem.dtype} compute)"]
         if not (problem.center and problem.scale):
             out.append(f"center={problem.center}, scale={problem.scale}")
         out += feature_translations(problem)
+        if problem.param_dtype is None and problem.dtype in ("float16", "bfloat16"):
+            out.append(f"gamma, beta and the moving statistics are kept in float32 (the layer's "
+                       f"_param_dtype), not {problem.dtype}: finer than the case states")
         if self.fused is False:
             out.append("fused=False")
         elif problem.axes_in_range:
@@ -126,7 +150,7 @@ class TfKerasLayer(Adapter):
         axis = problem.axes[0] if len(problem.axes) == 1 else list(problem.axes)
         bn = tf_keras.layers.BatchNormalization(
             axis=axis, momentum=problem.momentum, epsilon=problem.epsilon, center=problem.center,
-            scale=problem.scale, fused=self.fused, dtype=problem.dtype, **feature_arguments(problem))
+            scale=problem.scale, fused=self.fused, dtype=layer_dtype(problem), **feature_arguments(problem))
         bn.build(problem.batches[0].shape)  # raises ValueError for an out-of-range axis
         for name, values in self.state(problem).items():
             variable = getattr(bn, name)
@@ -216,7 +240,7 @@ class TfKeras(TfKerasLayer):
             return ("fused=None rejects axis=-4 on 4-D input (ValueError: Unsupported axis), though "
                     "axis=0 is accepted: tf_keras batch_normalization.py _raise_if_fused_cannot_be_used"
                     " lets -4 through for 5-D and build() then refuses axis 0 for the fused kernel")
-        return None
+        return super().not_expressible(problem, check)
 
 
 class TfKerasUnfused(TfKerasLayer):

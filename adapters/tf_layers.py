@@ -18,7 +18,10 @@ by the case's three checks, with the case's state assigned into the variables be
   list for several axes; out of range raises ValueError). With several axes the variables have
   the broadcast shape (channel sizes at the channel axes in ascending order, 1 elsewhere).
 - Dtype: the placeholder has the case dtype and the layer takes it from its input; for
-  float16/bfloat16 gamma, beta and the moving statistics are float32 (`_param_dtype`).
+  float16/bfloat16 gamma, beta and the moving statistics are float32 (`_param_dtype`). That is
+  mixed precision as `param_dtype: float32` states it, the only mix the layer has (it takes no dtype
+  argument of its own), so those cases run unchanged; for a float16/bfloat16 case without
+  `param_dtype` the float32 storage is listed in `translations`.
 - Which kernel: the layer (tf_keras's V1 BatchNormalization) defaults to `fused=None`, which fuses
   4-D input with the channel axis 1 or 3 and 5-D input with axis 1 or 4 unless the dtype is
   float64 (`build` in tf_keras/src/layers/normalization/batch_normalization.py). In a graph the
@@ -132,6 +135,24 @@ UNFUSED = Conventions(
 GHOST_NOTE = ("virtual_batch_size with training=True: the layer reshapes to [v, n/v, ...] and reduces over "
               "the first dim, so virtual batch j is rows j, j + n/v, ... (tf_keras batch_normalization.py "
               "call)")
+def mixed_not_expressible(problem: Problem) -> str | None:
+    """The V1 layer's only mix: float16/bfloat16 input with float32 variables (`_param_dtype`)."""
+    if problem.param_dtype is not None and not (
+            problem.param_dtype == "float32" and problem.dtype in ("float16", "bfloat16")):
+        return (f"{problem.dtype} input with {problem.param_dtype} parameters: the layer takes its dtype "
+                "from the input and holds float16/bfloat16 layers' variables in float32, no other mix")
+    return None
+
+
+def storage_translations(problem: Problem) -> list[str]:
+    """Where the variables' dtype is not the case's: float32 for float16/bfloat16 input."""
+    if problem.dtype not in ("float16", "bfloat16"):
+        return []
+    if problem.param_dtype == "float32":
+        return [f"param_dtype float32 -> {problem.dtype} input; the layer keeps float32 variables itself "
+                "(_param_dtype)"]
+    return [f"gamma, beta and the moving statistics are kept in float32 (the layer's _param_dtype), not "
+            f"{problem.dtype}: finer than the case states"]
 
 
 class TfLayers(Adapter):
@@ -162,11 +183,14 @@ class TfLayers(Adapter):
                            notes=(*chosen.notes, GHOST_NOTE))
 
     capabilities = Capabilities(
-        features=frozenset({"multi-axis", "renorm", "ghost-batches", "adjustment"}),
+        features=frozenset({"multi-axis", "renorm", "ghost-batches", "adjustment", "param-dtype"}),
         why={"momentum-null": "Keras momentum is a fixed decay; it has no cumulative average",
              **no_such_argument("tf.compat.v1.layers.batch_normalization", ("no-running-stats",))},
     )
     # an out-of-range axis is the layer's to reject
+
+    def not_expressible(self, problem: Problem, check: Check) -> str | None:
+        return mixed_not_expressible(problem)
 
     def default_layer(self, shape: tuple[int, ...], dtype: str = "float32",
                       trainable: bool = True) -> DefaultLayer:
@@ -200,6 +224,7 @@ class TfLayers(Adapter):
         if problem.adjustment is not None:
             out.append("adjustment -> adjustment=lambda shape: (scale, bias), constants in the graph shaped "
                        "to broadcast against the input")
+        out.extend(storage_translations(problem))
         return out
 
     # -- the graph
@@ -211,8 +236,18 @@ class TfLayers(Adapter):
         shapes = {b.shape for b in problem.batches}
         return tuple(dims[0] if len(set(dims)) == 1 else None for dims in zip(*shapes, strict=True))
 
-    def graph(self, problem: Problem) -> BatchNormGraph:
+    def batch_norm(self, x: tf.Tensor, training: tf.Tensor | bool, problem: Problem,
+                   reuse: bool = False) -> tf.Tensor:
+        """The layer's output, called in the graph being built (the one place the API is called)."""
         axis = problem.axes[0] if len(problem.axes) == 1 else list(problem.axes)
+        with warnings.catch_warnings():  # its deprecation notice, once per graph, says nothing new
+            warnings.filterwarnings("ignore", message=".*batch_normalization` is deprecated")
+            return tf.compat.v1.layers.batch_normalization(
+                x, axis=axis, momentum=problem.momentum, epsilon=problem.epsilon,
+                center=problem.center, scale=problem.scale, training=training, name="bn", reuse=reuse,
+                **feature_arguments(problem))
+
+    def graph(self, problem: Problem) -> BatchNormGraph:
         shape = self.input_shape(problem)
         key = (shape, problem.dtype, problem.axes, problem.momentum, problem.epsilon,
                problem.center, problem.scale, *feature_key(problem))
@@ -225,20 +260,11 @@ class TfLayers(Adapter):
             x = tf.compat.v1.placeholder(dtype, shape, name="x")
             training = tf.compat.v1.placeholder(tf.bool, (), name="training")
             ghost = problem.virtual_batch_size is not None
-            with warnings.catch_warnings():  # its deprecation notice, once per graph, says nothing new
-                warnings.filterwarnings("ignore", message=".*batch_normalization` is deprecated")
-
-                def bn(mode: tf.Tensor | bool, reuse: bool = False) -> tf.Tensor:
-                    return tf.compat.v1.layers.batch_normalization(
-                        x, axis=axis, momentum=problem.momentum, epsilon=problem.epsilon,
-                        center=problem.center, scale=problem.scale, training=mode, name="bn",
-                        reuse=reuse, **feature_arguments(problem))
-
-                # virtual batches: a tensor `training` makes the layer reshape to [-1, 1, ...], one
-                # virtual batch of everything (measured; see the module docstring), so the ghost
-                # graph calls it with Python bools, as its documentation also allows
-                y = bn(True if ghost else training)
-                y_inference = bn(False, reuse=True) if ghost else None
+            # virtual batches: a tensor `training` makes the layer reshape to [-1, 1, ...], one
+            # virtual batch of everything (measured; see the module docstring), so the ghost
+            # graph calls it with Python bools, as its documentation also allows
+            y = self.batch_norm(x, True if ghost else training, problem)
+            y_inference = self.batch_norm(x, False, problem, reuse=True) if ghost else None
             update_ops = tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.UPDATE_OPS)
             with tf.control_dependencies(update_ops):
                 train_op = tf.identity(y, name="train_op")
@@ -372,12 +398,7 @@ class DefaultGraphLayer(DefaultLayer):
         graph = tf.compat.v1.Graph()
         with graph.as_default():
             x = tf.compat.v1.placeholder(tf.as_dtype(self.dtype), self.shape, name="x")
-            kwargs: dict = {**self.arguments, **({} if mode is None else {"training": mode == "training"})}
-            if not self.trainable:
-                kwargs["trainable"] = False
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*batch_normalization` is deprecated")
-                y = tf.compat.v1.layers.batch_normalization(x, **kwargs)
+            y = self.layer(x, mode)
             with tf.control_dependencies(tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.UPDATE_OPS)):
                 train_op = tf.identity(y)
             variables = {v.op.name.split("/")[-1]: v for v in tf.compat.v1.global_variables()}
@@ -388,6 +409,16 @@ class DefaultGraphLayer(DefaultLayer):
         session.run(init)
         self.graphs[mode] = ModeGraph(session, x, y, train_op, variables, values, load_op)
         return self.graphs[mode]
+
+    def layer(self, x: tf.Tensor, mode: Check | None) -> tf.Tensor:
+        """The default call: no `training` argument for mode None, else training=True/False (and the
+        feature probes' extra arguments)."""
+        kwargs: dict = {**self.arguments, **({} if mode is None else {"training": mode == "training"})}
+        if not self.trainable:
+            kwargs["trainable"] = False
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*batch_normalization` is deprecated")
+            return tf.compat.v1.layers.batch_normalization(x, **kwargs)
 
     def run(self, x: np.ndarray, mode: Check | None, fetch: str) -> Observed:
         g = self.graph(mode)

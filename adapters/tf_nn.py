@@ -64,9 +64,11 @@ class TfNn(Adapter):
 
     capabilities = Capabilities(  # several axes by broadcasting
         features=frozenset({"multi-axis", "momentum-null"}),
-        why={f: "tf.nn.moments + tf.nn.batch_normalization have no argument for it: it would be the "
-                "caller's own code, not the API's" for f in ("renorm", "ghost-batches", "adjustment",
-                                                              "no-running-stats")},
+        why={**{f: "tf.nn.moments + tf.nn.batch_normalization have no argument for it: it would be the "
+                   "caller's own code, not the API's" for f in ("renorm", "ghost-batches", "adjustment",
+                                                                 "no-running-stats")},
+             "param-dtype": "tf.nn.moments and tf.nn.batch_normalization take x and every parameter in "
+                            "one dtype (TF math ops do not promote)"},
     )
 
     def default_layer(self, shape: tuple[int, ...], dtype: str = "float32",

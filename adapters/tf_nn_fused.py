@@ -83,7 +83,7 @@ class TfNnFused(Adapter):
 
     capabilities = Capabilities(
         dtypes=frozenset({"float16", "bfloat16", "float32"}), min_rank=4, max_rank=5,
-        features=frozenset({"momentum-null"}),
+        features=frozenset({"momentum-null", "param-dtype"}),
         why={**no_such_argument("fused_batch_norm"),
              "float64": "FusedBatchNormV3 has kernels for float16, bfloat16 and float32 input only",
              "rank": "fused_batch_norm takes NHWC/NCHW/NDHWC/NCDHW input",
@@ -91,6 +91,9 @@ class TfNnFused(Adapter):
     )
 
     def not_expressible(self, problem: Problem, check: Check) -> str | None:
+        if problem.param_dtype not in (None, "float32"):
+            return (f"{problem.param_dtype} parameters: FusedBatchNormV3 takes scale, offset, mean and "
+                    "variance in float32 (its type U) whatever the input's type T")
         if data_format(problem) is None:
             return (f"fused_batch_norm takes 4-D/5-D input with the channel axis first or last "
                     f"(NHWC/NCHW/NDHWC/NCDHW); not axis {list(problem.axes)} on {problem.rank}-D")
@@ -119,8 +122,12 @@ class TfNnFused(Adapter):
             out.append("scale off -> scale=ones (a constant)")
         if not problem.center:
             out.append("center off -> offset=zeros (a constant)")
-        if problem.dtype in ("float16", "bfloat16"):
-            out.append(f"x in {problem.dtype}; scale, offset and running statistics in float32")
+        if problem.param_dtype == "float32":
+            out.append(f"param_dtype float32 -> x in {problem.dtype}; scale, offset and running statistics "
+                       "in float32 (the op's type U)")
+        elif problem.dtype in ("float16", "bfloat16"):
+            out.append(f"x in {problem.dtype}; scale, offset and running statistics in float32 (the op's "
+                       f"type U), not {problem.dtype}: finer than the case states")
         return out
 
     def params(self, problem: Problem) -> dict:

@@ -11,6 +11,9 @@
   mode, exactly what `nn.BatchNorm(track_running_stats=False)` passes (torch/nn/modules/batchnorm.py
   `_BatchNorm.forward`: `bn_training = True` when both buffers are None); with `training=False`
   the function cannot run without running statistics.
+- Mixed precision (`param_dtype`): weight, bias and the running statistics are `param_dtype`
+  tensors and x is the case dtype; the CPU kernel mixes only float16/bfloat16 input with float32
+  parameters (as for `nn.BatchNorm`), other mixes are not expressible.
 - Threads: importing this module calls `torch.set_num_threads(1)`, as the ONNX Runtime adapter
   runs its sessions on one thread. With a pool, each tiny call pays an OpenMP fork/barrier that
   costs milliseconds instead of microseconds when the cores are shared, and channel-last inputs
@@ -69,13 +72,17 @@ class TorchFunctional(Adapter):
         return {"torch": torch.__version__}
 
     capabilities = Capabilities(
-        min_rank=2, features=frozenset({"momentum-null", "no-running-stats"}),
+        min_rank=2, features=frozenset({"momentum-null", "no-running-stats", "param-dtype"}),
         why={"multi-axis": "F.batch_norm normalizes over one channel dim (dim 1)",
              **no_such_argument("F.batch_norm", ("renorm", "ghost-batches", "adjustment")),
              "rank": "F.batch_norm needs at least 2-D input (batch, channels, ...)"},
     )
 
     def not_expressible(self, problem: Problem, check: Check) -> str | None:
+        if problem.param_dtype is not None and not (
+                problem.param_dtype == "float32" and problem.dtype in ("float16", "bfloat16")):
+            return (f"{problem.dtype} input with {problem.param_dtype} parameters: the CPU kernel mixes only "
+                    "float16/bfloat16 input with float32 parameters")
         if problem.epsilon <= 0 and (check != "inference" or not problem.track_running_stats):
             # torch/nn/functional.py (2.13) batch_norm: `if training and eps <= 0.0: raise ValueError(
             # "batch_norm eps must be positive during training")`; without running statistics
@@ -99,6 +106,9 @@ class TorchFunctional(Adapter):
             out.append("scale off -> weight=None")
         if not problem.center:
             out.append("center off -> bias=None")
+        if problem.param_dtype is not None:
+            out.append(f"param_dtype {problem.param_dtype} -> weight, bias, running_mean/var as "
+                       f"{problem.param_dtype} tensors, x {problem.dtype}")
         return out
 
     def default_layer(self, shape: tuple[int, ...], dtype: str = "float32",
@@ -108,7 +118,7 @@ class TorchFunctional(Adapter):
         return DefaultCall(shape, dtype)
 
     def state(self, problem: Problem) -> dict[str, torch.Tensor | None]:
-        dtype = TORCH_DTYPES[problem.dtype]
+        dtype = TORCH_DTYPES[problem.params_dtype]
         tracked = problem.track_running_stats
         return {
             "weight": torch.tensor(problem.gamma, dtype=dtype) if problem.scale else None,

@@ -14,6 +14,14 @@
   statistics (`running_mean is None`) and normalizes with the batch's statistics in eval mode too
   (torch/nn/modules/batchnorm.py `_BatchNorm.forward`: `bn_training = True` when both running
   buffers are None).
+- Mixed precision (`param_dtype`): the module is built in `param_dtype` (float32) and fed input of
+  the case dtype (float16/bfloat16), as in a float32 model fed reduced-precision activations; the
+  CPU kernel accepts exactly that mix (a float32 module and float16/bfloat16 input; any other mix
+  raises "expected scalar type", so it is not expressible) and keeps weight, bias and the running
+  statistics in float32 (measured). `torch.autocast("cpu", dtype=float16 or bfloat16)` changes
+  nothing for BatchNorm (measured: output, running statistics and the input and weight gradients
+  are the same bits with and without it, and a float32 input stays float32 under it: batch_norm is
+  not among the ops CPU autocast lowers), so autocast needs no translation of its own.
 - Threads: importing this module calls `torch.set_num_threads(1)`, as the ONNX Runtime adapter
   runs its sessions on one thread. With a pool, each tiny call pays an OpenMP fork/barrier that
   costs milliseconds instead of microseconds when the cores are shared, and channel-last inputs
@@ -77,13 +85,17 @@ class TorchModule(Adapter):
         return {"torch": torch.__version__}
 
     capabilities = Capabilities(
-        min_rank=2, max_rank=5, features=frozenset({"momentum-null", "no-running-stats"}),
+        min_rank=2, max_rank=5, features=frozenset({"momentum-null", "no-running-stats", "param-dtype"}),
         why={"multi-axis": "torch BatchNorm normalizes over one channel dim (dim 1)",
              **no_such_argument("torch.nn.BatchNorm", ("renorm", "ghost-batches", "adjustment")),
              "rank": "BatchNorm1d takes 2-D/3-D input, BatchNorm2d 4-D, BatchNorm3d 5-D"},
     )
 
     def not_expressible(self, problem: Problem, check: Check) -> str | None:
+        if problem.param_dtype is not None and not (
+                problem.param_dtype == "float32" and problem.dtype in ("float16", "bfloat16")):
+            return (f"{problem.dtype} input with {problem.param_dtype} parameters: the CPU kernel mixes only "
+                    "float16/bfloat16 input with a float32 module")
         if problem.epsilon <= 0 and (check != "inference" or not problem.track_running_stats):
             # torch/nn/functional.py (2.13) batch_norm: `if training and eps <= 0.0: raise ValueError(
             # "batch_norm eps must be positive during training")`; without running statistics
@@ -108,6 +120,9 @@ class TorchModule(Adapter):
             out.append(f"affine=True with {frozen} frozen (requires_grad=False)")
         elif not problem.center:
             out.append("affine=False")
+        if problem.param_dtype is not None:
+            out.append(f"param_dtype {problem.param_dtype} -> module dtype={problem.param_dtype}, fed "
+                       f"{problem.dtype} input (a mixed-precision call)")
         return out
 
     # -- building the module, the way a user who ports weights would
@@ -120,7 +135,7 @@ class TorchModule(Adapter):
             momentum=None if problem.momentum is None else 1.0 - problem.momentum,
             affine=problem.center or problem.scale,
             track_running_stats=problem.track_running_stats,
-            dtype=TORCH_DTYPES[problem.dtype],
+            dtype=TORCH_DTYPES[problem.params_dtype],
         )
         with torch.no_grad():
             if bn.affine:

@@ -44,20 +44,32 @@ def _ascending(values: np.ndarray, p: Problem) -> np.ndarray:
 # ---------------------------------------------------------------- TensorFlow 1 (graph + session)
 
 
-def tf_layers(p: Problem, check: str) -> Out:
+def tf_layers(p: Problem, check: str, slim: bool = False) -> Out:
     import tensorflow as tf
 
     # None on a dimension whose size changes from batch to batch, as TF1 users declare it
     shape = tuple(d[0] if len(set(d)) == 1 else None for d in zip(*{b.shape for b in p.batches}, strict=True))
-    key = (shape, p.dtype, p.axes, p.momentum, p.epsilon, p.center, p.scale)
+    key = (slim, shape, p.dtype, p.axes, p.momentum, p.epsilon, p.center, p.scale)
     if key not in _TF1_GRAPHS:
         graph = tf.compat.v1.Graph()
         with graph.as_default():
             x = tf.compat.v1.placeholder(p.dtype, shape)
             training = tf.compat.v1.placeholder(tf.bool, ())
-            y = tf.compat.v1.layers.batch_normalization(
-                x, axis=_axis(p), momentum=p.momentum, epsilon=p.epsilon, center=p.center,
-                scale=p.scale, training=training)
+            if slim:  # adapters/tf_slim.py: its shim, and Slim's own cond outputting intermediates
+                import tf_slim
+
+                import adapters.tf_slim  # noqa: F401
+
+                tf.compat.v1.experimental.output_all_intermediates(True)
+                fmt = "NHWC" if p.axes[0] % p.rank == p.rank - 1 else "NCHW"
+                extra = {"fused": False} if p.rank == 2 and p.dtype == "float64" else {}
+                y = tf_slim.batch_norm(x, decay=p.momentum, epsilon=p.epsilon, center=p.center,
+                                       scale=p.scale, is_training=training, data_format=fmt, **extra)
+                tf.compat.v1.experimental.output_all_intermediates(None)
+            else:
+                y = tf.compat.v1.layers.batch_normalization(
+                    x, axis=_axis(p), momentum=p.momentum, epsilon=p.epsilon, center=p.center,
+                    scale=p.scale, training=training)
             with tf.control_dependencies(tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.UPDATE_OPS)):
                 train_op = tf.identity(y)
             variables = {v.op.name.split("/")[-1]: v for v in tf.compat.v1.global_variables()}
@@ -82,13 +94,18 @@ def tf_layers(p: Problem, check: str) -> Out:
     return (out, *stats)
 
 
+def tf_slim(p: Problem, check: str) -> Out:
+    return tf_layers(p, check, slim=True)
+
+
 # ---------------------------------------------------------------- TensorFlow 2 / Keras (eager)
 
 
 def _keras_layer(layers: Any, p: Problem, **extra: Any) -> Any:
     """A BatchNormalization layer built for the input and loaded with the case's weights."""
+    mixed = {("float16", "float32"): "mixed_float16", ("bfloat16", "float32"): "mixed_bfloat16"}
     bn = layers.BatchNormalization(axis=_axis(p), momentum=p.momentum, epsilon=p.epsilon, center=p.center,
-                                   scale=p.scale, dtype=p.dtype, **extra)
+                                   scale=p.scale, dtype=mixed.get((p.dtype, p.param_dtype), p.dtype), **extra)
     bn.build(p.batches[0].shape)
     weights = {"moving_mean": p.moving_mean, "moving_variance": p.moving_variance}
     if p.scale:
@@ -202,14 +219,18 @@ keras_jax = keras_torch = keras  # the same code; KERAS_BACKEND picks the backen
 # ---------------------------------------------------------------- PyTorch
 
 
-def torch(p: Problem, check: str) -> Out:
+def torch(p: Problem, check: str, compiled: bool = False) -> Out:
     import torch as th
 
     dtype = getattr(th, p.dtype)
     axis = p.axes[0]
     module = {2: th.nn.BatchNorm1d, 3: th.nn.BatchNorm1d, 4: th.nn.BatchNorm2d, 5: th.nn.BatchNorm3d}[p.rank]
     bn = module(p.gamma.size, eps=p.epsilon, momentum=None if p.momentum is None else 1.0 - p.momentum,
-                affine=p.center or p.scale, dtype=dtype)
+                affine=p.center or p.scale, dtype=getattr(th, p.params_dtype))
+    if compiled:
+        import adapters.torch_compile  # noqa: F401  (its recompile limits)
+
+        bn = th.compile(bn, dynamic=True)
     with th.no_grad():
         if bn.affine:
             bn.weight.copy_(th.from_numpy(p.gamma))
@@ -232,16 +253,21 @@ def torch(p: Problem, check: str) -> Out:
                 bn.running_var.double().numpy())
 
 
+def torch_compile(p: Problem, check: str) -> Out:
+    return torch(p, check, compiled=True)
+
+
 def torch_functional(p: Problem, check: str) -> Out:
     import torch as th
     import torch.nn.functional as F
 
     dtype = getattr(th, p.dtype)
     axis = p.axes[0]
-    weight = th.from_numpy(p.gamma).to(dtype) if p.scale else None
-    bias = th.from_numpy(p.beta).to(dtype) if p.center else None
-    running_mean = th.from_numpy(p.moving_mean).to(dtype)
-    running_var = th.from_numpy(p.moving_variance).to(dtype)
+    held = getattr(th, p.params_dtype)
+    weight = th.from_numpy(p.gamma).to(held) if p.scale else None
+    bias = th.from_numpy(p.beta).to(held) if p.center else None
+    running_mean = th.from_numpy(p.moving_mean).to(held)
+    running_var = th.from_numpy(p.moving_variance).to(held)
     with th.no_grad():
         if check == "inference":
             y = F.batch_norm(th.from_numpy(p.batches[-1]).to(dtype).movedim(axis, 1), running_mean,
@@ -294,12 +320,13 @@ def flax_linen(p: Problem, check: str) -> Out:
     dtype = getattr(jnp, p.dtype)
     stats = jnp.float64 if p.dtype == "float64" else jnp.float32
     bn = nn.BatchNorm(axis=p.axes[0] if len(p.axes) == 1 else tuple(p.axes), momentum=p.momentum,
-                      epsilon=p.epsilon, use_bias=p.center, use_scale=p.scale, dtype=dtype, param_dtype=dtype)
+                      epsilon=p.epsilon, use_bias=p.center, use_scale=p.scale, dtype=dtype,
+                      param_dtype=getattr(jnp, p.params_dtype))
     params = {}
     if p.scale:
-        params["scale"] = jnp.asarray(_ascending(p.gamma, p), dtype)
+        params["scale"] = jnp.asarray(_ascending(p.gamma, p), p.params_dtype)
     if p.center:
-        params["bias"] = jnp.asarray(_ascending(p.beta, p), dtype)
+        params["bias"] = jnp.asarray(_ascending(p.beta, p), p.params_dtype)
     batch_stats = {"mean": jnp.asarray(_ascending(p.moving_mean, p), stats),
                    "var": jnp.asarray(_ascending(p.moving_variance, p), stats)}
     variables = {"params": params, "batch_stats": batch_stats}
@@ -321,11 +348,12 @@ def flax_nnx(p: Problem, check: str) -> Out:
     dtype = getattr(jnp, p.dtype)
     stats = jnp.float64 if p.dtype == "float64" else jnp.float32
     bn = nnx.BatchNorm(p.gamma.size, axis=p.axes[0], momentum=p.momentum, epsilon=p.epsilon, dtype=dtype,
-                       param_dtype=dtype, use_bias=p.center, use_scale=p.scale, rngs=nnx.Rngs(0))
+                       param_dtype=getattr(jnp, p.params_dtype), use_bias=p.center, use_scale=p.scale,
+                       rngs=nnx.Rngs(0))
     if p.scale:
-        bn.scale.set_value(jnp.asarray(p.gamma, dtype))
+        bn.scale.set_value(jnp.asarray(p.gamma, p.params_dtype))
     if p.center:
-        bn.bias.set_value(jnp.asarray(p.beta, dtype))
+        bn.bias.set_value(jnp.asarray(p.beta, p.params_dtype))
     bn.mean.set_value(jnp.asarray(p.moving_mean, stats))
     bn.var.set_value(jnp.asarray(p.moving_variance, stats))
     if check == "inference":
@@ -346,13 +374,13 @@ def flax_nnx(p: Problem, check: str) -> Out:
 
 @functools.lru_cache(maxsize=256)
 def _onnx_session(shape: tuple[int, ...], axis: int, dtype: str, training: bool, momentum: float,
-                  epsilon: float) -> Any:
+                  epsilon: float, params_dtype: str) -> Any:
     """Transpose -> BatchNormalization -> Transpose (opset 21), one session per model."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    elem = {"float16": TensorProto.FLOAT16, "float32": TensorProto.FLOAT,
-            "float64": TensorProto.DOUBLE}[dtype]
+    types = {"float16": TensorProto.FLOAT16, "float32": TensorProto.FLOAT, "float64": TensorProto.DOUBLE}
+    elem, held = types[dtype], types[params_dtype]  # X/Y (T); scale, B and statistics (T1, T2)
     axis %= len(shape)
     perm = [d for d in range(len(shape)) if d != axis]
     perm = [perm[0], axis, *perm[1:]]
@@ -366,9 +394,9 @@ def _onnx_session(shape: tuple[int, ...], axis: int, dtype: str, training: bool,
                                   ["Y", *outputs[1:]], epsilon=epsilon, momentum=momentum,
                                   training_mode=int(training))]
     inputs = [helper.make_tensor_value_info("X", elem, list(shape))]
-    inputs += [helper.make_tensor_value_info(n, elem, ["C"])
+    inputs += [helper.make_tensor_value_info(n, held, ["C"])
                for n in ("scale", "B", "input_mean", "input_var")]
-    outs = [helper.make_tensor_value_info(n, elem, None) for n in ["Y", *outputs[1:]]]
+    outs = [helper.make_tensor_value_info(n, elem if n == "Y" else held, None) for n in ["Y", *outputs[1:]]]
     model = helper.make_model(helper.make_graph(nodes, "bn", inputs, outs),
                               opset_imports=[helper.make_opsetid("", 21)])
     options = ort.SessionOptions()
@@ -377,12 +405,12 @@ def _onnx_session(shape: tuple[int, ...], axis: int, dtype: str, training: bool,
 
 
 def onnxruntime(p: Problem, check: str) -> Out:
-    dtype = getattr(np, p.dtype)
-    feed = {"scale": p.gamma.astype(dtype), "B": p.beta.astype(dtype),
-            "input_mean": p.moving_mean.astype(dtype), "input_var": p.moving_variance.astype(dtype)}
+    dtype, held = getattr(np, p.dtype), getattr(np, p.params_dtype)
+    feed = {"scale": p.gamma.astype(held), "B": p.beta.astype(held),
+            "input_mean": p.moving_mean.astype(held), "input_var": p.moving_variance.astype(held)}
 
     def run(x: np.ndarray, training: bool, momentum: float) -> list[np.ndarray]:
-        session = _onnx_session(x.shape, p.axes[0], p.dtype, training, momentum, p.epsilon)
+        session = _onnx_session(x.shape, p.axes[0], p.dtype, training, momentum, p.epsilon, p.params_dtype)
         return session.run(None, {"X": x.astype(dtype), **feed})
 
     if check == "inference":
@@ -398,6 +426,7 @@ def onnxruntime(p: Problem, check: str) -> Out:
 
 BARE: dict[str, Callable[[Problem, str], Out]] = {
     "tf-layers": tf_layers,
+    "tf-slim": tf_slim,
     "tf-keras": tf_keras,
     "tf-keras-unfused": tf_keras_unfused,
     "tf-nn": tf_nn,
@@ -407,6 +436,7 @@ BARE: dict[str, Callable[[Problem, str], Out]] = {
     "keras-torch": keras_torch,
     "torch": torch,
     "torch-functional": torch_functional,
+    "torch-compile": torch_compile,
     "flax-linen": flax_linen,
     "flax-nnx": flax_nnx,
     "onnxruntime": onnxruntime,

@@ -26,6 +26,19 @@ from conformance.schema import ToleranceOverride
 DEFAULT_TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "float16": 4e-3, "bfloat16": 3e-2}
 
 
+def coarser(a: str, b: str) -> str:
+    """The dtype with the wider default tolerance."""
+    return a if DEFAULT_TOLERANCE[a] >= DEFAULT_TOLERANCE[b] else b
+
+
+def held_dtype(held_in: str, dtype: str, param_dtype: str | None) -> str:
+    """The dtype an output is held in (`outputs.HeldIn`) under mixed precision: the input's, the
+    parameters' (gamma, beta and the moving statistics: `params.param_dtype`, default the
+    input's), or the coarser of the two (inference after training reads the stored statistics)."""
+    params = param_dtype or dtype
+    return {"input": dtype, "params": params, "both": coarser(dtype, params)}[held_in]
+
+
 @dataclass(frozen=True)
 class Tolerance:
     rtol: float

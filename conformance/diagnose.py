@@ -51,21 +51,23 @@ def badness(expected: np.ndarray, got: np.ndarray, rtol: float, atol: float,
 
 def diagnose(problem: Problem, check: Check, declared: tuple[str, ...], got: dict[str, np.ndarray],
              held_to: dict[str, np.ndarray], tol: Tolerance, conditioning: float,
-             atol_scales: dict[str, float] | None = None) -> Diagnosis:
+             atol_scales: dict[str, float] | None = None,
+             per_output: dict[str, Tolerance] | None = None) -> Diagnosis:
     """`got`: the framework's compared outputs by name; `held_to`: what they were compared with;
-    `atol_scales`: per output, the factor its atol was scaled by (gradients).
+    `atol_scales`: per output, the factor its atol was scaled by (gradients); `per_output`: the
+    outputs held to a tolerance of their own (mixed precision), judged from it.
     Single variants, then pairs of variants neither of which explains it alone (ONNX's float32
     momentum *and* epsilon attributes, say), named "a+b"."""
     names = [n for n, v in variants.CATALOGUE.items()
              if n not in declared and not v.raises and v.applies(problem, check)]
-    scored = [(score(problem, check, (*declared, n), got, held_to, tol, conditioning, atol_scales), n)
-              for n in names]
+    scored = [(score(problem, check, (*declared, n), got, held_to, tol, conditioning, atol_scales,
+                      per_output), n) for n in names]
     # sharpest first: a variant judged at the case's own tolerance before one judged in a wider band
     matched = [n for (worst, moves, _), n in sorted(scored, key=lambda s: s[0][2]) if worst <= 1 and moves]
     for a, b in itertools.combinations(names, 2):  # a pair only where neither explains it alone
         if a not in matched and b not in matched:
             worst, moves, _ = score(problem, check, (*declared, a, b), got, held_to, tol, conditioning,
-                                    atol_scales)
+                                    atol_scales, per_output)
             if worst <= 1 and moves:
                 matched.append(f"{a}+{b}")
     if matched:
@@ -79,7 +81,8 @@ def diagnose(problem: Problem, check: Check, declared: tuple[str, ...], got: dic
 
 def score(problem: Problem, check: Check, names: tuple[str, ...], got: dict[str, np.ndarray],
           held_to: dict[str, np.ndarray], tol: Tolerance, conditioning: float,
-          atol_scales: dict[str, float] | None = None) -> tuple[float, bool, bool]:
+          atol_scales: dict[str, float] | None = None,
+          per_output: dict[str, Tolerance] | None = None) -> tuple[float, bool, bool]:
     """(the best form's worst badness, whether the variants move the result at all, whether they
     are judged in a band wider than the case's tolerance). A variant
     moves it when its simulation leaves the case's tolerance, or, for one that only predicts the
@@ -90,16 +93,18 @@ def score(problem: Problem, check: Check, names: tuple[str, ...], got: dict[str,
         simulated = variants.simulate(problem, check, knobs)
         if not all(out in simulated for out in got):
             continue
-        rtol, atol = variants.tolerance_for(knobs, problem, tol.rtol, tol.atol, conditioning)
         scale = atol_scales or {}
         unknown = variants.undetermined(problem, check, knobs)
-        worst = max(badness(simulated[out], value, rtol, atol * scale.get(out, 1.0), unknown.get(out))
-                    for out, value in got.items())
-        wider = rtol > tol.rtol or atol > tol.atol
-        wide = wide or wider
-        moves = moves or wider or any(
-            badness(held_to[out], simulated[out], tol.rtol, tol.atol * scale.get(out, 1.0)) > 1
-            for out in got)
+        worst = 0.0
+        for out, value in got.items():
+            base = (per_output or {}).get(out, tol)
+            rtol, atol = variants.tolerance_for(knobs, problem, base.rtol, base.atol, conditioning)
+            worst = max(worst, badness(simulated[out], value, rtol, atol * scale.get(out, 1.0),
+                                       unknown.get(out)))
+            wider = rtol > base.rtol or atol > base.atol
+            wide = wide or wider
+            moves = moves or wider or badness(held_to[out], simulated[out], base.rtol,
+                                              base.atol * scale.get(out, 1.0)) > 1
         best = min(best, worst)
     return best, moves, wide
 

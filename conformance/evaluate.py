@@ -15,7 +15,7 @@ import numpy as np
 from adapters.base import Adapter, Check, NotExpressible, Problem
 from conformance import ROOT, known
 from conformance import problem as problems
-from conformance.compare import Metric, Tolerance, compare, tolerance
+from conformance.compare import Metric, Tolerance, coarser, compare, held_dtype, tolerance
 from conformance.diagnose import diagnose, rejects
 from conformance.outputs import CHECKS, outputs_of
 from conformance.results import Record, Status
@@ -85,7 +85,8 @@ def evaluate(adapter: Adapter, case: Case, check: Check, outcome: Outcome | None
             apply_rules(outcome, rules.for_check(adapter.id, case, check))
         return outcome
     conditioning = problems.conditioning(case, check, problem)
-    tol = outcome.tolerance = tolerance(case.dtype, conditioning, case.tolerance)
+    tol, per_output = tolerances(problem, check, conditioning, case)
+    outcome.tolerance = tol
     got, raised = run_framework(adapter, problem, check, outcome)
     if outcome.status == Status.NOT_EXPRESSIBLE:
         return outcome
@@ -96,14 +97,14 @@ def evaluate(adapter: Adapter, case: Case, check: Check, outcome: Outcome | None
         expected = problems.expected(case, check, problem, outcome.conventions)
         scales = case.memo(("gradient-scales",), lambda: problems.gradient_scales(problem)) \
             if check == "gradients" and case.tolerance is None else {}
-        compared = measure(check, expected, got, case.dtype, tol, scales)
+        compared = measure(check, expected, got, case.dtype, tol, scales, per_output)
         outcome.metrics = [m for _, _, _, m in compared]
         if all(m.passed for m in outcome.metrics):
             outcome.status = Status.PASS
             return outcome
         outcome.status = Status.FAIL
         found = diagnose(problem, check, outcome.conventions, {name: value for name, _, value, _ in compared},
-                         {name: held for name, held, _, _ in compared}, tol, conditioning, scales)
+                         {name: held for name, held, _, _ in compared}, tol, conditioning, scales, per_output)
         outcome.explained_by, outcome.closest = found.explained_by, found.closest
     apply_rules(outcome, rules.for_check(adapter.id, case, check))
     return outcome
@@ -148,12 +149,29 @@ def raised_by_framework(exc: BaseException) -> bool:
     return innermost is not None and not any(innermost.is_relative_to(own) for own in OWN_CODE)
 
 
+def tolerances(problem: Problem, check: Check, conditioning: float, case: Case,
+               ) -> tuple[Tolerance, dict[str, Tolerance]]:
+    """The check's tolerance, and under mixed precision (`param_dtype`) each output's own where it
+    is held in another dtype (`compare.held_dtype`). The check's is that of the coarsest dtype
+    its outputs are held in: the diagnosis and the record use it."""
+    if problem.param_dtype is None or case.tolerance is not None:
+        return tolerance(case.dtype, conditioning, case.tolerance), {}
+    held = {o.name: held_dtype(o.held_in, problem.dtype, problem.param_dtype) for o in outputs_of(check)}
+    coarsest = case.dtype
+    for dtype in held.values():
+        coarsest = coarser(coarsest, dtype)
+    return tolerance(coarsest, conditioning, None), {
+        name: tolerance(dtype, conditioning, None) for name, dtype in held.items() if dtype != coarsest}
+
+
 def measure(check: str, expected: problems.Expected, got: dict[str, np.ndarray | None], dtype: str,
             tol: Tolerance, atol_scales: dict[str, float] | None = None,
+            per_output: dict[str, Tolerance] | None = None,
             ) -> list[tuple[str, np.ndarray, np.ndarray, Metric]]:
     """Compare every output the case asks for and the framework exposes, in table order:
     (output name, the expected array it was held to, the framework's, the metric). An output
-    in `atol_scales` has its atol multiplied by that scale (`problem.gradient_scales`)."""
+    in `atol_scales` has its atol multiplied by that scale (`problem.gradient_scales`); one in
+    `per_output` is held to that tolerance instead of `tol` (mixed precision)."""
     compared = []
     for output in outputs_of(check):
         value = got.get(output.name)
@@ -162,8 +180,10 @@ def measure(check: str, expected: problems.Expected, got: dict[str, np.ndarray |
         array, derived, shown_as = expected.get(output.name)
         if array is not None:
             scale = (atol_scales or {}).get(output.name, 1.0)
-            held = tol if scale == 1.0 else replace(
-                tol, atol=tol.atol * scale, rule=f"{tol.rule}; atol x {scale:.3g} (size of the summed terms)")
+            base = (per_output or {}).get(output.name, tol)
+            held = base if scale == 1.0 else replace(
+                base, atol=base.atol * scale,
+                rule=f"{base.rule}; atol x {scale:.3g} (size of the summed terms)")
             metric = compare(shown_as, array, value, dtype, held, derived, in_dtype=output.shape == "input")
             compared.append((output.name, array, value, metric))
     return compared

@@ -20,8 +20,8 @@ from pathlib import Path
 import adapters as registry
 from conformance import ROOT
 
-LONG_FAMILIES = ("tf", "jax", "keras", "torch-export", "tf-export", "keras-export")  # started first, so
-# the last process to start is a short one
+# started first, so the last process to start is a short one
+LONG_FAMILIES = ("tf", "jax", "keras", "torch-compile", "torch-export", "tf-export", "keras-export")
 
 
 @dataclass

@@ -96,6 +96,8 @@ def case_strategy() -> Any:
             params["moving_mean"] = d(st.lists(st.floats(-2, 2), min_size=count, max_size=count))
             params["moving_variance"] = d(st.lists(st.floats(0.01, 4), min_size=count,
                                                    max_size=count))
+        if d(st.integers(0, 3)) == 3:  # mixed precision; shrinks to none
+            params["param_dtype"] = d(st.sampled_from(("float32", "float64", "float16", "bfloat16")))
         mean = d(st.sampled_from((0.0, 3.0, -1.0)) | st.sampled_from((1e2, 1e4)))
         std = d(st.sampled_from((1.0, 0.1, 1e-3)))
         doc: dict[str, Any] = {"id": "fuzz", "dtype": dtype, "params": params,

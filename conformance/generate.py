@@ -1,10 +1,10 @@
 """`python -m conformance.generate`: deterministic folders of valid, filled cases the suite has never seen.
 
 The hand-written cases under `cases/` each isolate one feature. Generated cases combine them at
-random (dtype x rank x layout x momentum x epsilon x affine x steps x modes x input shape and
-values x renorm, ghost batches, adjustment or no running statistics), so an adapter is also
-tried on combinations nobody wrote down. Every feature is drawn often enough that a few hundred
-cases cover each one many times.
+random (dtype x rank x layout x momentum x epsilon x affine x mixed precision x steps x modes x
+input shape and values x renorm, ghost batches, adjustment or no running statistics x a preceding
+layer), so an adapter is also tried on combinations nobody wrote down. Every feature is drawn often
+enough that a few hundred cases cover each one many times.
 
 Case `index` of seed `seed` is drawn from `numpy.random.default_rng([seed, index])` alone, so a
 larger count extends a smaller one (the first 300 of 1,000 cases are the 300 cases) and the same
@@ -252,6 +252,13 @@ def _optional_features(rng: np.random.Generator, shapes: list[list[int]], axes: 
         tags.add("no-running-stats")
         return {"track_running_stats": False}
     return {}
+def _param_dtype(rng: np.random.Generator, dtype: str) -> str | None:
+    """Mixed precision: float32 parameters for a float16/bfloat16 input one case in four (Keras
+    mixed policies, a float32 torch module fed float16), float64 for float32 one in twenty. Drawn
+    from a stream of its own, so the cases drawn before this field existed stay as they were."""
+    if dtype in ("float16", "bfloat16"):
+        return "float32" if rng.random() < 0.25 else None
+    return "float64" if dtype == "float32" and rng.random() < 0.05 else None
 
 
 def draw_case(seed: int, index: int) -> dict[str, Any]:
@@ -330,7 +337,8 @@ def draw_case(seed: int, index: int) -> dict[str, Any]:
     if rng.random() < 0.4:
         params["moving_variance"] = _per_channel(rng, channels, 0.05, 4.0)
         tags.add("moving-variance")
-    extra = np.random.default_rng([seed, index, 1])  # its own stream: earlier seeds draw as before
+    # the fields added later draw from streams of their own, so earlier seeds draw as before
+    extra = np.random.default_rng([seed, index, 3])
     if isinstance(spelled, int) and 0 < channels <= 16 and extra.random() < 0.15:
         # a 1x1 convolution / dense layer before BN, for the export paths to fold (params.preceding)
         weight = extra.normal(0, 1, (channels, channels))
@@ -339,6 +347,10 @@ def draw_case(seed: int, index: int) -> dict[str, Any]:
         tags.add("preceding")
 
     params.update(_optional_features(np.random.default_rng([seed, index, 1]), shapes, axes, channels, tags))
+    param_dtype = _param_dtype(np.random.default_rng([seed, index, 2]), dtype)
+    if param_dtype is not None:
+        params["param_dtype"] = param_dtype
+        tags.update({"mixed-precision", f"param-{param_dtype}"})
 
     doc: dict[str, Any] = {"id": "", "title": "", "tags": [], "dtype": dtype}
     if n_batches == 1 and rng.random() < 0.8:

@@ -15,6 +15,9 @@ from adapters.base import CHECKS as CHECK_NAMES
 from adapters.base import Check
 
 ShapeKind = Literal["input", "channels"]  # like the (last) input fed, or like the channel dims
+# the dtype an output is held in, for its tolerance under mixed precision (`params.param_dtype`):
+# the input's, the parameters' (gamma, beta, moving statistics), or the coarser of the two
+HeldIn = Literal["input", "params", "both"]
 
 
 Batches = Literal["every-step", "last-fed", "last-listed"]
@@ -69,6 +72,7 @@ class Output:
     variant: str | None = None
     stands_for: str | None = None
     exists: Callable[[Any], bool] = _always  # given the case's params: does the output exist at all
+    held_in: HeldIn = "input"
 
     @property
     def compared(self) -> bool:
@@ -80,22 +84,24 @@ OUTPUTS: tuple[Output, ...] = (
     Output("training", "batch_mean", "channels", "mean of the last batch"),
     Output("training", "batch_variance", "channels", "biased (population) variance of the last batch"),
     Output("training", "moving_mean", "channels", "moving mean after the last step (only when "
-           "track_running_stats is on)", exists=_tracked),
+           "track_running_stats is on)", exists=_tracked, held_in="params"),
     Output("training", "moving_variance", "channels", "moving variance, every update with the biased batch "
-           "variance (only when track_running_stats is on)", exists=_tracked),
+           "variance (only when track_running_stats is on)", exists=_tracked, held_in="params"),
     Output("training", "moving_variance_unbiased", "channels", "the moving variance when every update uses "
            "the Bessel-corrected (n/(n-1)) batch variance", variant="moving-variance-unbiased",
-           stands_for="moving_variance", exists=_tracked),
+           stands_for="moving_variance", exists=_tracked, held_in="params"),
     Output("training", "renorm_mean", "channels", "renorm's moving mean (mu_r) after the last step "
-           "(only with renorm)", exists=_renorm),
+           "(only with renorm)", exists=_renorm, held_in="params"),
     Output("training", "renorm_stddev", "channels", "renorm's moving standard deviation (sigma_r) after "
-           "the last step (only with renorm)", exists=_renorm),
+           "the last step (only with renorm)", exists=_renorm, held_in="params"),
     Output("training", "inference_output", "input", "inference on the last batch with the state after "
-           "training; giving it asks adapters to run that inference"),
+           "training; giving it asks adapters to run that inference", held_in="both"),
     Output("inference", "output", "input", "y with params.moving_mean and moving_variance"),
     Output("gradients", "input", "input", "dL/dx"),
-    Output("gradients", "gamma", "channels", "dL/dgamma (only when scale is on)", exists=lambda p: p.scale),
-    Output("gradients", "beta", "channels", "dL/dbeta (only when center is on)", exists=lambda p: p.center),
+    Output("gradients", "gamma", "channels", "dL/dgamma (only when scale is on)", exists=lambda p: p.scale,
+           held_in="params"),
+    Output("gradients", "beta", "channels", "dL/dbeta (only when center is on)", exists=lambda p: p.center,
+           held_in="params"),
 )
 
 

@@ -20,6 +20,7 @@ import math
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -341,6 +342,36 @@ def trainable_false_freezes_stats(adapter: Adapter) -> tuple[Value, str]:
     return frozen, (f"a layer built with trainable=False after one training step done the API's way: "
                     f"moving mean {[sig(v) for v in np.ravel(obs.moving_mean)]} and variance "
                     f"{[sig(v) for v in np.ravel(obs.moving_variance)]} (fresh: 0 and 1)")
+def mixed_float16_stats_dtype(adapter: Adapter) -> tuple[Value, str]:
+    x = round_to(2e-3 + 1e-3 * np.random.default_rng(5).normal(size=(4, 2, 2, 2)), "float16")
+    p = replace(problem([x], (1,), epsilon=1e-7, dtype="float16"), param_dtype="float32",
+                moving_variance=np.array([2e-6, 5e-7]))
+    reason = adapter.why_not_expressible(p, "training")
+    if reason:
+        raise NotExpressible(reason)
+    got = np.asarray(adapter.train(p).moving_variance, np.float64).reshape(-1)
+    ref = reference.train(p)
+    error = min(float(np.max(np.abs(got / np.ravel(r) - 1)))
+                for r in (ref.moving_variance, ref.moving_variance_unbiased))
+    value = "float32" if error < 1e-4 else "float16"
+    return value, (f"float16 input, param_dtype float32 as the API states it, one step on variances near "
+                   f"1e-6 (float16 subnormals, ~4 significant bits): the moving variance is off the float64 "
+                   f"reference by {error:.2g} (relative; float32 storage ~1e-7, float16 ~1e-2)")
+
+
+def mixed_float16_gamma_gradient_precision(adapter: Adapter) -> tuple[Value, str]:
+    x = sample((4, 2, 3, 3), mean=0.5, std=1.5, seed=6, dtype="float16")
+    p = replace(problem([x], (1,), dtype="float16"), param_dtype="float32", upstream=x)
+    reason = adapter.why_not_expressible(p, "gradients")
+    if reason:
+        raise NotExpressible(reason)
+    got = np.ravel(adapter.gradients(p).gamma)
+    ref = np.ravel(reference.gradients(p)["gamma"])  # dy = x: sum(x * xhat) = n * std, far from 0
+    error = float(np.max(np.abs(got / ref - 1)))
+    value = "float32" if error < 1e-4 else "float16"
+    return value, (f"float16 input, param_dtype float32 as the API states it, dL/dy = x: dL/dgamma is off "
+                   f"the float64 reference by {error:.2g} (relative; computed in float32 ~1e-7, from "
+                   f"float16-rounded statistics ~5e-4)")
 
 
 PROBES: dict[str, ProbeFn] = {
@@ -350,7 +381,8 @@ PROBES: dict[str, ProbeFn] = {
                axis_equal_rank, axis_minus_rank_minus_one, multi_axis, momentum_none,
                eps_zero_constant_channel, large_mean_output_std_rel_error, float16_output_dtype,
                float16_moving_stats_dtype, variance_algorithm, renorm_default_clipping,
-               renorm_default_momentum, ghost_grouping, trainable_false_freezes_stats)
+               renorm_default_momentum, ghost_grouping, trainable_false_freezes_stats,
+               mixed_float16_stats_dtype, mixed_float16_gamma_gradient_precision)
 }
 
 

@@ -53,6 +53,7 @@ def _build(case: Case, check: Check) -> Problem:
         assert case.training is not None and case.training.gradients is not None
         upstream = make_array(case.training.gradients.upstream, batches[-1].shape, dtype)
     infer_after = check == "training" and "inference_output" in case.given("training")
+    held = p.param_dtype or dtype  # gamma, beta and the moving statistics
     return Problem(
         case_id=case.id,
         dtype=dtype,
@@ -62,16 +63,17 @@ def _build(case: Case, check: Check) -> Problem:
         epsilon=p.epsilon,
         center=p.center,
         scale=p.scale,
-        gamma=per_channel(p.gamma, channels, 1.0, dtype),
-        beta=per_channel(p.beta, channels, 0.0, dtype),
-        moving_mean=per_channel(p.moving_mean, channels, 0.0, dtype),
-        moving_variance=per_channel(p.moving_variance, channels, 1.0, dtype),
+        gamma=per_channel(p.gamma, channels, 1.0, held),
+        beta=per_channel(p.beta, channels, 0.0, held),
+        moving_mean=per_channel(p.moving_mean, channels, 0.0, held),
+        moving_variance=per_channel(p.moving_variance, channels, 1.0, held),
         upstream=upstream,
         infer_after_training=infer_after,
         **_features(p, channels, dtype),
         preceding=None if p.preceding is None else Preceding(
             weight=round_to(np.array(flat_numbers(p.preceding.weight, ())[0]).reshape(channels * 2), dtype),
             bias=per_channel(p.preceding.bias, channels, 0.0, dtype)),
+        param_dtype=None if held == dtype else held,
     )
 
 

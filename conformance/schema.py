@@ -86,6 +86,8 @@ class Params(Strict):
     adjustment: Adjustment | None = None
     track_running_stats: bool = True  # false: no moving statistics; inference uses batch statistics
     preceding: Preceding | None = None  # a layer exporters fold BN into (docs/case-format.md)
+    # mixed precision: the dtype gamma, beta and the moving statistics are held in; null = `dtype`
+    param_dtype: Literal["float16", "bfloat16", "float32", "float64"] | None = None
 
     @property
     def axes(self) -> list[int]:

@@ -7,7 +7,7 @@ import math
 import ml_dtypes
 import numpy as np
 
-from conformance.compare import DEFAULT_TOLERANCE, compare, tolerance
+from conformance.compare import DEFAULT_TOLERANCE, compare, held_dtype, tolerance
 from conformance.dtypes import round_to, ulp
 from conformance.schema import ToleranceOverride
 
@@ -61,3 +61,27 @@ def test_override_keeps_its_reason():
 def test_shape_mismatch_fails_with_a_note():
     m = compare("o", np.zeros(3), np.zeros(4), "float32", tolerance("float32", 0, None))
     assert not m.passed and "shape" in m.note
+
+
+def test_mixed_precision_holds_each_output_to_the_dtype_it_is_kept_in():
+    """param_dtype float32 on float16 input: moving statistics and dL/dgamma at float32's tolerance,
+    y and dL/dx at float16's, inference after training (stored statistics, float16 output) at the
+    coarser; without param_dtype one tolerance serves every output."""
+    from conformance.evaluate import tolerances
+    from conformance.problem import build
+    from conformance.schema import Case
+
+    def case(params: dict) -> Case:
+        return Case.model_validate({"id": "m", "dtype": "float16", "params": {"axis": 1, **params},
+                                    "input": {"shape": [4, 2], "random": {"seed": 0}},
+                                    "training": {"expected": {}}})
+
+    mixed = case({"param_dtype": "float32"})
+    tol, per_output = tolerances(build(mixed, "training"), "training", 0.0, mixed)
+    assert tol.rtol == 4e-3
+    assert set(per_output) == {"moving_mean", "moving_variance", "moving_variance_unbiased"}
+    assert per_output["moving_mean"].rtol == 1e-5
+    assert held_dtype("both", "float16", "float32") == "float16"
+    assert held_dtype("params", "float32", "float16") == "float16"
+    plain = case({})
+    assert tolerances(build(plain, "training"), "training", 0.0, plain)[1] == {}

@@ -109,6 +109,8 @@ def _features(c) -> set[str]:
         out.add("momentum-null")
     if c.params.epsilon == 0:
         out.add("epsilon-0")
+    if c.params.param_dtype not in (None, c.dtype):
+        out.add("mixed-precision")
     if any(t.shape[0] == 1 for t in c.tensors) and 0 not in [a % rank for a in axes]:
         out.add("batch-of-one")
     if any(0 in t.shape for t in c.tensors):
@@ -153,7 +155,8 @@ def test_feature_mix_covers_everything_and_tags_tell_the_truth(loaded: list[Load
         assert seen[f"rank-{rank}"] >= 30
     assert seen["rank-1"] >= 10
     common = ("multi-axis", "momentum-null", "batch-of-one", "gradients", "inference", "training",
-              "multi-step", "negative-axis", "center-off", "scale-off", "negative-gamma", "inline-values")
+              "multi-step", "negative-axis", "center-off", "scale-off", "negative-gamma", "inline-values",
+              "mixed-precision")
     for feature in common:
         assert seen[feature] >= 10, (feature, seen[feature])
     assert seen["unsorted-axes"] >= 5 and seen["epsilon-0"] >= 5

@@ -12,9 +12,11 @@ import torch
 
 from adapters.base import Adjustment, Problem, Renorm
 from conformance import reference
+from conformance.dtypes import round_to
 from conformance.loader import load_folders
 from conformance.outputs import outputs_of
 from conformance.problem import build
+from conformance.schema import Case
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -267,3 +269,40 @@ def test_feature_gradients_match_torch_autograd(features):
     np.testing.assert_allclose(g["input"], x.grad.numpy(), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(g["gamma"], gamma.grad.numpy(), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(g["beta"], beta.grad.numpy(), rtol=1e-10, atol=1e-12)
+def mixed_case(param_dtype: str | None) -> Case:
+    """float16 input; gamma, beta and moving statistics with digits float16 cannot hold."""
+    params = {"axis": 1, "momentum": 0.5, "epsilon": 1e-3, "gamma": [1.0001, 0.5002],
+              "beta": [0.2501, -0.0001], "moving_mean": [1000.25, 0.30001], "moving_variance": [1.0001, 2e-6]}
+    if param_dtype is not None:
+        params["param_dtype"] = param_dtype
+    return Case.model_validate({"id": "mixed", "dtype": "float16", "params": params,
+                                "batches": [{"shape": [6, 2], "random": {"seed": s}} for s in (1, 2)],
+                                "training": {"expected": {}}})
+
+
+def test_param_dtype_holds_the_parameters_in_their_own_dtype():
+    """param_dtype rounds gamma, beta and the moving statistics to itself, not to the input dtype;
+    the input stays float16. Equal to the input dtype, it is no feature at all."""
+    mixed, plain = build(mixed_case("float32"), "training"), build(mixed_case(None), "training")
+    assert mixed.param_dtype == "float32" and plain.param_dtype is None
+    assert mixed.params_dtype == "float32" and plain.params_dtype == "float16"
+    for name in ("gamma", "beta", "moving_mean", "moving_variance"):
+        given = np.array(getattr(mixed_case(None).params, name))
+        np.testing.assert_array_equal(getattr(mixed, name), round_to(given, "float32"))
+        np.testing.assert_array_equal(getattr(plain, name), round_to(given, "float16"))
+    assert mixed.moving_mean[0] == 1000.25 and plain.moving_mean[0] == 1000.0  # float16 spacing 0.5
+    np.testing.assert_array_equal(mixed.batches[0], plain.batches[0])
+    assert "param-dtype" in mixed.features() and "param-dtype" not in plain.features()
+    assert build(mixed_case("float16"), "training").param_dtype is None
+
+
+def test_param_dtype_reference_matches_the_per_channel_loop():
+    """The second formulation on a mixed problem: the loop over channels with the parameters as
+    held in float32 gives the reference's values."""
+    p = build(mixed_case("float32"), "training")
+    r = reference.train(p)
+    out, mm, mv, mvu = loop_training(p)
+    np.testing.assert_allclose(r.output, out, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(r.moving_mean, mm, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(r.moving_variance, mv, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(r.moving_variance_unbiased, mvu, rtol=1e-12, atol=1e-12)
