@@ -156,7 +156,8 @@ def tolerances(problem: Problem, check: Check, conditioning: float, case: Case,
     its outputs are held in: the diagnosis and the record use it."""
     if problem.param_dtype is None or case.tolerance is not None:
         return tolerance(case.dtype, conditioning, case.tolerance), {}
-    held = {o.name: held_dtype(o.held_in, problem.dtype, problem.param_dtype) for o in outputs_of(check)}
+    held = {o.name: held_dtype(o.held_in, problem.dtype, problem.param_dtype) for o in outputs_of(check)
+            if o.exists(case.params)}
     coarsest = case.dtype
     for dtype in held.values():
         coarsest = coarser(coarsest, dtype)
