@@ -8,6 +8,7 @@ one framework API, runs it, and hands back float64 arrays. It never compares any
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
 from typing import ClassVar, Literal
@@ -25,11 +26,41 @@ CHECKS: tuple[Check, ...] = ("training", "inference", "gradients")
 FEATURES: dict[str, str] = {
     "multi-axis": "several channel axes",
     "momentum-null": "momentum null (a cumulative average)",
+    "replicas": "data-parallel replicas (params.replicas)",
 }
+
+
+# `--device` (pytest and `python -m conformance run`) reaches the adapters through this variable, set
+# before any framework is imported. The torch and JAX families honour it; the others run where their
+# framework puts them and report that from `Adapter.device()`.
+DEVICE_VARIABLE = "BNCONFORM_DEVICE"
+DEVICES = ("cpu", "cuda", "gpu")  # gpu: the same as cuda
+
+
+def requested_device() -> str:
+    """The device the run asked for: "cpu" (the default) or "cuda" ("gpu" is read as "cuda")."""
+    device = os.environ.get(DEVICE_VARIABLE, "cpu").strip().lower() or "cpu"
+    if device not in DEVICES:
+        raise ValueError(f"{DEVICE_VARIABLE}={device!r}: use one of {', '.join(DEVICES)}")
+    return "cuda" if device == "gpu" else device
 
 
 class NotExpressible(Exception):
     """The API cannot state this case (several channel axes in torch, say); the reason is reported."""
+
+
+@dataclass(frozen=True)
+class Replicas:
+    """Data-parallel training: the batch split into `count` consecutive shards on axis 0 (the first
+    N mod count shards one sample larger, as numpy.array_split), one per replica. `synchronized`:
+    every replica normalizes with the whole batch's statistics; otherwise each with its shard's."""
+
+    count: int
+    synchronized: bool
+
+    def shards(self, x: np.ndarray) -> list[np.ndarray]:
+        """The consecutive shards of a batch, one per replica."""
+        return np.array_split(x, self.count, axis=0)
 
 
 @dataclass(frozen=True)
@@ -50,6 +81,8 @@ class Problem:
     moving_variance: np.ndarray
     upstream: np.ndarray | None = None  # dL/dy of the last step, for gradients
     infer_after_training: bool = False  # also run inference on the last batch after training
+    # data-parallel replicas; None: one device, as every ordinary case
+    replicas: Replicas | None = field(default=None, metadata={"feature": "replicas"})
 
     @property
     def rank(self) -> int:

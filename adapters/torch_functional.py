@@ -33,6 +33,7 @@ from adapters.base import (
     Problem,
     TrainingRun,
 )
+from adapters.torch_setup import DEVICE, to_numpy
 
 torch.set_num_threads(1)  # see the docstring: one thread for many tiny calls
 
@@ -44,10 +45,6 @@ TORCH_DTYPES = {
 }
 
 
-def to_numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().to(torch.float64).numpy()
-
-
 class TorchFunctional(Adapter):
     id = "torch-functional"
     family = "torch"
@@ -55,6 +52,9 @@ class TorchFunctional(Adapter):
 
     def versions(self) -> dict[str, str]:
         return {"torch": torch.__version__}
+
+    def device(self) -> str:
+        return DEVICE.type
 
     capabilities = Capabilities(
         min_rank=2, features=frozenset({"momentum-null"}),

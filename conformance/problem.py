@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from adapters.base import Check, Problem
+from adapters.base import Check, Problem, Replicas
 from conformance import reference, variants
 from conformance.dtypes import round_to
 from conformance.outputs import CHECKS, alternatives, outputs_of
@@ -66,6 +66,7 @@ def _build(case: Case, check: Check) -> Problem:
         moving_variance=per_channel(p.moving_variance, channels, 1.0, dtype),
         upstream=upstream,
         infer_after_training=infer_after,
+        replicas=Replicas(p.replicas.count, p.replicas.synchronized) if p.replicas else None,
     )
 
 

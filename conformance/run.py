@@ -19,7 +19,7 @@ from conformance.results import SEVERITY, Status, read
 def pytest_command(group: Group, args: argparse.Namespace) -> list[str]:
     command = [sys.executable, "-m", "pytest", "conformance", f"--framework={','.join(group.adapter_ids)}",
                f"--results={results_path(group, args)}", f"--progress={progress_path(group, args)}",
-               "-q", "-p", "no:cacheprovider"]
+               f"--device={args.device}", "-q", "-p", "no:cacheprovider"]
     return command + [f"--cases={folder}" for folder in args.cases or []]
 
 

@@ -41,6 +41,13 @@ class Tensor(Values):
     shape: list[Annotated[int, Field(ge=0)]]
 
 
+class Replicas(Strict):
+    """Data-parallel training: the batch split into `count` consecutive shards on axis 0."""
+
+    count: int = Field(ge=1, le=64)
+    synchronized: bool  # statistics of the whole batch (sync BN), or of each replica's shard
+
+
 class Params(Strict):
     """The canonical convention. Defaults: momentum 0.9 and epsilon 1e-5 (torch's and ONNX's)."""
 
@@ -53,6 +60,7 @@ class Params(Strict):
     beta: list[Any] | None = None
     moving_mean: list[Any] | None = None
     moving_variance: list[Any] | None = None
+    replicas: Replicas | None = None  # data-parallel training (docs/case-format.md)
 
     @property
     def axes(self) -> list[int]:

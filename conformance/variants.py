@@ -46,6 +46,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "variance": ("two-pass", "sum-of-squares", "sum-of-squares-unclamped"),
     "moving_variance_estimator": ("biased", "unbiased"),
     "batch_variance_estimator": ("biased", "unbiased"),
+    "replica_stats": (None, "replica-0", "mean"),
 }
 
 
@@ -68,6 +69,9 @@ class Knobs:
     empty_gamma_gradient_nan: bool = False  # dgamma = inv_std · Σ dy·(x - mean): NaN over no samples
     bessel_one_value: bool = False  # n/(n-1) taken as 1 for n = 1: the unbiased variance of one value is 0
     reduce_all_axes: bool = False  # statistics over every axis, the channel axes too
+    # replicas normalize unsynchronized (each its shard's statistics, whatever the case asks) and
+    # the statistics read back are replica 0's ("replica-0") or the mean over replicas ("mean")
+    replica_stats: str | None = None
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -182,22 +186,46 @@ def _momenta(p: Problem) -> list[float]:
     return [1.0 - 1.0 / t if p.momentum is None else p.momentum for t in range(1, len(p.batches) + 1)]
 
 
+def _shards(p: Problem, k: Knobs, x: np.ndarray) -> list[np.ndarray]:
+    """The parts of a batch normalized separately: one per replica when replicas do not
+    synchronize (or a replica variant says they do not), else the whole batch."""
+    r = p.replicas
+    if r is None or (r.synchronized and k.replica_stats is None):
+        return [x]
+    return r.shards(x)
+
+
+def _read_back(k: Knobs, per_replica: list[np.ndarray]) -> np.ndarray:
+    """What is read back of per-replica values: replica 0's, or their mean (canonical)."""
+    return per_replica[0] if k.replica_stats == "replica-0" else np.mean(per_replica, axis=0)
+
+
 def _train(p: Problem, k: Knobs) -> dict[str, np.ndarray]:
     rs = _rounder("float32" if _lower(k) else None)
-    moving_mean, moving_var = rs(p.moving_mean), rs(p.moving_variance)
+    state: list[tuple[np.ndarray, np.ndarray]] | None = None  # per replica (one without replicas)
     for x, m in zip(p.batches, _momenta(p), strict=True):
-        mean, var, count = _stats(x, p, k)
-        used = (moving_mean, moving_var) if k.training_uses_moving_stats else (mean, var)
-        output = _normalize(x, p, k, *used)
-        if not k.stats_frozen:
-            fed = _unbiased(var, count, k) if k.moving_variance_estimator == "unbiased" else var
-            moving_mean, moving_var = _update(moving_mean, mean, m, k), _update(moving_var, fed, m, k)
+        shards = _shards(p, k, x)
+        state = state or [(rs(p.moving_mean), rs(p.moving_variance))] * len(shards)
+        outputs, stats, new = [], [], []
+        for shard, (moving_mean, moving_var) in zip(shards, state, strict=True):
+            mean, var, count = _stats(shard, p, k)
+            used = (moving_mean, moving_var) if k.training_uses_moving_stats else (mean, var)
+            outputs.append(_normalize(shard, p, k, *used))
+            if not k.stats_frozen:
+                fed = _unbiased(var, count, k) if k.moving_variance_estimator == "unbiased" else var
+                moving_mean, moving_var = _update(moving_mean, mean, m, k), _update(moving_var, fed, m, k)
+            reported = _unbiased(var, count, k) if k.batch_variance_estimator == "unbiased" else var
+            stats.append((mean, var, reported))
+            new.append((moving_mean, moving_var))
+        state = new
+    assert state is not None
+    mean, var, reported = (_read_back(k, [s[i] for s in stats]) for i in range(3))
+    moving_mean, moving_var = (rs(_read_back(k, [s[i] for s in state])) for i in range(2))
     last = (mean, var) if k.inference_uses_batch_stats else (moving_mean, moving_var)
     return {
-        "output": output,
+        "output": np.concatenate(outputs, axis=0),
         "batch_mean": mean,
-        "batch_variance": _unbiased(var, count, k) if k.batch_variance_estimator == "unbiased"
-        else var,
+        "batch_variance": reported,
         "moving_mean": moving_mean,
         "moving_variance": moving_var,
         "inference_output": _normalize(p.batches[-1], p, k, *last),
@@ -455,6 +483,18 @@ VARIANTS = [
             lambda p, c: p.epsilon != 1e-3, {"epsilon": 1e-3}),
     Variant("epsilon-1e-5", "epsilon 1e-5 (the torch/ONNX/Flax default) instead of the case's",
             lambda p, c: p.epsilon != 1e-5, {"epsilon": 1e-5}),
+    # Keras 3 under tf.distribute.MirroredStrategy: the moving statistics are MirroredVariables with
+    # aggregation NONE, so each replica's assign writes its own copy and reading gives replica 0's;
+    # a pmap loop that saves flax.jax_utils.unreplicate(state) does the same.
+    Variant("replica-0-stats", "unsynchronized replicas: the moving statistics read back are replica 0's",
+            lambda p, c: c == "training" and p.replicas is not None and p.replicas.count > 1,
+            {"replica_stats": "replica-0"}),
+    # tf_keras: ON_READ variables with aggregation MEAN; the Flax ImageNet example's sync_batch_stats.
+    # The canonical reading of unsynchronized replicas, so it moves only a synchronized case (a layer
+    # that was asked to synchronize and did not).
+    Variant("replica-mean-stats", "unsynchronized replicas: the moving statistics read back are the "
+            "mean over replicas", lambda p, c: c == "training" and p.replicas is not None
+            and p.replicas.count > 1, {"replica_stats": "mean"}),
     Variant("rejects", "the framework raises where the reference computes a value",
             lambda p, c: True, raises=True),
     # its mirror, for `expect_error` cases: linen accepts axis -5 on 4-D input (no range check)
@@ -465,8 +505,6 @@ CATALOGUE: dict[str, Variant] = {v.name: v for v in VARIANTS}
 
 RESERVED: dict[str, str] = {  # named, not computable: the case fields they need do not exist yet
     "ghost-interleaved": "statistics over ghost batches taken by interleaved rather than contiguous rows",
-    "replica-0-stats": "data-parallel training normalizes with replica 0's statistics only",
-    "replica-mean-stats": "data-parallel training normalizes with statistics averaged over replicas",
 }
 
 

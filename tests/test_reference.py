@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from adapters.base import Problem
+import dataclasses
+
+from adapters.base import Problem, Replicas
 from conformance import reference
 from conformance.loader import load_folders
 from conformance.outputs import outputs_of
@@ -139,3 +141,25 @@ def test_reference_reproduces_hand_derived_values(loaded):
 
 def test_at_least_five_hand_derived_cases():
     assert len(hand_cases()) >= 5
+
+
+@pytest.mark.parametrize(("n", "count"), [(8, 2), (8, 4), (7, 3), (5, 4)])
+def test_replicas(n, count):
+    """Synchronized replicas are one device's BN on the whole batch. Unsynchronized ones are each
+    shard's own BN (consecutive shards, the first n mod count one larger), with the moving
+    statistics averaged over replicas."""
+    p = problem((n, 3, 2), (1,), steps=2)
+    sync = reference.train(dataclasses.replace(p, replicas=Replicas(count, True)))
+    for name, value in vars(reference.train(p)).items():
+        np.testing.assert_array_equal(getattr(sync, name), value)
+    got = reference.train(dataclasses.replace(p, replicas=Replicas(count, False)))
+    sizes = [len(a) for a in np.array_split(np.arange(n), count)]
+    starts = np.cumsum([0, *sizes])
+    alone = [reference.train(dataclasses.replace(p, batches=tuple(x[a:b] for x in p.batches)))
+             for a, b in itertools.pairwise(starts)]
+    np.testing.assert_array_equal(got.output, np.concatenate([r.output for r in alone]))
+    for name in ("moving_mean", "moving_variance", "moving_variance_unbiased", "batch_mean"):
+        np.testing.assert_allclose(getattr(got, name), np.mean([getattr(r, name) for r in alone], axis=0),
+                                   rtol=1e-14)
+    np.testing.assert_allclose(got.inference_output, reference.normalize(
+        p.batches[-1], p, got.moving_mean, got.moving_variance), rtol=1e-14)
