@@ -39,7 +39,16 @@ from flax.jax_utils import replicate, unreplicate
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from adapters.base import Adapter, Capabilities, Check, Conventions, Gradients, Problem, TrainingRun
+from adapters.base import (
+    Adapter,
+    Capabilities,
+    Check,
+    Conventions,
+    Gradients,
+    NotExpressible,
+    Problem,
+    TrainingRun,
+)
 
 AXIS = "batch"
 
@@ -114,9 +123,13 @@ class FlaxReplicas(Adapter):
         return jax.devices()[:problem.replicas.count]
 
     def train(self, problem: Problem) -> TrainingRun:
+        if problem.replicas is None:  # the probes call train/infer directly
+            raise NotExpressible(self.not_expressible(problem, "training"))
         return self.train_linen(problem) if self.pmap else self.train_nnx(problem)
 
     def infer(self, problem: Problem) -> np.ndarray:
+        if problem.replicas is None:
+            raise NotExpressible(self.not_expressible(problem, "inference"))
         return self.infer_linen(problem) if self.pmap else self.infer_nnx(problem)
 
     def gradients(self, problem: Problem) -> Gradients:

@@ -34,7 +34,16 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from adapters.base import Adapter, Capabilities, Check, Conventions, Gradients, Problem, TrainingRun
+from adapters.base import (
+    Adapter,
+    Capabilities,
+    Check,
+    Conventions,
+    Gradients,
+    NotExpressible,
+    Problem,
+    TrainingRun,
+)
 
 MAX_REPLICAS = 4
 # before TensorFlow initializes its runtime: a second call would raise "Virtual devices cannot be
@@ -44,9 +53,10 @@ tf.config.set_logical_device_configuration(
 DEVICES = [d.name for d in tf.config.list_logical_devices("CPU")]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def strategy(count: int) -> tf.distribute.MirroredStrategy:
-    return tf.distribute.MirroredStrategy(DEVICES[:count], cross_device_ops=tf.distribute.ReductionToOneDevice())
+    return tf.distribute.MirroredStrategy(DEVICES[:count],
+                                          cross_device_ops=tf.distribute.ReductionToOneDevice())
 
 
 FUSED = Conventions(
@@ -96,7 +106,8 @@ class TFMirrored(Adapter):
     def not_expressible(self, problem: Problem, check: Check) -> str | None:
         if problem.replicas is None:
             other = "tf-keras" if self.legacy else "keras"
-            return f"a replica adapter runs only cases with params.replicas; {other} runs the rest on one device"
+            return (f"a replica adapter runs only cases with params.replicas; {other} runs the rest on "
+                    "one device")
         if problem.replicas.count > MAX_REPLICAS:
             return f"{problem.replicas.count} replicas: this process has {MAX_REPLICAS} logical CPU devices"
         return None
@@ -114,7 +125,9 @@ class TFMirrored(Adapter):
                 "moving statistics read back: np.asarray(layer.moving_mean / moving_variance)"]
 
     def layer(self, problem: Problem) -> Any:
-        assert problem.replicas is not None and problem.momentum is not None
+        if problem.replicas is None:  # the probes call train/infer directly
+            raise NotExpressible(self.not_expressible(problem, "training"))
+        assert problem.momentum is not None
         with strategy(problem.replicas.count).scope():
             bn = self.keras.layers.BatchNormalization(
                 axis=problem.axes[0], momentum=problem.momentum, epsilon=problem.epsilon,
@@ -152,7 +165,8 @@ class TFMirrored(Adapter):
         def read(variable: Any) -> np.ndarray:
             return problem.to_case_order(np.asarray(variable, np.float64))
 
-        run = TrainingRun(output=y, moving_mean=read(bn.moving_mean), moving_variance=read(bn.moving_variance))
+        run = TrainingRun(output=y, moving_mean=read(bn.moving_mean),
+                          moving_variance=read(bn.moving_variance))
         if problem.infer_after_training:
             x = tf.constant(problem.batches[-1], dtype=problem.dtype)
             run.inference_output = np.asarray(bn(x, training=False), np.float64)

@@ -37,7 +37,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from adapters.base import Adapter, Capabilities, Check, Conventions, Gradients, Problem, TrainingRun
+from adapters.base import (
+    Adapter,
+    Capabilities,
+    Check,
+    Conventions,
+    Gradients,
+    NotExpressible,
+    Problem,
+    TrainingRun,
+)
 from adapters.torch_setup import DEVICE, to_numpy
 
 # Ranks are forked: a parent that has started OpenMP's thread pool leaves its children deadlocked in
@@ -78,7 +87,8 @@ def rank_main(rank: int, problem: Problem, folder: str) -> None:
     device = torch.device("cuda", rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
     backend = "nccl" if cuda and torch.cuda.device_count() >= count else "gloo"
     try:
-        dist.init_process_group(backend, init_method=f"file://{folder}/rendezvous", rank=rank, world_size=count)
+        dist.init_process_group(backend, init_method=f"file://{folder}/rendezvous", rank=rank,
+                                world_size=count)
         bn = build(problem, synchronized, device)
         model = bn if synchronized else torch.nn.parallel.DistributedDataParallel(
             bn, device_ids=[device.index] if cuda else None)
@@ -140,7 +150,8 @@ class TorchSync(Adapter):
     def not_expressible(self, problem: Problem, check: Check) -> str | None:
         r = problem.replicas
         if r is None:
-            return "a replica adapter runs only cases with params.replicas; torch runs the rest in one process"
+            return ("a replica adapter runs only cases with params.replicas; torch runs the rest in one "
+                    "process")
         if problem.epsilon <= 0 and check == "training":
             return "torch rejects eps <= 0 in training (torch/nn/functional.py batch_norm)"
         if r.synchronized and check == "training" and DEVICE.type == "cpu":
@@ -150,7 +161,8 @@ class TorchSync(Adapter):
     def translations(self, problem: Problem) -> list[str]:
         r = problem.replicas
         assert r is not None
-        layer = "SyncBatchNorm" if r.synchronized else f"{MODULES[problem.rank].__name__} in DistributedDataParallel"
+        layer = ("SyncBatchNorm" if r.synchronized
+                 else f"{MODULES[problem.rank].__name__} in DistributedDataParallel")
         momentum = "None" if problem.momentum is None else f"{1 - problem.momentum:g}"
         return [f"replicas {r.count} -> {r.count} torch.distributed ranks, rank r fed shard r",
                 f"synchronized {r.synchronized} -> {layer}",
@@ -160,7 +172,8 @@ class TorchSync(Adapter):
                 "running statistics read back from rank 0's state_dict()"]
 
     def train(self, problem: Problem) -> TrainingRun:
-        assert problem.replicas is not None
+        if problem.replicas is None:  # the probes call train/infer directly
+            raise NotExpressible(self.not_expressible(problem, "training"))
         count = problem.replicas.count
         # DistributedDataParallel imports torch._dynamo (2 s here): once in this process, not in each
         # forked rank
@@ -190,7 +203,8 @@ class TorchSync(Adapter):
         return to_numpy(y.movedim(1, problem.axes[0]))
 
     def infer(self, problem: Problem) -> np.ndarray:
-        assert problem.replicas is not None
+        if problem.replicas is None:
+            raise NotExpressible(self.not_expressible(problem, "inference"))
         return self.eval_call(build(problem, problem.replicas.synchronized, DEVICE), problem)
 
     def gradients(self, problem: Problem) -> Gradients:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-import dataclasses
 
 from adapters.base import Problem, Replicas
 from conformance import reference
