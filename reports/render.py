@@ -30,6 +30,7 @@ from conformance.results import FORMAT, NEEDS_ATTENTION, SEVERITY, Record, Statu
 from reports.model import (
     UNEXPLAINED,
     UNNAMED,
+    Cell,
     Column,
     Report,
     effect,
@@ -176,6 +177,44 @@ def matrix_rows(report: Report) -> list[dict[str, Any]]:
                                 "adapter": [c.key for c in report.columns if c.key in row.cells],
                                 "pair": pairs}})
     return rows
+
+
+READINGS = {"replica-0-stats": "replica 0's", "replica-mean-stats": "mean over replicas"}
+
+
+def replica_readings(report: Report) -> dict[str, Any]:
+    """Cases with params.replicas x the adapters that ran any of them: what each adapter's moving
+    statistics read back as after training, as measured. Held to the canonical values they are
+    the whole batch's (synchronized) or the mean over replicas (unsynchronized); otherwise the
+    replica variant that explains them, or "unexplained"."""
+    rows = [row for row in report.cases if (row.info.get("params") or {}).get("replicas")]
+    ran = [c for c in report.columns if any(
+        r.status != Status.NOT_EXPRESSIBLE for row in rows for r in row.cells.get(c.key, Cell()).records)]
+    table = []
+    for row in rows:
+        replicas = row.info["params"]["replicas"]
+        canonical = "whole batch" if replicas.get("synchronized") else "mean over replicas"
+        cells = []
+        for column in ran:
+            records = row.cells.get(column.key, Cell()).records
+            record = next((r for r in records if r.check == "training"), None)
+            if record is None:
+                cells.append(None)
+                continue
+            moving = [m for m in record.metrics or [] if str(m.get("name", "")).startswith("moving_")]
+            if record.status == Status.NOT_EXPRESSIBLE:
+                text = "n/e"
+            elif moving and all(m.get("passed") for m in moving):
+                text = canonical
+            else:
+                named = [READINGS[v] for v in record.explained_by if v in READINGS]
+                # e.g. variance-sum-of-squares alone: its wide tolerance cannot tell the readings apart
+                text = named[0] if named else ("unexplained" if not record.explained_by else
+                                               "undetermined (explained by " + ", ".join(
+                                                   record.explained_by) + ")")
+            cells.append({"status": record.status, "text": text, "title": record_title(record)})
+        table.append({"row": row, "replicas": replicas, "cells": cells})
+    return {"columns": ran, "rows": table}
 
 
 def divergences(report: Report) -> list[dict[str, Any]]:
@@ -440,7 +479,11 @@ def environments(report: Report) -> dict[str, Any]:
         for key, cell in row.cells.items():
             for r in cell.records:
                 per_column[key][r.status] += 1
+    devices = sorted({str(a.get("device")) for s in report.sources
+                      for a in (s.environment.get("adapters") or {}).values()
+                      if isinstance(a, dict) and a.get("device")})
     return {"python": distinct("python"), "os": distinct("os"), "hosts": distinct("hostname"),
+            "devices": devices,
             "started": min(distinct("started"), default=""),
             "finished": max(distinct("finished"), default=""),
             "per_column": per_column}
@@ -454,6 +497,7 @@ def render(report: Report, title: str = "bnconform report") -> str:
                 statuses=statuses, divergences=divergences(report), matrix=matrix_rows(report),
                 heatmap=heatmap_svg(report), histograms=ulp_histograms(report),
                 adapters=adapter_summaries(report), details=case_details(report), env=environments(report),
+                replicas=replica_readings(report),
                 column_of=_columns(report))
 
 
