@@ -4,9 +4,10 @@ under `jax.shard_map` over a one-axis `Mesh`.
 
 - Replicas: `count` of JAX's devices for the platform `--device` picked. On the CPU these are host
   devices (`XLA_FLAGS=--xla_force_host_platform_device_count=4`, set by the registry before JAX
-  starts). Replica r gets shard r of the batch; both engines map over equal shards (pmap over a
-  leading axis of size count, shard_map over a dimension count divides), so uneven shards are not
-  expressible.
+  starts). Replica r gets shard r of the batch; both engines map over equal shards only, so
+  uneven shards are not expressible: pmap maps over a leading axis of size count (a batch of 7
+  rows cannot be stacked as 3 slices), and shard_map refuses a dimension the mesh axis does not
+  divide (its own message, captured, is the reason).
 - synchronized -> `axis_name="batch"` (the layer `pmean`s its statistics over the replicas:
   flax/linen/normalization.py `_compute_stats`, L118-135; nnx reuses it); unsynchronized ->
   `axis_name=None`, each replica its shard's statistics.
@@ -29,6 +30,8 @@ from __future__ import annotations
 import adapters.jax_setup  # noqa: F401  (x64, the compile cache, the platform, before other JAX imports)
 
 # isort: split
+import functools
+
 import flax
 import flax.linen as nn
 import jax
@@ -55,6 +58,19 @@ AXIS = "batch"
 
 def to_numpy(a: jax.Array) -> np.ndarray:
     return np.asarray(jnp.asarray(a, jnp.float64))
+
+
+@functools.cache
+def shard_map_refusal(rows: int, count: int) -> str:
+    """shard_map's own message for `rows` rows split over `count` devices (its first sentence and
+    the line that names the sizes)."""
+    mesh = Mesh(np.array(jax.devices()[:count]), (AXIS,))
+    try:
+        jax.shard_map(lambda a: a, mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS))(jnp.zeros((rows, 1)))
+    except ValueError as exc:
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        return " ".join([lines[0], *(line for line in lines if "does not evenly divide" in line)])
+    return "(shard_map accepted it)"
 
 
 class FlaxReplicas(Adapter):
@@ -89,10 +105,11 @@ class FlaxReplicas(Adapter):
         if r.count > jax.device_count():
             return f"{r.count} replicas: JAX sees {jax.device_count()} {self.device()} device(s)"
         uneven = [x.shape[0] for x in problem.batches if x.shape[0] % r.count]
+        if uneven and self.pmap:
+            return (f"{uneven[0]} rows on {r.count} replicas: jax.pmap maps over a leading axis, one "
+                    "equal slice per device")
         if uneven:
-            engine = ("jax.pmap maps over a leading axis of one size per device" if self.pmap
-                      else "jax.shard_map splits a dimension only into equal blocks")
-            return f"{uneven[0]} rows on {r.count} replicas: {engine}"
+            return f"{uneven[0]} rows on {r.count} replicas: {shard_map_refusal(uneven[0], r.count)}"
         return None
 
     def translations(self, problem: Problem) -> list[str]:
