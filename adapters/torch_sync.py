@@ -87,6 +87,8 @@ def rank_main(rank: int, problem: Problem, folder: str) -> None:
     device = torch.device("cuda", rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
     backend = "nccl" if cuda and torch.cuda.device_count() >= count else "gloo"
     try:
+        if cuda:
+            torch.cuda.set_device(device)  # nccl: one device per rank
         dist.init_process_group(backend, init_method=f"file://{folder}/rendezvous", rank=rank,
                                 world_size=count)
         bn = build(problem, synchronized, device)
