@@ -70,11 +70,11 @@ def collect(group: Group, args: argparse.Namespace) -> None:
 
 def summary(groups: list[Group], seconds: float) -> str:
     shown = list(reversed(SEVERITY))
-    head = f"{'process':<13}{'adapters':<44}" + "".join(f"{s[:8]:>9}" for s in shown) + "     time"
+    head = f"{'process':<19}{'adapters':<38}" + "".join(f"{s[:8]:>9}" for s in shown) + "     time"
     lines = [head, "-" * len(head)]
     for g in groups:
         counts = "".join(f"{g.counts.get(str(s), 0):>9}" for s in shown)
-        lines.append(f"{g.name:<13}{','.join(g.adapter_ids)[:43]:<44}{counts}{g.seconds:>8.1f}s")
+        lines.append(f"{g.name[:18]:<19}{','.join(g.adapter_ids)[:37]:<38}{counts}{g.seconds:>8.1f}s")
     lines.append(f"total wall time {seconds:.1f} s")
     for g in groups:
         if g.problem:
