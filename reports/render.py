@@ -479,7 +479,7 @@ def environments(report: Report) -> dict[str, Any]:
         for key, cell in row.cells.items():
             for r in cell.records:
                 per_column[key][r.status] += 1
-    devices = sorted({str(a.get("device")) for s in report.sources
+    devices = sorted({str(a.get("device")).split()[0] for s in report.sources
                       for a in (s.environment.get("adapters") or {}).values()
                       if isinstance(a, dict) and a.get("device")})
     return {"python": distinct("python"), "os": distinct("os"), "hosts": distinct("hostname"),
