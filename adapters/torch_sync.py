@@ -13,9 +13,10 @@ rendezvous, rank r fed shard r of the batch.
   `broadcast_buffers=True`: rank 0's buffers are broadcast to every rank before each forward), the
   running statistics read back from rank 0's `state_dict()` (the checkpoint a DDP script saves).
   Runs on the CPU with gloo.
-- Backend: nccl where there is a CUDA device per rank, else gloo (also for CUDA tensors). Ranks use
-  `cuda:rank % device_count` on `--device cuda`. Processes are forked on the CPU (torch is already
-  imported), spawned on CUDA (a forked child cannot use CUDA).
+- Backend: gloo on the CPU; on `--device cuda` nccl with rank r on `cuda:r`, so a case needs a GPU
+  per replica (fewer is not expressible: nccl refuses two ranks on one GPU, and gloo has no CUDA
+  all_gather). Processes are forked on the CPU (torch is already imported), spawned on CUDA (a
+  forked child cannot use CUDA). The CUDA path has not run yet: no GPU host was available.
 - momentum m -> `momentum=1 - m` (torch weighs the batch); null -> `momentum=None`; epsilon ->
   `eps=`; center/scale -> `affine=` (both or neither; one alone as adapters/torch_module.py does it:
   weight 1 or bias 0 frozen); channel axis moved to dim 1 and back.
@@ -29,7 +30,9 @@ import functools
 import importlib
 import os
 import tempfile
+import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +57,7 @@ from adapters.torch_setup import DEVICE, to_numpy
 # starts the pool, and the tiny tensors here gain nothing from more (adapters/torch_module.py too).
 torch.set_num_threads(1)
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # every rank on this host: the loopback interface
+RANK_TIMEOUT_S = 120
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
                 "float64": torch.float64}
 MODULES = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
@@ -84,8 +88,8 @@ def rank_main(rank: int, problem: Problem, folder: str) -> None:
     assert problem.replicas is not None
     count, synchronized = problem.replicas.count, problem.replicas.synchronized
     cuda = DEVICE.type == "cuda"
-    device = torch.device("cuda", rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
-    backend = "nccl" if cuda and torch.cuda.device_count() >= count else "gloo"
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    backend = "nccl" if cuda else "gloo"  # nccl: a GPU per rank (not_expressible checks)
     try:
         if cuda:
             torch.cuda.set_device(device)  # nccl: one device per rank
@@ -98,12 +102,46 @@ def rank_main(rank: int, problem: Problem, folder: str) -> None:
         for x in problem.batches:
             y = model(channels_first(problem.replicas.shards(x)[rank], problem, device))
         state = {k: to_numpy(v) for k, v in bn.state_dict().items() if v.is_floating_point()}
-        np.savez(f"{folder}/rank{rank}.npz", output=to_numpy(y.movedim(1, problem.axes[0])), **state)
+        np.savez(f"{folder}/rank{rank}.tmp.npz", output=to_numpy(y.movedim(1, problem.axes[0])), **state)
+        os.replace(f"{folder}/rank{rank}.tmp.npz", f"{folder}/rank{rank}.npz")  # whole, or not there
     except Exception:
         Path(f"{folder}/rank{rank}.error").write_text(traceback.format_exc())
     finally:
         if dist.is_initialized():
-            dist.destroy_process_group()
+            dist.destroy_process_group()  # gloo's teardown sometimes hangs: `run_ranks` reaps
+
+
+def run_ranks(problem: Problem, folder: str) -> list[dict[str, np.ndarray]]:
+    """Start a process per rank and wait for every rank's results (or the first error): what each
+    saved, by rank. A rank still alive then is stuck in gloo's teardown (measured: now and then
+    after both ranks had saved) and is terminated."""
+    assert problem.replicas is not None
+    count = problem.replicas.count
+    context = mp.start_processes(rank_main, args=(problem, folder), nprocs=count, join=False,
+                                 start_method="spawn" if DEVICE.type == "cuda" else "fork")
+    saved = [Path(f"{folder}/rank{r}.npz") for r in range(count)]
+    reap(context, lambda: all(p.exists() for p in saved) or any(Path(folder).glob("*.error")))
+    errors = sorted(Path(folder).glob("*.error"))
+    if errors:
+        raise RuntimeError(errors[0].read_text().strip().splitlines()[-1])
+    if not all(p.exists() for p in saved):
+        codes = [p.exitcode for p in context.processes]
+        raise RuntimeError(f"{count} ranks gave no results in {RANK_TIMEOUT_S} s (exit codes {codes})")
+    return [dict(np.load(p)) for p in saved]
+
+
+def reap(context: mp.ProcessContext, done: Callable[[], bool]) -> None:
+    """Wait until `done()` (every rank has answered), every process has exited, or RANK_TIMEOUT_S;
+    then end the processes still alive (stuck in gloo's teardown, or in a rank that never got its
+    peers)."""
+    deadline = time.monotonic() + RANK_TIMEOUT_S
+    while not done() and time.monotonic() < deadline and any(p.is_alive() for p in context.processes):
+        time.sleep(0.02)
+    for p in context.processes:
+        p.join(timeout=2)
+        if p.is_alive():
+            p.kill()
+            p.join()
 
 
 def refusal_main(rank: int, folder: str) -> None:
@@ -114,9 +152,9 @@ def refusal_main(rank: int, folder: str) -> None:
         message = "(it ran)"
     except ValueError as exc:
         message = f"{type(exc).__name__}: {exc}"
-    finally:
-        dist.destroy_process_group()
-    Path(f"{folder}/refusal.txt").write_text(message)
+    Path(f"{folder}/refusal.tmp").write_text(message)
+    os.replace(f"{folder}/refusal.tmp", f"{folder}/refusal.txt")
+    dist.destroy_process_group()
 
 
 @functools.lru_cache(maxsize=1)
@@ -124,8 +162,10 @@ def cpu_refusal() -> str:
     """SyncBatchNorm's own message for a CPU tensor in training, from torch itself. In a child
     process: ranks forked after this process had a gloo group of its own would hang."""
     with tempfile.TemporaryDirectory() as folder:
-        mp.start_processes(refusal_main, args=(folder,), nprocs=1, start_method="fork")
-        return Path(f"{folder}/refusal.txt").read_text()
+        context = mp.start_processes(refusal_main, args=(folder,), nprocs=1, join=False, start_method="fork")
+        answer = Path(f"{folder}/refusal.txt")
+        reap(context, lambda: answer.exists())
+        return answer.read_text() if answer.exists() else "(no answer from SyncBatchNorm)"
 
 
 class TorchSync(Adapter):
@@ -158,6 +198,9 @@ class TorchSync(Adapter):
             return "torch rejects eps <= 0 in training (torch/nn/functional.py batch_norm)"
         if r.synchronized and check == "training" and DEVICE.type == "cpu":
             return f"SyncBatchNorm refuses CPU tensors in a process group: {cpu_refusal()}"
+        if DEVICE.type == "cuda" and check == "training" and torch.cuda.device_count() < r.count:
+            return (f"{r.count} ranks on {torch.cuda.device_count()} GPU(s): nccl takes one GPU per rank, "
+                    "and gloo has no CUDA all_gather")
         return None
 
     def translations(self, problem: Problem) -> list[str]:
@@ -176,17 +219,11 @@ class TorchSync(Adapter):
     def train(self, problem: Problem) -> TrainingRun:
         if problem.replicas is None:  # the probes call train/infer directly
             raise NotExpressible(self.not_expressible(problem, "training"))
-        count = problem.replicas.count
         # DistributedDataParallel imports torch._dynamo (2 s here): once in this process, not in each
         # forked rank
         importlib.import_module("torch._dynamo")
         with tempfile.TemporaryDirectory() as folder:
-            mp.start_processes(rank_main, args=(problem, folder), nprocs=count,
-                               start_method="spawn" if DEVICE.type == "cuda" else "fork")
-            errors = sorted(Path(folder).glob("*.error"))
-            if errors:
-                raise RuntimeError(errors[0].read_text().strip().splitlines()[-1])
-            ranks = [dict(np.load(f"{folder}/rank{r}.npz")) for r in range(count)]
+            ranks = run_ranks(problem, folder)
         state = ranks[0]
         run = TrainingRun(output=np.concatenate([r["output"] for r in ranks]),
                           moving_mean=state["running_mean"], moving_variance=state["running_var"])

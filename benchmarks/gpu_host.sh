@@ -16,8 +16,9 @@
 #
 # What to look at: torch-sync's synchronized cases run there (SyncBatchNorm refuses CPU tensors);
 # flax-linen-pmap / flax-nnx-shard with count above the number of GPUs are not expressible (JAX
-# sees that many devices), and run on as many GPUs as the host has. torch-sync uses nccl when there
-# is a GPU per rank and gloo otherwise (several ranks on one GPU).
+# sees that many devices), and run on as many GPUs as the host has; torch-sync likewise needs a GPU
+# per replica (nccl). On a one-GPU host only count-1 cases would run there: write some
+# (params.replicas.count 1) or use a host with 4 GPUs for cases/replicas/.
 set -eu
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-results/gpu}
