@@ -138,7 +138,7 @@ def reap(context: mp.ProcessContext, done: Callable[[], bool]) -> None:
     while not done() and time.monotonic() < deadline and any(p.is_alive() for p in context.processes):
         time.sleep(0.02)
     for p in context.processes:
-        p.join(timeout=2)
+        p.join(timeout=0.5)
         if p.is_alive():
             p.kill()
             p.join()
