@@ -198,6 +198,13 @@ class TorchSync(Adapter):
             return "torch rejects eps <= 0 in training (torch/nn/functional.py batch_norm)"
         if r.synchronized and check == "training" and DEVICE.type == "cpu":
             return f"SyncBatchNorm refuses CPU tensors in a process group: {cpu_refusal()}"
+        if not r.synchronized and check == "training" and not (problem.center or problem.scale):
+            # torch/nn/parallel/distributed.py L903-907 (measured by the fuzzer): a lone BatchNorm
+            # without weight and bias has nothing to train; in a model DDP wraps the whole network
+            return ("DistributedDataParallel refuses a module without a parameter that requires a "
+                    "gradient (RuntimeError: DistributedDataParallel is not needed when a module "
+                    "doesn't have any parameter that requires a gradient), and a lone BatchNorm with "
+                    "center and scale off has none")
         if DEVICE.type == "cuda" and check == "training" and torch.cuda.device_count() < r.count:
             return (f"{r.count} ranks on {torch.cuda.device_count()} GPU(s): nccl takes one GPU per rank, "
                     "and gloo has no CUDA all_gather")
