@@ -21,6 +21,9 @@ class AdapterInfo:
     environment: tuple[tuple[str, str], ...] = ()  # variables its process needs before imports
 
 
+# JAX sees this many host CPU devices (set before JAX starts); other JAX adapters use the first one
+JAX_HOST_DEVICES = (("XLA_FLAGS", "--xla_force_host_platform_device_count=4"),)
+
 ADAPTERS: dict[str, AdapterInfo] = {
     info.id: info
     for info in [
@@ -53,6 +56,12 @@ ADAPTERS: dict[str, AdapterInfo] = {
           for i, backend in (("keras-tflite", "tensorflow"), ("keras-onnx", "tensorflow"),
                              ("keras-onnx-openvino", "tensorflow"),
                              ("keras-torch-onnx", "torch"))),
+        # data-parallel replicas (params.replicas cases only) on each framework's own engine
+        AdapterInfo("tf-keras-mirrored", "tf", "adapters.tf_mirrored"),
+        AdapterInfo("keras-mirrored", "keras", "adapters.tf_mirrored", (("KERAS_BACKEND", "tensorflow"),)),
+        AdapterInfo("torch-sync", "torch", "adapters.torch_sync"),
+        AdapterInfo("flax-linen-pmap", "jax", "adapters.flax_replicas", JAX_HOST_DEVICES),
+        AdapterInfo("flax-nnx-shard", "jax", "adapters.flax_replicas", JAX_HOST_DEVICES),
     ]
 }
 
@@ -95,7 +104,8 @@ for _info in ADAPTERS.values():
 
 # Adapters that fix a process-wide setting another adapter of the same run would contradict:
 # `--framework=all` leaves them out; `python -m conformance run` gives each its own process.
-OWN_PROCESS = {"keras-jax", "keras-torch", "keras-torch-onnx"}
+# The MirroredStrategy adapters configure logical CPU devices, which TF allows only before it starts.
+OWN_PROCESS = {"keras-jax", "keras-torch", "keras-torch-onnx", "tf-keras-mirrored", "keras-mirrored"}
 
 
 def resolve(selection: str, own_process_too: bool = False) -> list[str]:

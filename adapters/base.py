@@ -8,6 +8,7 @@ one framework API, runs it, and hands back float64 arrays. It never compares any
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
 from typing import ClassVar, Literal
@@ -32,12 +33,28 @@ FEATURES: dict[str, str] = {
     "no-running-stats": "no moving statistics (track_running_stats false)",
     "preceding": "a preceding 1x1 convolution / dense layer (params.preceding)",
     "param-dtype": "gamma, beta and moving statistics in a dtype other than the input's (mixed precision)",
+    "replicas": "data-parallel replicas (params.replicas)",
 }
 
 
 # The canonical parameters and state an adapter's `names` spell in its API's own words.
 NAMES = ("momentum", "epsilon", "axis", "center", "scale", "gamma", "beta", "moving_mean",
          "moving_variance", "mode")
+
+
+# `--device` (pytest and `python -m conformance run`) reaches the adapters through this variable, set
+# before any framework is imported. The torch and JAX families honour it; the others run where their
+# framework puts them and report that from `Adapter.device()`.
+DEVICE_VARIABLE = "BNCONFORM_DEVICE"
+DEVICES = ("cpu", "cuda", "gpu")  # gpu: the same as cuda
+
+
+def requested_device() -> str:
+    """The device the run asked for: "cpu" (the default) or "cuda" ("gpu" is read as "cuda")."""
+    device = os.environ.get(DEVICE_VARIABLE, "cpu").strip().lower() or "cpu"
+    if device not in DEVICES:
+        raise ValueError(f"{DEVICE_VARIABLE}={device!r}: use one of {', '.join(DEVICES)}")
+    return "cuda" if device == "gpu" else device
 
 
 class NotExpressible(Exception):
@@ -82,6 +99,20 @@ class Adjustment:
 
 
 @dataclass(frozen=True)
+class Replicas:
+    """Data-parallel training: the batch split into `count` consecutive shards on axis 0 (the first
+    N mod count shards one sample larger, as numpy.array_split), one per replica. `synchronized`:
+    every replica normalizes with the whole batch's statistics; otherwise each with its shard's."""
+
+    count: int
+    synchronized: bool
+
+    def shards(self, x: np.ndarray) -> list[np.ndarray]:
+        """The consecutive shards of a batch, one per replica."""
+        return np.array_split(x, self.count, axis=0)
+
+
+@dataclass(frozen=True)
 class Problem:
     """One case, resolved to arrays, as an adapter receives it."""
 
@@ -114,6 +145,8 @@ class Problem:
     def params_dtype(self) -> str:
         """The dtype gamma, beta and the moving statistics are held in."""
         return self.param_dtype or self.dtype
+    # data-parallel replicas; None: one device, as every ordinary case
+    replicas: Replicas | None = field(default=None, metadata={"feature": "replicas"})
 
     @property
     def rank(self) -> int:

@@ -8,6 +8,8 @@ on the jax backend). Import it before anything else from JAX is used.
   to results/.jax-cache and keeps every compilation (JAX's default keeps only those over 1 s, none
   of ours). A later run loads the same executables; the cache key is the program and its compile
   options, so results do not change.
+- `--device` (adapters.base.requested_device) picks JAX's platform before any backend starts:
+  `cpu` (the default, also on a GPU host) or `cuda`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adapters.base import requested_device
+
+jax.config.update("jax_platforms", requested_device())
 jax.config.update("jax_enable_x64", True)
 if not jax.config.jax_compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir",

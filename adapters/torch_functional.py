@@ -43,6 +43,7 @@ from adapters.base import (
     TrainingRun,
     no_such_argument,
 )
+from adapters.torch_setup import DEVICE, to_numpy
 
 torch.set_num_threads(1)  # see the docstring: one thread for many tiny calls
 
@@ -52,10 +53,6 @@ TORCH_DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,
 }
-
-
-def to_numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().to(torch.float64).numpy()
 
 
 class TorchFunctional(Adapter):
@@ -70,6 +67,9 @@ class TorchFunctional(Adapter):
 
     def versions(self) -> dict[str, str]:
         return {"torch": torch.__version__}
+
+    def device(self) -> str:
+        return DEVICE.type
 
     capabilities = Capabilities(
         min_rank=2, features=frozenset({"momentum-null", "no-running-stats", "param-dtype"}),

@@ -50,6 +50,7 @@ from adapters.base import (
     TrainingRun,
     no_such_argument,
 )
+from adapters.torch_setup import DEVICE, to_numpy
 
 torch.set_num_threads(1)  # see the docstring: one thread for many tiny calls
 
@@ -61,10 +62,6 @@ TORCH_DTYPES = {
 }
 MODULES = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
            5: torch.nn.BatchNorm3d}
-
-
-def to_numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().to(torch.float64).numpy()
 
 
 class TorchModule(Adapter):
@@ -83,6 +80,9 @@ class TorchModule(Adapter):
 
     def versions(self) -> dict[str, str]:
         return {"torch": torch.__version__}
+
+    def device(self) -> str:
+        return DEVICE.type
 
     capabilities = Capabilities(
         min_rank=2, max_rank=5, features=frozenset({"momentum-null", "no-running-stats", "param-dtype"}),

@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--cases", action="append", type=Path, metavar="DIR")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per family process")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "gpu"),
+                   help="where the torch and JAX families compute (default cpu); recorded in the results")
     p.add_argument("--no-report", action="store_true")
     p.add_argument("--progress-every", type=float, default=5.0, metavar="SECONDS",
                    help="print each family's items done / total / failed this often while running")

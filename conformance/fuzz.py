@@ -118,6 +118,11 @@ def case_strategy() -> Any:
             row = st.lists(st.floats(-2, 2), min_size=count, max_size=count)
             params["preceding"] = {"weight": d(st.lists(row, min_size=count, max_size=count)),
                                    "bias": d(row)}
+        counts = [c for c in (2, 4, 3) if c <= shape[0]]  # 3 on 4 or 8 rows: uneven shards
+        single = {"renorm", "virtual_batch_size", "adjustment", "track_running_stats"}  # not with replicas
+        if ("gradients" not in doc.get("training", {}) and counts and 0 not in {a % rank for a in axes}
+                and not params.keys() & single and d(st.integers(0, 3)) == 3):  # replicas, drawn last
+            params["replicas"] = {"count": d(st.sampled_from(counts)), "synchronized": d(st.booleans())}
         return doc
 
     return draw()

@@ -387,12 +387,36 @@ def draw_case(seed: int, index: int) -> dict[str, Any]:
         doc["inference"] = {"expected": {}}
         tags.add("inference")
 
+    replicas = _replicas(np.random.default_rng([seed, index, 4]), shapes, axes, doc)
+    if replicas is not None and not params.keys() & SINGLE_DEVICE_FEATURES:
+        params["replicas"] = replicas
+        tags.update({"replicas", "synchronized" if replicas["synchronized"] else "unsynchronized"})
     short = "-".join([dtype, f"r{rank}", _layout_word(layout_tags), mode.replace("training", "train")
                       .replace("inference", "infer").replace("+", "-")])
     doc["id"] = f"gen-{seed}-{index:04d}-{short}"
     doc["title"] = _title(dtype, shapes, spelled, layout_tags, momentum, epsilon, mode, total_steps, tags)
     doc["tags"] = sorted(tags)
     return doc
+
+
+# the features the format does not define together with replicas (conformance/validate.py)
+SINGLE_DEVICE_FEATURES = {"renorm", "virtual_batch_size", "adjustment", "track_running_stats"}
+
+
+def _replicas(rng: np.random.Generator, shapes: list[list[int]], axes: list[int],
+              doc: dict[str, Any]) -> dict[str, Any] | None:
+    """Sometimes data-parallel replicas: for training without gradients (not defined across
+    replicas), axis 0 a batch axis, a count that divides every batch size (uneven shards are
+    written by hand: cases/replicas/). Its own random stream, so the rest of the case is as drawn
+    without it."""
+    rank = len(shapes[0])
+    training = doc.get("training")
+    if training is None or "gradients" in training or 0 in {a % rank for a in axes} or rng.random() > 0.12:
+        return None
+    counts = [c for c in (2, 3, 4) if all(s[0] >= c and s[0] % c == 0 for s in shapes)]
+    if not counts:
+        return None
+    return {"count": int(_pick(rng, counts)), "synchronized": bool(rng.random() < 0.5)}
 
 
 def _short_list(rng: np.random.Generator, shape: list[int]) -> list[Any]:

@@ -29,7 +29,7 @@ import pytest
 from _pytest.nodeid import NodeId  # pytest 9 ids keep "[params]" apart: --lf compares them
 
 import adapters as registry
-from adapters.base import Adapter
+from adapters.base import DEVICE_VARIABLE, DEVICES, Adapter
 from conformance import DEFAULT_CASES, RESULTS_DIR, probes
 from conformance import problem as problems
 from conformance.evaluate import Outcome, default_rules, evaluate
@@ -55,6 +55,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="case folder or file (repeatable); replaces cases/ - name it too to keep it")
     group.addoption("--results", type=Path, metavar="PATH",
                     help="results JSON to write (default results/<framework>.json)")
+    group.addoption("--device", default="cpu", choices=DEVICES,
+                    help="where the torch and JAX families compute: cpu (default), cuda or gpu (where "
+                         "the framework sees one); recorded in every record")
     group.addoption("--progress", type=Path, metavar="PATH",
                     help="keep a small JSON file of items done / total / failed up to date while running "
                          "(python -m conformance run reads it)")
@@ -117,6 +120,7 @@ def pytest_configure(config: pytest.Config) -> None:
     except ValueError as exc:
         raise pytest.UsageError(str(exc)) from None
     os.environ.update(registry.environment_for(ids))  # before any framework is imported
+    os.environ[DEVICE_VARIABLE] = config.getoption("device")
     dirs = [p.resolve() for p in config.getoption("cases") or [DEFAULT_CASES]]
     named = [Path(str(arg).split("::")[0]).resolve() for arg in config.args]
     files = [p for p in named if is_case_file(p)]
@@ -301,6 +305,7 @@ class CaseItem(pytest.Item):
             evaluate(adapter, case, self.check, outcome)
         finally:
             outcome.fill(record)
+            record.device = adapter.device()
             record.duration_s = round(time.perf_counter() - started, 6)
         self.verdict = outcome.status
         if outcome.status == Status.NOT_EXPRESSIBLE:
@@ -370,7 +375,8 @@ def case_summary(loaded: LoadedCase) -> dict[str, Any]:
         "steps": case.steps if case.training is not None else None,
         "params": {"axis": p.axis, "momentum": p.momentum, "epsilon": p.epsilon,
                    "center": p.center, "scale": p.scale,
-                   **({"param_dtype": p.param_dtype} if p.param_dtype is not None else {})},
+                   **({"param_dtype": p.param_dtype} if p.param_dtype is not None else {}),
+                   **({"replicas": p.replicas.model_dump()} if p.replicas else {})},
         "expect_error": case.expect_error,
         "tolerance_override": case.tolerance.model_dump() if case.tolerance else None,
         "conditioning": _conditioning(case),
@@ -493,6 +499,7 @@ def environment(state: RunState, started: datetime) -> dict[str, Any]:
         "adapters": adapters,
         "case_dirs": [str(d) for d in state.case_dirs],
         "keras_backend": os.environ.get("KERAS_BACKEND"),
+        "device": os.environ.get(DEVICE_VARIABLE, "cpu"),  # as asked; each adapter's own is above
         "python": platform.python_version(),
         "os": platform.platform(),
         "machine": platform.machine(),

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from adapters.base import Adjustment, Check, Preceding, Problem, Renorm
+from adapters.base import Adjustment, Check, Preceding, Problem, Renorm, Replicas
 from conformance import reference, variants
 from conformance.dtypes import round_to
 from conformance.outputs import CHECKS, alternatives, outputs_of
@@ -74,6 +74,7 @@ def _build(case: Case, check: Check) -> Problem:
             weight=round_to(np.array(flat_numbers(p.preceding.weight, ())[0]).reshape(channels * 2), dtype),
             bias=per_channel(p.preceding.bias, channels, 0.0, dtype)),
         param_dtype=None if held == dtype else held,
+        replicas=Replicas(p.replicas.count, p.replicas.synchronized) if p.replicas else None,
     )
 
 

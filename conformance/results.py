@@ -79,6 +79,7 @@ class Record:
     closest: dict[str, Any] | None = None  # unexplained: {"variant", "badness"} nearest to a match
     rule: dict[str, Any] | None = None  # known: the rule that matched
     duration_s: float = 0.0
+    device: str | None = None  # where the adapter ran the check (cpu, cuda, ...): runs merge across hosts
 
     def to_json(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in RECORD_FIELDS}

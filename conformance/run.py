@@ -19,7 +19,7 @@ from conformance.results import SEVERITY, Status, read
 def pytest_command(group: Group, args: argparse.Namespace) -> list[str]:
     command = [sys.executable, "-m", "pytest", "conformance", f"--framework={','.join(group.adapter_ids)}",
                f"--results={results_path(group, args)}", f"--progress={progress_path(group, args)}",
-               "-q", "-p", "no:cacheprovider"]
+               f"--device={args.device}", "-q", "-p", "no:cacheprovider"]
     return command + [f"--cases={folder}" for folder in args.cases or []]
 
 
@@ -71,11 +71,11 @@ def collect(group: Group, args: argparse.Namespace) -> None:
 
 def summary(groups: list[Group], seconds: float) -> str:
     shown = list(reversed(SEVERITY))
-    head = f"{'process':<15}{'adapters':<44}" + "".join(f"{s[:8]:>9}" for s in shown) + "     time"
+    head = f"{'process':<19}{'adapters':<38}" + "".join(f"{s[:8]:>9}" for s in shown) + "     time"
     lines = [head, "-" * len(head)]
     for g in groups:
         counts = "".join(f"{g.counts.get(str(s), 0):>9}" for s in shown)
-        lines.append(f"{g.name[:14]:<15}{','.join(g.adapter_ids)[:43]:<44}{counts}{g.seconds:>8.1f}s")
+        lines.append(f"{g.name[:18]:<19}{','.join(g.adapter_ids)[:37]:<38}{counts}{g.seconds:>8.1f}s")
     lines.append(f"total wall time {seconds:.1f} s")
     for g in groups:
         if g.problem:

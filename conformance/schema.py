@@ -59,6 +59,8 @@ class Adjustment(Strict):
 
     scale: list[Any] | None = None
     bias: list[Any] | None = None
+
+
 class Preceding(Strict):
     """A per-position linear map over the channels before BN (a 1x1 convolution or a dense layer):
     z[..., o] = sum_i weight[o][i] * x[..., i] + bias[o] along the channel axis. Square (C x C,
@@ -66,6 +68,13 @@ class Preceding(Strict):
 
     weight: list[Any]
     bias: list[Any] | None = None  # default zeros
+
+
+class Replicas(Strict):
+    """Data-parallel training: the batch split into `count` consecutive shards on axis 0."""
+
+    count: int = Field(ge=1, le=64)
+    synchronized: bool  # statistics of the whole batch (sync BN), or of each replica's shard
 
 
 class Params(Strict):
@@ -88,6 +97,7 @@ class Params(Strict):
     preceding: Preceding | None = None  # a layer exporters fold BN into (docs/case-format.md)
     # mixed precision: the dtype gamma, beta and the moving statistics are held in; null = `dtype`
     param_dtype: Literal["float16", "bfloat16", "float32", "float64"] | None = None
+    replicas: Replicas | None = None  # data-parallel training (docs/case-format.md)
 
     @property
     def axes(self) -> list[int]:

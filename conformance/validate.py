@@ -178,6 +178,36 @@ def semantic_errors(case: Case) -> Problems:
     if case.training is not None and case.training.gradients is not None:
         errors.extend(_values_errors(case.training.gradients.upstream, last,
                                      ("training", "gradients", "upstream")))
+    errors.extend(_replica_errors(case, shapes))
+    return errors
+
+
+def _replica_errors(case: Case, shapes: list[tuple[int, ...]]) -> Problems:
+    """`params.replicas` splits axis 0 into one shard per replica: axis 0 must be a batch axis with
+    a sample for every replica. Gradients across replicas (a sum or a mean over them?) are not
+    defined by the format yet."""
+    replicas = case.params.replicas
+    if replicas is None:
+        return []
+    loc: Loc = ("params", "replicas")
+    rank = len(shapes[0])
+    if 0 in {a % rank for a in case.params.axes}:
+        return [(loc, "the batch is split on axis 0, which is a channel axis here")]
+    errors: Problems = []
+    if min(s[0] for s in shapes) < replicas.count:
+        errors.append(((*loc, "count"), f"{replicas.count} replicas need at least {replicas.count} "
+                       f"samples on axis 0 in every batch (the smallest has {min(s[0] for s in shapes)})"))
+    if case.training is not None and case.training.gradients is not None:
+        errors.append((("training", "gradients"), "not defined with replicas (params.replicas)"))
+    # what each replica does with renorm's statistics, its virtual batches or an adjustment is not
+    # defined by the format yet (nor measured): one of them at a time
+    p = case.params
+    for name, used in (("renorm", p.renorm is not None),
+                       ("virtual_batch_size", p.virtual_batch_size is not None),
+                       ("adjustment", p.adjustment is not None),
+                       ("track_running_stats", not p.track_running_stats)):
+        if used:
+            errors.append((("params", name), "not defined together with params.replicas"))
     return errors
 
 

@@ -46,6 +46,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "variance": ("two-pass", "sum-of-squares", "sum-of-squares-unclamped"),
     "moving_variance_estimator": ("biased", "unbiased"),
     "batch_variance_estimator": ("biased", "unbiased"),
+    "replica_stats": (None, "replica-0", "mean"),
 }
 
 
@@ -69,6 +70,9 @@ class Knobs:
     bessel_one_value: bool = False  # n/(n-1) taken as 1 for n = 1: the unbiased variance of one value is 0
     reduce_all_axes: bool = False  # statistics over every axis, the channel axes too
     ghost_interleaved: bool = False  # virtual batches of rows j, j + n/v, ... instead of consecutive rows
+    # replicas normalize unsynchronized (each its shard's statistics, whatever the case asks) and
+    # the statistics read back are replica 0's ("replica-0") or the mean over replicas ("mean")
+    replica_stats: str | None = None
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -189,43 +193,77 @@ def _groups(x: np.ndarray, p: Problem, k: Knobs) -> list[slice]:
     return reference.virtual_batches(x.shape[0], p.virtual_batch_size, k.ghost_interleaved)
 
 
+def _shards(p: Problem, k: Knobs, x: np.ndarray) -> list[np.ndarray]:
+    """The parts of a batch normalized separately: one per replica when replicas do not
+    synchronize (or a replica variant says they do not), else the whole batch."""
+    r = p.replicas
+    if r is None or (r.synchronized and k.replica_stats is None):
+        return [x]
+    return r.shards(x)
+
+
+def _read_back(k: Knobs, per_replica: list[np.ndarray]) -> np.ndarray:
+    """What is read back of per-replica values: replica 0's, or their mean (canonical)."""
+    return per_replica[0] if k.replica_stats == "replica-0" else np.mean(per_replica, axis=0)
+
+
 def _train(p: Problem, k: Knobs) -> dict[str, np.ndarray]:
     """reference.train under the knobs (ghost batches, renorm and adjustment as it defines them)."""
     rs = _rounder("float32" if _lower(k) else None)
-    moving_mean, moving_var = rs(p.moving_mean), rs(p.moving_variance)
-    renorm_mean, renorm_std = moving_mean, rs(np.sqrt(p.moving_variance))
-    moving_std = renorm_std
+    state: list[tuple[np.ndarray, ...]] | None = None  # per replica (one without replicas)
     for x, m in zip(p.batches, _momenta(p), strict=True):
-        groups = _groups(x, p, k)
-        parts = [_stats(x[g], p, k) for g in groups]
-        mean, var = reference.average([a for a, _, _ in parts]), reference.average([v for _, v, _ in parts])
-        rd = None
-        if p.renorm is not None:
-            rd = tuple(_rounder(k.compute_dtype)(c) for c in reference.renorm_correction(
-                p, mean, var, renorm_mean, renorm_std))
-        affine = reference.training_affine(p, rd)  # type: ignore[arg-type]
-        output = np.empty_like(x)
-        for g, (gm, gv, _) in zip(groups, parts, strict=True):
-            used = (moving_mean, moving_var) if k.training_uses_moving_stats else (gm, gv)
-            output[g] = _normalize(x[g], p, k, *used, affine)
-        if not k.stats_frozen:
-            fed = (reference.average([_unbiased(v, n, k) for _, v, n in parts])
-                   if k.moving_variance_estimator == "unbiased" else var)
-            moving_mean = _update(moving_mean, mean, m, k)
-            if p.renorm is None:
-                moving_var = _update(moving_var, fed, m, k)
-            else:
-                renorm_mean = rs(reference.update(renorm_mean, mean, p.renorm.momentum, 1))
-                renorm_std = rs(reference.update(renorm_std, np.sqrt(var + p.epsilon), p.renorm.momentum, 1))
-                moving_std = _update(moving_std, np.sqrt(fed + p.epsilon), m, k)
-                moving_var = rs(np.maximum(moving_std * moving_std - p.epsilon, 0.0))
-    whole = not p.track_running_stats or k.inference_uses_batch_stats
-    last = _stats(p.batches[-1], p, k)[:2] if whole else (moving_mean, moving_var)
+        shards = _shards(p, k, x)
+        start = rs(np.sqrt(p.moving_variance))  # renorm's mean and both standard deviations start so
+        state = state or [(rs(p.moving_mean), rs(p.moving_variance), rs(p.moving_mean), start, start)] * len(
+            shards)
+        outputs, stats, new = [], [], []
+        for shard, (moving_mean, moving_var, renorm_mean, renorm_std, moving_std) in zip(shards, state,
+                                                                                         strict=True):
+            groups = _groups(shard, p, k)
+            parts = [_stats(shard[g], p, k) for g in groups]
+            mean = reference.average([a for a, _, _ in parts])
+            var = reference.average([v for _, v, _ in parts])
+            rd = None
+            if p.renorm is not None:
+                rd = tuple(_rounder(k.compute_dtype)(c) for c in reference.renorm_correction(
+                    p, mean, var, renorm_mean, renorm_std))
+            affine = reference.training_affine(p, rd)  # type: ignore[arg-type]
+            output = np.empty_like(shard)
+            for g, (gm, gv, _) in zip(groups, parts, strict=True):
+                used = (moving_mean, moving_var) if k.training_uses_moving_stats else (gm, gv)
+                output[g] = _normalize(shard[g], p, k, *used, affine)
+            outputs.append(output)
+            if not k.stats_frozen:
+                fed = (reference.average([_unbiased(v, n, k) for _, v, n in parts])
+                       if k.moving_variance_estimator == "unbiased" else var)
+                moving_mean = _update(moving_mean, mean, m, k)
+                if p.renorm is None:
+                    moving_var = _update(moving_var, fed, m, k)
+                else:
+                    renorm_mean = rs(reference.update(renorm_mean, mean, p.renorm.momentum, 1))
+                    renorm_std = rs(reference.update(renorm_std, np.sqrt(var + p.epsilon), p.renorm.momentum,
+                                                     1))
+                    moving_std = _update(moving_std, np.sqrt(fed + p.epsilon), m, k)
+                    moving_var = rs(np.maximum(moving_std * moving_std - p.epsilon, 0.0))
+            reported = (reference.average([_unbiased(v, n, k) for _, v, n in parts])
+                        if k.batch_variance_estimator == "unbiased" else var)
+            stats.append((mean, var, reported))
+            new.append((moving_mean, moving_var, renorm_mean, renorm_std, moving_std))
+        state = new
+    assert state is not None
+    mean, var, reported = (_read_back(k, [s[i] for s in stats]) for i in range(3))
+    moving_mean, moving_var, renorm_mean, renorm_std = (rs(_read_back(k, [s[i] for s in state]))
+                                                        for i in range(4))
+    # inference with batch statistics: the whole last batch's (no running statistics, or the variant),
+    # or with replicas the statistics read back
+    if not p.track_running_stats or (k.inference_uses_batch_stats and p.replicas is None):
+        last = _stats(p.batches[-1], p, k)[:2]
+    else:
+        last = (mean, var) if k.inference_uses_batch_stats else (moving_mean, moving_var)
     return {
-        "output": output,
+        "output": np.concatenate(outputs, axis=0),
         "batch_mean": mean,
-        "batch_variance": reference.average([_unbiased(v, n, k) for _, v, n in parts])
-        if k.batch_variance_estimator == "unbiased" else var,
+        "batch_variance": reported,
         "moving_mean": moving_mean,
         "moving_variance": moving_var,
         "inference_output": _normalize(p.batches[-1], p, k, *last),
@@ -517,6 +555,18 @@ VARIANTS = [
     Variant("ghost-interleaved", "virtual batches of rows j, j + n/v, j + 2n/v, ... not consecutive rows",
             lambda p, c: c in ("training", "gradients") and _interleaving_differs(p),
             {"ghost_interleaved": True}),
+    # Keras 3 under tf.distribute.MirroredStrategy: the moving statistics are MirroredVariables with
+    # aggregation NONE, so each replica's assign writes its own copy and reading gives replica 0's;
+    # a pmap loop that saves flax.jax_utils.unreplicate(state) does the same.
+    Variant("replica-0-stats", "unsynchronized replicas: the moving statistics read back are replica 0's",
+            lambda p, c: c == "training" and p.replicas is not None and p.replicas.count > 1,
+            {"replica_stats": "replica-0"}),
+    # tf_keras: ON_READ variables with aggregation MEAN; the Flax ImageNet example's sync_batch_stats.
+    # The canonical reading of unsynchronized replicas, so it moves only a synchronized case (a layer
+    # that was asked to synchronize and did not).
+    Variant("replica-mean-stats", "unsynchronized replicas: the moving statistics read back are the "
+            "mean over replicas", lambda p, c: c == "training" and p.replicas is not None
+            and p.replicas.count > 1, {"replica_stats": "mean"}),
     Variant("rejects", "the framework raises where the reference computes a value",
             lambda p, c: True, raises=True),
     # its mirror, for `expect_error` cases: linen accepts axis -5 on 4-D input (no range check)
@@ -525,10 +575,7 @@ VARIANTS = [
 ]
 CATALOGUE: dict[str, Variant] = {v.name: v for v in VARIANTS}
 
-RESERVED: dict[str, str] = {  # named, not computable: the case fields they need do not exist yet
-    "replica-0-stats": "data-parallel training normalizes with replica 0's statistics only",
-    "replica-mean-stats": "data-parallel training normalizes with statistics averaged over replicas",
-}
+RESERVED: dict[str, str] = {}  # named, not computable: the case fields they need do not exist yet
 
 
 def apply(declared: list[str], extra: str | None, problem: Problem, check: Check) -> list[Knobs]:

@@ -158,8 +158,11 @@ def load(paths: list[Path]) -> Report:
     seen: Counter = Counter()
 
     def column_for(adapter_id: str, path: Path, info: dict[str, Any], env: dict[str, Any]) -> Column:
-        seen[adapter_id] += 1
-        key = adapter_id if seen[adapter_id] == 1 else f"{adapter_id} @ {Path(path).stem}"
+        # a device other than the CPU names the column, so GPU and CPU runs of one adapter sit side by side
+        device = str(info.get("device") or "cpu")  # e.g. "cuda", "gpu", "cpu (CPUExecutionProvider)"
+        label = adapter_id if device.split()[0] == "cpu" else f"{adapter_id} @ {device}"
+        seen[label] += 1
+        key = label if seen[label] == 1 else f"{label} @ {Path(path).stem}"
         while key in columns:
             key += "'"
         column = Column(key, adapter_id, str(info.get("family", "")), str(path), info, env, len(columns))

@@ -28,6 +28,7 @@ from conformance.results import FORMAT, NEEDS_ATTENTION, SEVERITY, Record, Statu
 from reports.model import (
     UNEXPLAINED,
     UNNAMED,
+    Cell,
     Report,
     effect,
     explanation,
@@ -146,6 +147,44 @@ def record_title(record: Record) -> str:
     if record.status in (Status.FAIL, Status.KNOWN):
         text += f" [{explanation(record)}]"
     return text + (f" ({record.reason})" if record.reason else "")
+
+
+READINGS = {"replica-0-stats": "replica 0's", "replica-mean-stats": "mean over replicas"}
+
+
+def replica_readings(report: Report) -> dict[str, Any]:
+    """Cases with params.replicas x the adapters that ran any of them: what each adapter's moving
+    statistics read back as after training, as measured. Held to the canonical values they are
+    the whole batch's (synchronized) or the mean over replicas (unsynchronized); otherwise the
+    replica variant that explains them, or "unexplained"."""
+    rows = [row for row in report.cases if (row.info.get("params") or {}).get("replicas")]
+    ran = [c for c in report.columns if any(
+        r.status != Status.NOT_EXPRESSIBLE for row in rows for r in row.cells.get(c.key, Cell()).records)]
+    table = []
+    for row in rows:
+        replicas = row.info["params"]["replicas"]
+        canonical = "whole batch" if replicas.get("synchronized") else "mean over replicas"
+        cells = []
+        for column in ran:
+            records = row.cells.get(column.key, Cell()).records
+            record = next((r for r in records if r.check == "training"), None)
+            if record is None:
+                cells.append(None)
+                continue
+            moving = [m for m in record.metrics or [] if str(m.get("name", "")).startswith("moving_")]
+            if record.status == Status.NOT_EXPRESSIBLE:
+                text = "n/e"
+            elif moving and all(m.get("passed") for m in moving):
+                text = canonical
+            else:
+                named = [READINGS[v] for v in record.explained_by if v in READINGS]
+                # e.g. variance-sum-of-squares alone: its wide tolerance cannot tell the readings apart
+                text = named[0] if named else ("unexplained" if not record.explained_by else
+                                               "undetermined (explained by " + ", ".join(
+                                                   record.explained_by) + ")")
+            cells.append({"status": record.status, "text": text, "title": record_title(record)})
+        table.append({"row": row, "replicas": replicas, "cells": cells})
+    return {"columns": ran, "rows": table}
 
 
 def divergences(report: Report) -> list[dict[str, Any]]:
@@ -502,7 +541,11 @@ def environments(report: Report) -> dict[str, Any]:
         for key, cell in row.cells.items():
             for r in cell.records:
                 per_column[key][r.status] += 1
+    devices = sorted({str(a.get("device")).split()[0] for s in report.sources
+                      for a in (s.environment.get("adapters") or {}).values()
+                      if isinstance(a, dict) and a.get("device")})
     return {"python": distinct("python"), "os": distinct("os"), "hosts": distinct("hostname"),
+            "devices": devices,
             "started": min(distinct("started"), default=""),
             "finished": max(distinct("finished"), default=""),
             "per_column": per_column}
@@ -520,7 +563,7 @@ def render(report: Report, title: str = "bnconform report") -> str:
                 unexplained=sum(d["count"] for d in groups if d["explanation"] == UNEXPLAINED),
                 attention_cases=sum(1 for row in report.cases
                                     if any(c.status in NEEDS_ATTENTION for c in row.cells.values())),
-                data=embedded(page_data(report)))
+                replicas=replica_readings(report), data=embedded(page_data(report)))
 
 
 def render_diff(diff: Any, title: str = "bnconform comparison") -> str:

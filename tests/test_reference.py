@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from adapters.base import Adjustment, Problem, Renorm
+from adapters.base import Adjustment, Problem, Renorm, Replicas
 from conformance import reference
 from conformance.dtypes import round_to
 from conformance.loader import load_folders
@@ -306,3 +306,23 @@ def test_param_dtype_reference_matches_the_per_channel_loop():
     np.testing.assert_allclose(r.moving_mean, mm, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(r.moving_variance, mv, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(r.moving_variance_unbiased, mvu, rtol=1e-12, atol=1e-12)
+@pytest.mark.parametrize(("n", "count"), [(8, 2), (8, 4), (7, 3), (5, 4)])
+def test_replicas(n, count):
+    """Synchronized replicas are one device's BN on the whole batch. Unsynchronized ones are each
+    shard's own BN (consecutive shards, the first n mod count one larger), with the moving
+    statistics averaged over replicas."""
+    p = problem((n, 3, 2), (1,), steps=2)
+    sync = reference.train(dataclasses.replace(p, replicas=Replicas(count, True)))
+    for name, value in vars(reference.train(p)).items():
+        np.testing.assert_array_equal(getattr(sync, name), value)
+    got = reference.train(dataclasses.replace(p, replicas=Replicas(count, False)))
+    sizes = [len(a) for a in np.array_split(np.arange(n), count)]
+    starts = np.cumsum([0, *sizes])
+    alone = [reference.train(dataclasses.replace(p, batches=tuple(x[a:b] for x in p.batches)))
+             for a, b in itertools.pairwise(starts)]
+    np.testing.assert_array_equal(got.output, np.concatenate([r.output for r in alone]))
+    for name in ("moving_mean", "moving_variance", "moving_variance_unbiased", "batch_mean"):
+        np.testing.assert_allclose(getattr(got, name), np.mean([getattr(r, name) for r in alone], axis=0),
+                                   rtol=1e-14)
+    np.testing.assert_allclose(got.inference_output, reference.normalize(
+        p.batches[-1], p, got.moving_mean, got.moving_variance), rtol=1e-14)

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from adapters.base import Adjustment, Problem, Renorm
+from adapters.base import Adjustment, Problem, Renorm, Replicas
 from conformance import reference
 from conformance.compare import DEFAULT_TOLERANCE
 from conformance.dtypes import round_to
@@ -29,6 +29,7 @@ NAMES = {
     "epsilon-1e-5", "rejects", "accepts", "batch-variance-unbiased", "normalize-folded", "epsilon-float32",
     "empty-gamma-gradient-nan", "bessel-one-value", "variance-sum-of-squares-unclamped", "reduce-all-axes",
     "ghost-interleaved",
+    "replica-0-stats", "replica-mean-stats",
 }
 CHECKS = ("training", "inference", "gradients")
 LAYOUTS = [((6, 3), (1,)), ((3, 6), (0,)), ((2, 4, 3), (-1,)), ((2, 3, 4, 5), (1, 2)),
@@ -242,7 +243,7 @@ def test_gradients_match_finite_differences(changes):
 
 def test_catalogue_names_are_the_contract():
     assert set(CATALOGUE) == NAMES
-    assert set(RESERVED) == {"replica-0-stats", "replica-mean-stats"}
+    assert set(RESERVED) == set()
     assert not set(RESERVED) & set(CATALOGUE)
     assert all(v.summary and "\n" not in v.summary for v in CATALOGUE.values())
 
@@ -311,7 +312,7 @@ def test_apply_stacks_declared_variants_with_one_more():
     assert apply(["moving-variance-unbiased"], "stats-frozen", p, "inference") == []
     assert apply([], "rejects", p, "training") == []
     with pytest.raises(ValueError, match="reserved"):
-        apply(["replica-0-stats"], None, p, "training")
+        apply(["ghost-interleaved"], None, p, "training")
     with pytest.raises(ValueError, match="unknown"):
         apply([], "no-such-variant", p, "training")
     with pytest.raises(ValueError, match="momentum_form"):
@@ -368,3 +369,31 @@ def test_ghost_interleaved_takes_every_third_row():
     assert CATALOGUE["ghost-interleaved"].applies(p, "training")
     one_batch = dataclasses.replace(p, virtual_batch_size=6)
     assert not CATALOGUE["ghost-interleaved"].applies(one_batch, "training")
+# --- replicas ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("shape", "count"), [((8, 3), 2), ((8, 3), 4), ((7, 2, 3), 3)])
+@pytest.mark.parametrize("synchronized", [True, False])
+def test_canonical_knobs_are_the_reference_with_replicas(shape, count, synchronized):
+    p = dataclasses.replace(problem(shape, (1,), steps=3), replicas=Replicas(count, synchronized))
+    expected = vars(reference.train(p))
+    for name, got in simulate(p, "training", CANONICAL).items():
+        np.testing.assert_allclose(got, expected[name], rtol=1e-15, atol=1e-15)
+
+
+def test_replica_variants():
+    """replica-0-stats reads replica 0's moving statistics (its shard alone, as one device would);
+    replica-mean-stats on a synchronized case is the unsynchronized canonical result."""
+    unsync = dataclasses.replace(problem((7, 3), (1,), steps=2), replicas=Replicas(3, False))
+    first = dataclasses.replace(unsync, replicas=None, batches=tuple(x[:3] for x in unsync.batches))
+    got = simulate(unsync, "training", knobs("replica-0-stats", unsync))
+    for name in ("moving_mean", "moving_variance", "batch_mean"):
+        np.testing.assert_allclose(got[name], vars(reference.train(first))[name], rtol=1e-15)
+    np.testing.assert_array_equal(got["output"], reference.train(unsync).output)
+    sync = dataclasses.replace(unsync, replicas=Replicas(3, True))
+    mean = simulate(sync, "training", knobs("replica-mean-stats", sync))
+    for name, value in vars(reference.train(unsync)).items():
+        if name in mean:
+            np.testing.assert_allclose(mean[name], value, rtol=1e-15)
+    assert not CATALOGUE["replica-0-stats"].applies(unsync, "inference")
+    assert not CATALOGUE["replica-0-stats"].applies(dataclasses.replace(unsync, replicas=None), "training")

@@ -1,0 +1,30 @@
+#!/bin/sh
+# The one script a GPU host runs: the torch and JAX families (the replica adapters among them) on
+# the GPU, results in results/gpu/, ready to merge with a CPU run into one report. Nothing here runs
+# without a GPU: it stops first if torch or JAX sees none.
+#
+# Setup on the GPU host, in the checkout (the pinned wheels are CPU-only; swap in CUDA builds of the
+# same versions):
+#   make install
+#   .venv/bin/pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128
+#   .venv/bin/pip install "jax[cuda12]==0.10.2"
+# Then:
+#   sh benchmarks/gpu_host.sh                      # results/gpu/{torch,jax}.json and a GPU-only report
+#   .venv/bin/python -m reports results/*.json results/gpu/*.json -o results/cpu-and-gpu.html
+# (results/*.json from `python -m conformance run` on any CPU machine; copy them over, or copy
+# results/gpu/ back.) GPU columns are named `<adapter> @ cuda`, next to the CPU ones.
+#
+# What to look at: torch-sync's synchronized cases run there (SyncBatchNorm refuses CPU tensors);
+# flax-linen-pmap / flax-nnx-shard with count above the number of GPUs are not expressible (JAX
+# sees that many devices), and run on as many GPUs as the host has; torch-sync likewise needs a GPU
+# per replica (nccl). On a one-GPU host only count-1 cases would run there: write some
+# (params.replicas.count 1) or use a host with 4 GPUs for cases/replicas/.
+set -eu
+PY=${PY:-.venv/bin/python}
+OUT=${OUT:-results/gpu}
+BNCONFORM_DEVICE=cuda $PY -c "import adapters.torch_setup" \
+    || { echo "torch sees no CUDA device: install a CUDA build of torch (see the top of $0)"; exit 2; }
+BNCONFORM_DEVICE=cuda $PY -c "import adapters.jax_setup, jax; print('JAX devices:', jax.devices())" \
+    || { echo "JAX sees no CUDA device: install jax[cuda12] (see the top of $0)"; exit 2; }
+nvidia-smi --query-gpu=name,memory.total --format=csv || true
+$PY -m conformance run --framework=torch,jax --device=cuda --results-dir "$OUT"

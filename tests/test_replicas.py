@@ -1,0 +1,118 @@
+"""params.replicas and --device: validation, the feature gate, results merged across devices, the
+report's table of what replicas' moving statistics read back as. (The reference and the variants
+are tested in test_reference.py and test_variants.py; the engines by `pytest conformance` on
+cases/replicas.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from adapters.base import DEVICE_VARIABLE, Capabilities, Problem, Replicas, requested_device
+from conformance.loader import load_text
+from conformance.problem import build
+from conformance.results import Record, Results, Status, write_atomically
+from reports.model import load
+from reports.render import replica_readings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CASE = """\
+id: replicas-case
+input: {{shape: {shape}, random: {{seed: 0}}}}
+params: {{axis: {axis}, replicas: {{count: {count}, synchronized: false}}}}
+training: {{{gradients}}}
+"""
+
+
+def errors(tmp_path: Path, shape="[6, 3]", axis=1, count=2, gradients="") -> list[str]:
+    text = CASE.format(shape=shape, axis=axis, count=count, gradients=gradients)
+    _, found = load_text(tmp_path / "c.yaml", text)
+    return [str(e) for e in found]
+
+
+def test_replicas_validate(tmp_path):
+    assert errors(tmp_path) == []
+    assert "at least 4 samples on axis 0" in errors(tmp_path, count=4, shape="[3, 3]")[0]
+    assert "axis 0, which is a channel axis" in errors(tmp_path, axis=0)[0]
+    upstream = "gradients: {upstream: {random: {seed: 1}}}"
+    assert "not defined with replicas" in errors(tmp_path, gradients=upstream)[0]
+    assert "params.replicas.count" in errors(tmp_path, count=0)[0]
+
+
+def test_an_adapter_without_the_feature_finds_replicas_not_expressible(tmp_path):
+    loaded, _ = load_text(tmp_path / "c.yaml", CASE.format(shape="[7, 3]", axis=1, count=3, gradients=""))
+    problem = build(loaded[0].case, "training")
+    assert problem.replicas == Replicas(3, False) and problem.features() == ["replicas"]
+    assert [len(s) for s in problem.replicas.shards(problem.batches[0])] == [3, 2, 2]
+    assert Capabilities().missing(problem, "training") == \
+        "data-parallel replicas (params.replicas) is not supported"
+    assert Capabilities(features=frozenset({"replicas"})).missing(problem, "training") is None
+
+
+def test_requested_device(monkeypatch):
+    monkeypatch.delenv(DEVICE_VARIABLE, raising=False)
+    assert requested_device() == "cpu"
+    monkeypatch.setenv(DEVICE_VARIABLE, "GPU")
+    assert requested_device() == "cuda"
+    monkeypatch.setenv(DEVICE_VARIABLE, "tpu")
+    with pytest.raises(ValueError, match="cpu, cuda, gpu"):
+        requested_device()
+
+
+def test_device_cpu_is_recorded_in_every_record(tmp_path):
+    """The --device path on the CPU, end to end: torch runs where it was asked and says so."""
+    results = tmp_path / "r.json"
+    subprocess.run([sys.executable, "-m", "pytest", "cases/hand/hand-two-samples-one-step.yaml",
+                    "--framework=torch", "--device=cpu", "-q", "-p", "no:cacheprovider",
+                    "--results", str(results)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    data = json.loads(results.read_text())
+    assert data["environment"]["device"] == "cpu"
+    assert {a["device"] for a in data["environment"]["adapters"].values()} == {"cpu"}
+    assert data["records"] and {r["device"] for r in data["records"]} == {"cpu"}
+
+
+def test_device_picks_jax_platform():
+    """JAX adapters import adapters.jax_setup first, which takes the platform from --device."""
+    shown = subprocess.run(
+        [sys.executable, "-c", "import adapters.jax_setup, jax; print(jax.config.jax_platforms, "
+         "jax.devices()[0].platform)"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, DEVICE_VARIABLE: "cpu"})
+    assert shown.stdout.split() == ["cpu", "cpu"], shown.stderr[-2000:]
+
+
+def record(case: str, adapter: str, synchronized: bool, status: Status, moving_passed: bool,
+           explained_by: list[str]) -> Record:
+    return Record(case=case, file="f.yaml", adapter=adapter, check="training", status=status,
+                  case_info={"params": {"axis": 1, "replicas": {"count": 2, "synchronized": synchronized}}},
+                  metrics=[{"name": "moving_mean", "passed": moving_passed}], explained_by=explained_by)
+
+
+def test_report_merges_devices_and_tabulates_replica_readings(tmp_path):
+    def env(device: str) -> dict:
+        return {"adapters": {"torch-sync": {"family": "torch", "device": device}}, "hostname": device}
+
+    write_atomically(tmp_path / "cpu.json", Results(env("cpu"), [
+        record("sync", "torch-sync", True, Status.NOT_EXPRESSIBLE, False, []),
+        record("unsync", "torch-sync", False, Status.KNOWN, False, ["replica-0-stats"])]))
+    write_atomically(tmp_path / "gpu.json", Results(env("cuda"), [
+        record("sync", "torch-sync", True, Status.PASS, True, []),
+        record("unsync", "torch-sync", False, Status.FAIL, False, [])]))
+    report = load([tmp_path / "cpu.json", tmp_path / "gpu.json"])
+    assert [c.key for c in report.columns] == ["torch-sync", "torch-sync @ cuda"]
+    table = replica_readings(report)
+    texts = {r["row"].id: [c["text"] for c in r["cells"]] for r in table["rows"]}
+    assert texts == {"sync": ["n/e", "whole batch"], "unsync": ["replica 0's", "unexplained"]}
+
+
+def test_reading_back_does_not_depend_on_the_split():
+    """Shards are consecutive: concatenated they are the batch, in order."""
+    x = np.arange(14.0).reshape(7, 2)
+    assert np.array_equal(np.concatenate(Replicas(3, True).shards(x)), x)
+    assert isinstance(Problem.__dataclass_fields__["replicas"].metadata["feature"], str)
