@@ -311,8 +311,6 @@ def test_apply_stacks_declared_variants_with_one_more():
     assert apply(["moving-variance-unbiased"], None, p, "inference") == [CANONICAL]
     assert apply(["moving-variance-unbiased"], "stats-frozen", p, "inference") == []
     assert apply([], "rejects", p, "training") == []
-    with pytest.raises(ValueError, match="reserved"):
-        apply(["ghost-interleaved"], None, p, "training")
     with pytest.raises(ValueError, match="unknown"):
         apply([], "no-such-variant", p, "training")
     with pytest.raises(ValueError, match="momentum_form"):
