@@ -57,7 +57,7 @@ BACKEND = keras.backend.backend()
 if BACKEND == "jax":
     import jax
 
-    import adapters.jax_setup  # noqa: F401  (x64 for float64 cases, the compile cache)
+    from adapters.jax_setup import compiling_for  # x64 for float64 cases, the compile cache
 
 
 MIXED_POLICIES = {("float16", "float32"): "mixed_float16", ("bfloat16", "float32"): "mixed_bfloat16"}
@@ -145,6 +145,9 @@ class Keras3(Adapter):
     # -- the layer
 
     def layer(self, problem: Problem) -> keras.layers.BatchNormalization:
+        if BACKEND == "jax":  # eager ops compile per shape and dtype: keep JAX's caches bounded
+            compiling_for(("keras", problem.dtype, problem.params_dtype, problem.axes,
+                           problem.batches[0].shape))
         bn = keras.layers.BatchNormalization(
             axis=problem.axes[0], momentum=problem.momentum, epsilon=problem.epsilon,
             center=problem.center, scale=problem.scale, dtype=layer_dtype(problem),
