@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -348,6 +348,16 @@ def no_such_argument(api: str, features: tuple[str, ...] = ("renorm", "ghost-bat
     names = {"renorm": "renorm", "ghost-batches": "virtual_batch_size", "adjustment": "adjustment",
              "no-running-stats": "track_running_stats"}
     return {f: f"{api} has no {names[f]} argument (or an equivalent)" for f in features}
+
+
+def keras_renorm_arguments(problem: Problem) -> dict[str, Any]:
+    """renorm as the Keras family spells it (tf_keras, tf.compat.v1.layers and Keras 3 alike):
+    `renorm`, `renorm_momentum`, and `renorm_clipping` with only the clips the case gives."""
+    if problem.renorm is None:
+        return {}
+    r = problem.renorm
+    return {"renorm": True, "renorm_momentum": r.momentum, "renorm_clipping": {
+        k: v for k, v in (("rmax", r.rmax), ("rmin", r.rmin), ("dmax", r.dmax)) if v is not None}}
 
 
 def broadcast_to_input(per_channel: np.ndarray, problem: Problem) -> np.ndarray:

@@ -50,6 +50,7 @@ from adapters.base import (
     Observed,
     Problem,
     TrainingRun,
+    keras_renorm_arguments,
     no_such_argument,
 )
 
@@ -136,7 +137,7 @@ class Keras3(Adapter):
         if not (problem.center and problem.scale):
             out.append(f"center={problem.center}, scale={problem.scale}")
         if problem.renorm is not None:
-            args = renorm_arguments(problem)
+            args = keras_renorm_arguments(problem)
             out.append(f"renorm -> renorm=True, renorm_momentum={args['renorm_momentum']:g}, "
                        f"renorm_clipping={args['renorm_clipping']}; renorm_mean, renorm_stddev and "
                        "moving_stddev assigned moving_mean, sqrt(moving_variance), sqrt(moving_variance)")
@@ -151,7 +152,7 @@ class Keras3(Adapter):
         bn = keras.layers.BatchNormalization(
             axis=problem.axes[0], momentum=problem.momentum, epsilon=problem.epsilon,
             center=problem.center, scale=problem.scale, dtype=layer_dtype(problem),
-            **renorm_arguments(problem))
+            **keras_renorm_arguments(problem))
         bn.build(problem.batches[0].shape)  # an out-of-range axis raises here
         if problem.renorm is not None:  # as the layer's initializers derive them from the moving ones
             bn.renorm_mean.assign(self.host_cast(problem.moving_mean, problem.params_dtype))
@@ -204,14 +205,6 @@ class Keras3(Adapter):
             gamma=to_numpy(dparams.pop(0)) if problem.scale else None,
             beta=to_numpy(dparams.pop(0)) if problem.center else None,
         )
-
-
-def renorm_arguments(problem: Problem) -> dict:
-    if problem.renorm is None:
-        return {}
-    r = problem.renorm
-    return {"renorm": True, "renorm_momentum": r.momentum, "renorm_clipping": {
-        k: v for k, v in (("rmax", r.rmax), ("rmin", r.rmin), ("dmax", r.dmax)) if v is not None}}
 
 
 class DefaultKerasLayer(DefaultLayer):

@@ -41,13 +41,13 @@ import onnxruntime as ort
 from adapters.base import (
     Adapter,
     Capabilities,
-    Check,
     Conventions,
     Gradients,
     NotExpressible,
     Problem,
     TrainingRun,
 )
+from adapters.exports import ChannelsLastArtefact
 
 BACKEND = keras.backend.backend()
 CONVS = {3: keras.layers.Conv1D, 4: keras.layers.Conv2D, 5: keras.layers.Conv3D}
@@ -57,7 +57,7 @@ def to_numpy(t: Any) -> np.ndarray:
     return np.asarray(keras.ops.convert_to_numpy(t), dtype=np.float64)
 
 
-class KerasExport(Adapter):
+class KerasExport(ChannelsLastArtefact, Adapter):
     family = "keras-export"
     conventions = Conventions(notes=("the source layer's moving variance: biased (Keras 3 ops.moments)",))
     capabilities = Capabilities(
@@ -101,36 +101,13 @@ class KerasExport(Adapter):
                 out["torch"] = torch.__version__
         return out
 
-    def not_expressible(self, problem: Problem, check: Check) -> str | None:
-        if check == "training" and not problem.infer_after_training:
-            return ("the exported model is inference-only: the training check compares what it outputs "
-                    "after the source trained (training.expected.inference_output), which this case "
-                    "does not give")
-        if any(x.size == 0 for x in problem.batches):
-            return "an exported model here has a fixed, non-empty batch dimension"
-        return None
-
     def translations(self, problem: Problem) -> list[str]:
-        out = [f"momentum {problem.momentum:g} -> momentum={problem.momentum:g} (same decay form)",
-               f"epsilon {problem.epsilon:g} -> epsilon={problem.epsilon:g}"]
-        axis = problem.axes[0]
-        if axis not in (-1, problem.rank - 1):
-            out.append(f"channel axis {axis} -> np.moveaxis({axis}, -1) before the model and back after")
-        if problem.preceding is not None:
-            kind = "Dense" if problem.rank == 2 else f"Conv{problem.rank - 2}D kernel 1"
-            out.append(f"preceding -> {kind} with kernel = weight transposed, bias")
-        out.append(f"batch dimension fixed to {problem.batches[-1].shape[0]}")
+        out = self.layout_translations(problem)
         runtime = ("OpenVINO CPU, INFERENCE_PRECISION_HINT=f32" if self.runtime == "openvino"
                    else "ONNX Runtime ORT_DISABLE_ALL")
         out.append("TFLiteConverter.from_keras_model; LiteRT Interpreter" if self.converter == "tflite"
                    else f"model.export(format='onnx') on {BACKEND}; {runtime}")
         return out
-
-    def last(self, x: np.ndarray, problem: Problem) -> np.ndarray:
-        return np.ascontiguousarray(np.moveaxis(x, problem.axes[0], -1), dtype=np.float32)
-
-    def back(self, y: np.ndarray, problem: Problem) -> np.ndarray:
-        return np.moveaxis(np.asarray(y, np.float64), -1, problem.axes[0])
 
     def model(self, problem: Problem) -> keras.Model:
         shape = self.last(problem.batches[-1], problem).shape

@@ -56,13 +56,13 @@ from ai_edge_litert.interpreter import Interpreter
 from adapters.base import (
     Adapter,
     Capabilities,
-    Check,
     Conventions,
     Gradients,
     NotExpressible,
     Problem,
     TrainingRun,
 )
+from adapters.exports import ChannelsLastArtefact
 
 # id -> (source, how it is trained, the converter)
 PATHS: dict[str, tuple[str, str, str]] = {
@@ -99,7 +99,8 @@ def run_openvino(model: bytes, x: np.ndarray) -> np.ndarray:
     return np.asarray(compiled([x])[compiled.output(0)], dtype=np.float64)
 
 
-class TfExport(Adapter):
+class TfExport(ChannelsLastArtefact, Adapter):
+    artefact = "converted model"
     family = "tf-export"
     conventions = Conventions(notes=("the source layer's moving-variance estimator: unbiased where the fused "
                                      "kernel runs (4-D/5-D), biased otherwise",))
@@ -150,25 +151,8 @@ class TfExport(Adapter):
             out["openvino"] = openvino.__version__
         return out
 
-    def not_expressible(self, problem: Problem, check: Check) -> str | None:
-        if check == "training" and not problem.infer_after_training:
-            return ("the converted model is inference-only: the training check compares what it outputs "
-                    "after the source trained (training.expected.inference_output), which this case "
-                    "does not give")
-        if any(x.size == 0 for x in problem.batches):
-            return "a converted model has a fixed, non-empty batch dimension"
-        return None
-
     def translations(self, problem: Problem) -> list[str]:
-        out = [f"momentum {problem.momentum:g} -> momentum={problem.momentum:g} (same decay form)",
-               f"epsilon {problem.epsilon:g} -> epsilon={problem.epsilon:g}"]
-        axis = problem.axes[0]
-        if axis not in (-1, problem.rank - 1):
-            out.append(f"channel axis {axis} -> np.moveaxis({axis}, -1) before the model and back after")
-        if problem.preceding is not None:
-            kind = "Dense" if problem.rank == 2 else f"Conv{problem.rank - 2}D kernel 1"
-            out.append(f"preceding -> {kind} with kernel = weight transposed, bias")
-        out.append(f"batch dimension fixed to {problem.batches[-1].shape[0]}")
+        out = self.layout_translations(problem)
         out.append({"tflite": "TFLiteConverter defaults; LiteRT Interpreter",
                     "tf2onnx": "tf2onnx.convert.from_keras (default opset); ONNX Runtime ORT_DISABLE_ALL"
                     }[self.converter] if self.runtime == "default" else
@@ -179,12 +163,6 @@ class TfExport(Adapter):
         elif self.training == "no-update-ops":
             out.append("training steps run training=True without the UPDATE_OPS dependency")
         return out
-
-    def last(self, x: np.ndarray, problem: Problem) -> np.ndarray:
-        return np.moveaxis(x, problem.axes[0], -1).astype(np.float32)
-
-    def back(self, y: np.ndarray, problem: Problem) -> np.ndarray:
-        return np.moveaxis(np.asarray(y, np.float64), -1, problem.axes[0])
 
     def kernel(self, problem: Problem) -> np.ndarray:
         """The preceding layer's weight as a Keras kernel: (1, ..., 1, in, out)."""

@@ -62,6 +62,7 @@ from adapters.base import (
     Problem,
     TrainingRun,
     broadcast_to_input,
+    keras_renorm_arguments,
     no_such_argument,
 )
 
@@ -265,11 +266,7 @@ def with_ghost(conventions: Conventions, problem: Problem) -> Conventions:
 
 def feature_arguments(problem: Problem) -> dict:
     """renorm, virtual_batch_size and adjustment as the layer's arguments."""
-    kwargs: dict = {}
-    if problem.renorm is not None:
-        r = problem.renorm
-        kwargs.update(renorm=True, renorm_momentum=r.momentum, renorm_clipping={
-            k: v for k, v in (("rmax", r.rmax), ("rmin", r.rmin), ("dmax", r.dmax)) if v is not None})
+    kwargs: dict = keras_renorm_arguments(problem)
     if problem.virtual_batch_size is not None:
         kwargs["virtual_batch_size"] = problem.virtual_batch_size
     if problem.adjustment is not None:

@@ -70,6 +70,7 @@ from adapters.base import (
     Problem,
     TrainingRun,
     broadcast_to_input,
+    keras_renorm_arguments,
     no_such_argument,
 )
 
@@ -349,11 +350,7 @@ def feature_key(problem: Problem) -> tuple:
 
 def feature_arguments(problem: Problem) -> dict:
     """renorm, virtual_batch_size and adjustment as the function's arguments (called in the graph)."""
-    kwargs: dict = {}
-    if problem.renorm is not None:
-        r = problem.renorm
-        kwargs.update(renorm=True, renorm_momentum=r.momentum, renorm_clipping={
-            k: v for k, v in (("rmax", r.rmax), ("rmin", r.rmin), ("dmax", r.dmax)) if v is not None})
+    kwargs: dict = keras_renorm_arguments(problem)
     if problem.virtual_batch_size is not None:
         kwargs["virtual_batch_size"] = problem.virtual_batch_size
     if problem.adjustment is not None:
