@@ -360,6 +360,17 @@ def keras_renorm_arguments(problem: Problem) -> dict[str, Any]:
         k: v for k, v in (("rmax", r.rmax), ("rmin", r.rmin), ("dmax", r.dmax)) if v is not None}}
 
 
+def keras_renorm_translations(problem: Problem, assigned: str = "assigned") -> list[str]:
+    """The translation line for `keras_renorm_arguments`, with how the renorm variables got their
+    values (`assigned` eagerly, or `loaded` through a graph's assign ops)."""
+    if problem.renorm is None:
+        return []
+    args = keras_renorm_arguments(problem)
+    return [f"renorm -> renorm=True, renorm_momentum={args['renorm_momentum']:g}, "
+            f"renorm_clipping={args['renorm_clipping']}; renorm_mean, renorm_stddev and moving_stddev "
+            f"{assigned} moving_mean, sqrt(moving_variance), sqrt(moving_variance)"]
+
+
 def broadcast_to_input(per_channel: np.ndarray, problem: Problem) -> np.ndarray:
     """Per-channel values (case axis order) shaped to broadcast against the input (sizes at the
     channel axes, 1 elsewhere), for APIs that take such a tensor (tf.layers `adjustment`)."""

@@ -51,6 +51,7 @@ from adapters.base import (
     Problem,
     TrainingRun,
     keras_renorm_arguments,
+    keras_renorm_translations,
     no_such_argument,
 )
 
@@ -136,11 +137,7 @@ class Keras3(Adapter):
                f"backend {BACKEND}"]
         if not (problem.center and problem.scale):
             out.append(f"center={problem.center}, scale={problem.scale}")
-        if problem.renorm is not None:
-            args = keras_renorm_arguments(problem)
-            out.append(f"renorm -> renorm=True, renorm_momentum={args['renorm_momentum']:g}, "
-                       f"renorm_clipping={args['renorm_clipping']}; renorm_mean, renorm_stddev and "
-                       "moving_stddev assigned moving_mean, sqrt(moving_variance), sqrt(moving_variance)")
+        out += keras_renorm_translations(problem)
         return out
 
     # -- the layer

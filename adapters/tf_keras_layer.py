@@ -63,6 +63,7 @@ from adapters.base import (
     TrainingRun,
     broadcast_to_input,
     keras_renorm_arguments,
+    keras_renorm_translations,
     no_such_argument,
 )
 
@@ -278,12 +279,7 @@ def feature_arguments(problem: Problem) -> dict:
 
 
 def feature_translations(problem: Problem) -> list[str]:
-    out = []
-    if problem.renorm is not None:
-        args = feature_arguments(problem)
-        out.append(f"renorm -> renorm=True, renorm_momentum={args['renorm_momentum']:g}, "
-                   f"renorm_clipping={args['renorm_clipping']}; renorm_mean, renorm_stddev and "
-                   "moving_stddev assigned moving_mean, sqrt(moving_variance), sqrt(moving_variance)")
+    out = keras_renorm_translations(problem)
     if problem.virtual_batch_size is not None:
         out.append(f"virtual_batch_size {problem.virtual_batch_size} -> virtual_batch_size="
                    f"{problem.virtual_batch_size} (interleaved rows: ghost-interleaved)")

@@ -71,6 +71,7 @@ from adapters.base import (
     TrainingRun,
     broadcast_to_input,
     keras_renorm_arguments,
+    keras_renorm_translations,
     no_such_argument,
 )
 
@@ -212,11 +213,7 @@ class TfLayers(Adapter):
         if problem.axes_in_range:
             out.append(f"fused=None -> the {'fused' if takes_fused_path(problem) else 'unfused'} kernel "
                        "for this input")
-        if problem.renorm is not None:
-            args = feature_arguments(problem)
-            out.append(f"renorm -> renorm=True, renorm_momentum={args['renorm_momentum']:g}, "
-                       f"renorm_clipping={args['renorm_clipping']}; renorm_mean, renorm_stddev and "
-                       "moving_stddev loaded with moving_mean, sqrt(moving_variance), sqrt(moving_variance)")
+        out += keras_renorm_translations(problem, "loaded with")
         if problem.virtual_batch_size is not None:
             out.append(f"virtual_batch_size {problem.virtual_batch_size} -> virtual_batch_size="
                        f"{problem.virtual_batch_size}, the layer called with training=True and, sharing its "
