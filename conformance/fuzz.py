@@ -32,6 +32,7 @@ import numpy as np
 
 import adapters as registry
 from conformance.results import Record, Results, Status, write_atomically
+from conformance.validate import SINGLE_DEVICE_PARAMS
 
 SHRINK_SHARE = 0.3  # of a worker's budget, for finding a minimal case per group
 DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -119,9 +120,9 @@ def case_strategy() -> Any:
             params["preceding"] = {"weight": d(st.lists(row, min_size=count, max_size=count)),
                                    "bias": d(row)}
         counts = [c for c in (2, 4, 3) if c <= shape[0]]  # 3 on 4 or 8 rows: uneven shards
-        single = {"renorm", "virtual_batch_size", "adjustment", "track_running_stats"}  # not with replicas
         if ("gradients" not in doc.get("training", {}) and counts and 0 not in {a % rank for a in axes}
-                and not params.keys() & single and d(st.integers(0, 3)) == 3):  # replicas, drawn last
+                and not params.keys() & set(SINGLE_DEVICE_PARAMS)
+                and d(st.integers(0, 3)) == 3):  # replicas, drawn last
             params["replicas"] = {"count": d(st.sampled_from(counts)), "synchronized": d(st.booleans())}
         return doc
 

@@ -38,6 +38,7 @@ from conformance.dtypes import round_to
 from conformance.fill import expected_values
 from conformance.loader import CaseErrors, LoadedCase, load_folders, load_text
 from conformance.outputs import outputs_of
+from conformance.validate import SINGLE_DEVICE_PARAMS
 
 DTYPE_CYCLE = ("float16", "bfloat16", "float32", "float64")
 RANK_CYCLE = (2, 3, 4, 5, 2, 3, 4, 5, 1)  # length 9, coprime with 4: every (dtype, rank) pair in 36
@@ -388,7 +389,7 @@ def draw_case(seed: int, index: int) -> dict[str, Any]:
         tags.add("inference")
 
     replicas = _replicas(np.random.default_rng([seed, index, 4]), shapes, axes, doc)
-    if replicas is not None and not params.keys() & SINGLE_DEVICE_FEATURES:
+    if replicas is not None and not params.keys() & set(SINGLE_DEVICE_PARAMS):
         params["replicas"] = replicas
         tags.update({"replicas", "synchronized" if replicas["synchronized"] else "unsynchronized"})
     short = "-".join([dtype, f"r{rank}", _layout_word(layout_tags), mode.replace("training", "train")
@@ -397,10 +398,6 @@ def draw_case(seed: int, index: int) -> dict[str, Any]:
     doc["title"] = _title(dtype, shapes, spelled, layout_tags, momentum, epsilon, mode, total_steps, tags)
     doc["tags"] = sorted(tags)
     return doc
-
-
-# the features the format does not define together with replicas (conformance/validate.py)
-SINGLE_DEVICE_FEATURES = {"renorm", "virtual_batch_size", "adjustment", "track_running_stats"}
 
 
 def _replicas(rng: np.random.Generator, shapes: list[list[int]], axes: list[int],

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass
 from typing import Any
 
 import numpy as np
@@ -33,8 +33,8 @@ def _frozen(problem: Problem) -> Problem:
     """Make every array read-only: the problem is shared by the checks and the reference, so an
     adapter that wrote into its input (torch.from_numpy + an in-place update) would corrupt both."""
     for value in vars(problem).values():
-        values = vars(value).values() if isinstance(value, Preceding) else value if isinstance(
-            value, tuple) else (value,)
+        values = (vars(value).values() if is_dataclass(value)  # Preceding, Adjustment
+                  else value if isinstance(value, tuple) else (value,))
         for array in values:
             if isinstance(array, np.ndarray):
                 array.setflags(write=False)
@@ -88,8 +88,6 @@ def _features(p: Params, channels: tuple[int, ...], dtype: str) -> dict[str, Any
     if p.adjustment is not None:
         scale = per_channel(p.adjustment.scale, channels, 1.0, dtype)
         bias = per_channel(p.adjustment.bias, channels, 0.0, dtype)
-        scale.setflags(write=False)
-        bias.setflags(write=False)
         out["adjustment"] = Adjustment(scale=scale, bias=bias)
     return out
 

@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from conformance.outputs import CHECKS, outputs_of
-from conformance.schema import Case
+from conformance.schema import Case, Params
 from conformance.yamlpos import Loc
 
 MAX_ELEMENTS = 1_000_000  # per tensor; larger shapes are rejected before anything is allocated
@@ -199,16 +199,16 @@ def _replica_errors(case: Case, shapes: list[tuple[int, ...]]) -> Problems:
                        f"samples on axis 0 in every batch (the smallest has {min(s[0] for s in shapes)})"))
     if case.training is not None and case.training.gradients is not None:
         errors.append((("training", "gradients"), "not defined with replicas (params.replicas)"))
-    # what each replica does with renorm's statistics, its virtual batches or an adjustment is not
-    # defined by the format yet (nor measured): one of them at a time
-    p = case.params
-    for name, used in (("renorm", p.renorm is not None),
-                       ("virtual_batch_size", p.virtual_batch_size is not None),
-                       ("adjustment", p.adjustment is not None),
-                       ("track_running_stats", not p.track_running_stats)):
-        if used:
+    for name in SINGLE_DEVICE_PARAMS:
+        if getattr(case.params, name) != Params.model_fields[name].default:
             errors.append((("params", name), "not defined together with params.replicas"))
     return errors
+
+
+# What each replica does with renorm's statistics, its virtual batches, an adjustment or no running
+# statistics is not defined by the format yet (nor measured): these params, set away from their
+# default, are refused together with params.replicas (and the generator and fuzzer never draw both).
+SINGLE_DEVICE_PARAMS = ("renorm", "virtual_batch_size", "adjustment", "track_running_stats")
 
 
 def _feature_errors(case: Case, shapes: list[tuple[int, ...]], channel_dims: tuple[int, ...]) -> Problems:

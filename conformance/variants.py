@@ -27,7 +27,7 @@ from __future__ import annotations
 import itertools
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -149,7 +149,7 @@ def _normalize(x: np.ndarray, p: Problem, k: Knobs, mean: np.ndarray, var: np.nd
     def b(v: np.ndarray) -> np.ndarray:
         return r(reference.broadcastable(v, x.ndim, p.channel_axes))
 
-    eps = r(np.float64(p.epsilon if k.epsilon is None else k.epsilon))
+    eps = r(np.float64(p.epsilon))
     if k.normalize_folded:  # tf.nn.batch_normalization, Keras 3's jax backend: x·s + (beta - mean·s)
         with np.errstate(divide="ignore", invalid="ignore"):
             s = r(r(1.0 / r(np.sqrt(r(b(var) + eps)))) * b(gamma))
@@ -313,7 +313,7 @@ def _gradients(p: Problem, k: Knobs) -> dict[str, np.ndarray]:
     def total(a: np.ndarray) -> np.ndarray:
         return reference.to_channels(r(a.sum(axis=red, keepdims=True)), axes)
 
-    eps = r(np.float64(p.epsilon if k.epsilon is None else k.epsilon))
+    eps = r(np.float64(p.epsilon))
     xhat, dx = np.empty_like(x), np.empty_like(x)
     with np.errstate(divide="ignore", invalid="ignore"):
         for g, (mean, var) in zip(groups, parts, strict=True):
@@ -373,7 +373,10 @@ def simulate(problem: Problem, check: Check, knobs: Knobs = CANONICAL) -> dict[s
     moving_variance (after all steps), inference_output; inference: output; gradients: input,
     gamma, beta."""
     run = {"train": _train, "infer": _infer, "gradients": _gradients}[CHECKS[check].method]
-    out = run(reference.bn_input(problem), knobs)  # a preceding layer: in float64, before BN
+    bn = reference.bn_input(problem)  # a preceding layer: in float64, before BN
+    if knobs.epsilon is not None:  # every formula, renorm's too, takes the variant's epsilon
+        bn = replace(bn, epsilon=knobs.epsilon)
+    out = run(bn, knobs)
     if problem.preceding is not None and "input" in out:  # dL/dx = Wᵀ dL/dz
         out["input"] = problem.preceding.transpose_apply(out["input"], problem.channel_axes[0])
     return out
