@@ -27,7 +27,8 @@ under `jax.shard_map` over a one-axis `Mesh`.
 
 from __future__ import annotations
 
-import adapters.jax_setup  # noqa: F401  (x64, the compile cache, the platform, before other JAX imports)
+# x64, the compile cache and the platform, before other JAX imports
+from adapters.jax_setup import compiling_for, on_device, to_numpy
 
 # isort: split
 import functools
@@ -54,10 +55,6 @@ from adapters.base import (
 )
 
 AXIS = "batch"
-
-
-def to_numpy(a: jax.Array) -> np.ndarray:
-    return np.asarray(jnp.asarray(a, jnp.float64))
 
 
 @functools.cache
@@ -137,6 +134,9 @@ class FlaxReplicas(Adapter):
 
     def devices(self, problem: Problem) -> list[jax.Device]:
         assert problem.replicas is not None
+        # every check comes here first: keep JAX's in-memory caches bounded, as the other Flax adapters do
+        compiling_for((self.id, problem.axes, problem.momentum, problem.epsilon, problem.center,
+                       problem.scale, problem.dtype, problem.replicas, problem.batches[0].shape))
         return jax.devices()[:problem.replicas.count]
 
     def train(self, problem: Problem) -> TrainingRun:
@@ -162,17 +162,17 @@ class FlaxReplicas(Adapter):
                           axis_name=AXIS if problem.replicas.synchronized else None)
         params = {}
         if problem.scale:
-            params["scale"] = jnp.asarray(problem.gamma, dtype)
+            params["scale"] = on_device(problem.gamma, dtype)
         if problem.center:
-            params["bias"] = jnp.asarray(problem.beta, dtype)
-        variables = {"params": params, "batch_stats": {"mean": jnp.asarray(problem.moving_mean, stats),
-                                                       "var": jnp.asarray(problem.moving_variance, stats)}}
+            params["bias"] = on_device(problem.beta, dtype)
+        variables = {"params": params, "batch_stats": {"mean": on_device(problem.moving_mean, stats),
+                                                       "var": on_device(problem.moving_variance, stats)}}
         return bn, variables
 
     def sharded(self, problem: Problem, x: np.ndarray) -> jax.Array:
         """(count, N / count, ...): replica r's rows at index r, as pmap maps them."""
         assert problem.replicas is not None
-        return jnp.asarray(x.reshape(problem.replicas.count, -1, *x.shape[1:]), problem.dtype)
+        return on_device(x.reshape(problem.replicas.count, -1, *x.shape[1:]), problem.dtype)
 
     def train_linen(self, problem: Problem) -> TrainingRun:
         bn, variables = self.linen(problem)
@@ -192,7 +192,7 @@ class FlaxReplicas(Adapter):
                           moving_mean=to_numpy(read["mean"]), moving_variance=to_numpy(read["var"]))
         if problem.infer_after_training:
             trained = {**variables, "batch_stats": read}
-            run.inference_output = to_numpy(bn.apply(trained, jnp.asarray(problem.batches[-1], problem.dtype),
+            run.inference_output = to_numpy(bn.apply(trained, on_device(problem.batches[-1], problem.dtype),
                                                      use_running_average=True))
         return run
 
@@ -213,11 +213,11 @@ class FlaxReplicas(Adapter):
                            use_bias=problem.center, use_scale=problem.scale,
                            axis_name=AXIS if problem.replicas.synchronized else None, rngs=nnx.Rngs(0))
         if problem.scale:
-            bn.scale.set_value(jnp.asarray(problem.gamma, dtype))
+            bn.scale.set_value(on_device(problem.gamma, dtype))
         if problem.center:
-            bn.bias.set_value(jnp.asarray(problem.beta, dtype))
-        bn.mean.set_value(jnp.asarray(problem.moving_mean, stats))
-        bn.var.set_value(jnp.asarray(problem.moving_variance, stats))
+            bn.bias.set_value(on_device(problem.beta, dtype))
+        bn.mean.set_value(on_device(problem.moving_mean, stats))
+        bn.var.set_value(on_device(problem.moving_variance, stats))
         return bn
 
     def on_mesh(self, problem: Problem, bn: nnx.BatchNorm, pmean_stats: bool):
@@ -241,19 +241,19 @@ class FlaxReplicas(Adapter):
         bn.train()
         step = self.on_mesh(problem, bn, pmean_stats=not problem.replicas.synchronized)
         for x in problem.batches:
-            y, state = step(nnx.state(bn), jnp.asarray(x, problem.dtype))
+            y, state = step(nnx.state(bn), on_device(x, problem.dtype))
             nnx.update(bn, state)
         run = TrainingRun(output=to_numpy(y), moving_mean=to_numpy(bn.mean[...]),
                           moving_variance=to_numpy(bn.var[...]))
         if problem.infer_after_training:
             bn.eval()
-            run.inference_output = to_numpy(bn(jnp.asarray(problem.batches[-1], problem.dtype)))
+            run.inference_output = to_numpy(bn(on_device(problem.batches[-1], problem.dtype)))
         return run
 
     def infer_nnx(self, problem: Problem) -> np.ndarray:
         bn = self.nnx_layer(problem)
         bn.eval()
-        y, _ = self.on_mesh(problem, bn, pmean_stats=False)(nnx.state(bn), jnp.asarray(problem.batches[-1],
+        y, _ = self.on_mesh(problem, bn, pmean_stats=False)(nnx.state(bn), on_device(problem.batches[-1],
                                                                                      problem.dtype))
         return to_numpy(y)
 

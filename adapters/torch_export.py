@@ -49,6 +49,7 @@ says. Each adapter id is one path:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
@@ -147,7 +148,10 @@ class TorchExport(Adapter):
             out["openvino CPU default INFERENCE_PRECISION_HINT"] = self._openvino_default()
         return out
 
-    def _openvino_default(self) -> str:
+    @staticmethod
+    @functools.cache
+    def _openvino_default() -> str:
+        """The machine's CPU precision hint, asked once (translations run for every check)."""
         import openvino
 
         return str(openvino.Core().get_property("CPU", "INFERENCE_PRECISION_HINT"))
