@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                           open_within_limit=median < OPEN_LIMIT_S, chromium_wall_seconds=wall,
                           chromium_blank_page_wall_seconds=blank)
         if args.compare:
-            other = synthetic.write(folder / "other.json", synthetic.results(args.records, adapters, seed=99))
+            other = synthetic.write(folder / "other.json", synthetic.results(args.records, adapters, seed=99,
+                                                                         gradients_every=every))
             diff = folder / "diff.html"
             compare = timed([sys.executable, "-m", "reports", "--compare", str(files[0]), "--against",
                              str(other), "-o", str(diff)], args.repeat)

@@ -6,9 +6,11 @@ input shape and values x renorm, ghost batches, adjustment or no running statist
 layer), so an adapter is also tried on combinations nobody wrote down. Every feature is drawn often
 enough that a few hundred cases cover each one many times.
 
-Case `index` of seed `seed` is drawn from `numpy.random.default_rng([seed, index])` alone, so a
-larger count extends a smaller one (the first 300 of 1,000 cases are the 300 cases) and the same
-seed always gives the same files. dtype and rank cycle with the index so that even a small count
+Case `index` of seed `seed` is drawn from `numpy.random.default_rng([seed, index])`, and each field
+added later from a stream of its own (`[seed, index, k]`: 1 renorm, ghost batches, adjustment or no
+running statistics; 2 param_dtype; 3 preceding; 4 replicas), so adding one left the other draws as
+they were. A larger count extends a smaller one (the first 300 of 1,000 cases are the 300 cases)
+and the same seed always gives the same files. dtype and rank cycle with the index so that even a small count
 covers each of them.
 
 Expected values come from the float64 reference through `conformance.fill.expected_values`, the

@@ -342,6 +342,8 @@ def trainable_false_freezes_stats(adapter: Adapter) -> tuple[Value, str]:
     return frozen, (f"a layer built with trainable=False after one training step done the API's way: "
                     f"moving mean {[sig(v) for v in np.ravel(obs.moving_mean)]} and variance "
                     f"{[sig(v) for v in np.ravel(obs.moving_variance)]} (fresh: 0 and 1)")
+
+
 def mixed_float16_stats_dtype(adapter: Adapter) -> tuple[Value, str]:
     x = round_to(2e-3 + 1e-3 * np.random.default_rng(5).normal(size=(4, 2, 2, 2)), "float16")
     p = replace(problem([x], (1,), epsilon=1e-7, dtype="float16"), param_dtype="float32",

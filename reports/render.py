@@ -1,9 +1,10 @@
 """The HTML: Jinja2 templates with autoescape, inline CSS, inline SVG, one small plain script.
 
 Everything that comes from a results file reaches the page through autoescaped template
-expressions (text and quoted attributes), `tojson` in single-quoted attributes, or, for the per-case
-table rows only (the hot loop), `html.escape` on every field in `line_html`; the only `|safe`
-strings are this package's own script and stylesheet. A Content-Security-Policy admits that
+expressions (text and quoted attributes), `tojson` in single-quoted attributes, or the one embedded
+JSON block (`embedded`: `<`, `>` and `&` escaped) that the page's script reads through
+`textContent` and writes with `textContent` only; the only `|safe` strings are this package's own
+script and stylesheet. A Content-Security-Policy admits that
 one script by its hash and forbids every network fetch, so even a missed escape could not run code
 or load anything.
 """
@@ -39,12 +40,10 @@ from reports.model import (
 
 COLOURS = {Status.PASS: "#2e7d32", Status.FAIL: "#c62828", Status.ERROR: "#6a1b9a", Status.KNOWN: "#ef6c00",
            Status.NOT_EXPRESSIBLE: "#78909c", "absent": "#eceff1"}
-SHORT = {Status.NOT_EXPRESSIBLE: "n/e"}
 EXAMPLES = 5  # cases (and closest variants) named per divergence group
-# decades of max ULP error, shared by the heatmap and the histograms
+# decades of max ULP error, for the histograms
 ULP_EDGES = [1, 10, 1e2, 1e3, 1e4, 1e5, 1e6]
 ULP_LABELS = ["≤1", "≤10", "≤1e2", "≤1e3", "≤1e4", "≤1e5", "≤1e6", ">1e6"]
-ULP_PALETTE = ["#ffffcc", "#ffeda0", "#fed976", "#feb24c", "#fd8d3c", "#fc4e2a", "#e31a1c", "#b10026"]
 
 
 def fmt(value: Any, digits: int = 3) -> str:
@@ -89,8 +88,6 @@ def ulp_bin(value: float) -> int:
 
 def badness(status: Status | str, ulp: float | None) -> float:
     """Sort key of a matrix cell: worse status first, then larger error."""
-    if status == "absent":
-        return -1.0
     spread = 0.0 if ulp is None else min(math.log10(1.0 + ulp), 999.0) if not math.isnan(ulp) else 999.0
     return (len(SEVERITY) - status_rank(Status(status))) * 1000.0 + spread
 
@@ -119,7 +116,7 @@ def environment() -> Environment:
                       autoescape=select_autoescape(default=True, default_for_string=True),
                       trim_blocks=True, lstrip_blocks=True)
     env.filters.update(fmt=fmt, value=fmt_value, link=link, sclass=status_class)
-    env.globals.update(colours=COLOURS, ulp_labels=ULP_LABELS, ulp_palette=ULP_PALETTE, severity=SEVERITY,
+    env.globals.update(colours=COLOURS, severity=SEVERITY,
                        attention=[s for s in SEVERITY if s in NEEDS_ATTENTION], current_format=FORMAT)
     return env
 
@@ -346,8 +343,7 @@ def porting(report: Report) -> dict[str, Any]:
                                                         if column.key in row.cells else [])]
         sides.append(Side(column.key, {str(k): str(v) for k, v in names.items()}, probes,
                           [str(v) for v in conventions.get("variants") or []], records))
-    origin = ("from this report's results files: their probes, declared names and conventions, and "
-              "divergence groups")
+    origin = "from this report's results files: their probes, declared names and conventions"
     pairs = [{"i": i, "j": j, "recipe": recipe(a, b, origin)}
              for i, a in enumerate(sides) for j, b in enumerate(sides) if i != j]
     keys = [s.adapter for s in sides]
@@ -553,10 +549,9 @@ def environments(report: Report) -> dict[str, Any]:
 
 def render(report: Report, title: str = "bnconform report") -> str:
     tags = sorted({t for row in report.cases for t in row.tags})
-    statuses = sorted({s for row in report.cases for c in row.cells.values() for s in c.statuses},
-                      key=status_rank)
     groups = divergences(report)
     counts = report.counts()
+    statuses = sorted((s for s, n in counts.items() if n), key=status_rank)
     return page("report.html.j2", title=title, report=report, counts=counts, tags=tags,
                 statuses=statuses, divergences=groups, histograms=ulp_histograms(report),
                 adapters=adapter_summaries(report), env=environments(report), porting=porting(report),
