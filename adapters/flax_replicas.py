@@ -150,7 +150,7 @@ class FlaxReplicas(Adapter):
         return self.infer_linen(problem) if self.pmap else self.infer_nnx(problem)
 
     def gradients(self, problem: Problem) -> Gradients:
-        raise NotImplementedError("not expressible: see capabilities")
+        raise NotExpressible(self.why_not_expressible(problem, "gradients"))
 
     # -- linen under pmap
 

@@ -143,24 +143,30 @@ class TFMirrored(Adapter):
             bn.moving_variance.assign(order(problem.moving_variance))
         return bn
 
-    def run(self, bn: Any, problem: Problem, x: np.ndarray, training: bool) -> np.ndarray:
-        """One call of the layer on every replica, each on its shard; the outputs concatenated."""
+    def calls(self, bn: Any, problem: Problem, training: bool) -> Any:
+        """The layer called on every replica, each on its shard, the outputs concatenated: one
+        tf.function per layer and mode, so the steps of a case reuse its trace."""
         assert problem.replicas is not None
         s = strategy(problem.replicas.count)
-        shards = problem.replicas.shards(x)
-        values = s.experimental_distribute_values_from_function(
-            lambda ctx: tf.constant(shards[ctx.replica_id_in_sync_group], dtype=problem.dtype))
 
         @tf.function
         def step(v: Any) -> Any:
             return s.run(lambda a: bn(a, training=training), args=(v,))
 
-        return np.concatenate([np.asarray(y, np.float64) for y in s.experimental_local_results(step(values))])
+        def call(x: np.ndarray) -> np.ndarray:
+            shards = problem.replicas.shards(x)
+            values = s.experimental_distribute_values_from_function(
+                lambda ctx: tf.constant(shards[ctx.replica_id_in_sync_group], dtype=problem.dtype))
+            outputs = s.experimental_local_results(step(values))
+            return np.concatenate([np.asarray(y, np.float64) for y in outputs])
+
+        return call
 
     def train(self, problem: Problem) -> TrainingRun:
         bn = self.layer(problem)
+        call = self.calls(bn, problem, training=True)
         for x in problem.batches:
-            y = self.run(bn, problem, x, training=True)
+            y = call(x)
 
         def read(variable: Any) -> np.ndarray:
             return problem.to_case_order(np.asarray(variable, np.float64))
@@ -173,10 +179,10 @@ class TFMirrored(Adapter):
         return run
 
     def infer(self, problem: Problem) -> np.ndarray:
-        return self.run(self.layer(problem), problem, problem.batches[-1], training=False)
+        return self.calls(self.layer(problem), problem, training=False)(problem.batches[-1])
 
     def gradients(self, problem: Problem) -> Gradients:
-        raise NotImplementedError("not expressible: see capabilities")
+        raise NotExpressible(self.why_not_expressible(problem, "gradients"))
 
 
 def make(adapter_id: str) -> Adapter:

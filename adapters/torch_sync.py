@@ -254,7 +254,7 @@ class TorchSync(Adapter):
         return self.eval_call(build(problem, problem.replicas.synchronized, DEVICE), problem)
 
     def gradients(self, problem: Problem) -> Gradients:
-        raise NotImplementedError("not expressible: see capabilities")
+        raise NotExpressible(self.why_not_expressible(problem, "gradients"))
 
 
 def make(adapter_id: str) -> Adapter:
