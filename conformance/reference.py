@@ -228,37 +228,30 @@ def train(p: Problem) -> TrainingReference:
 
 
 def train_unsynchronized(p: Problem) -> TrainingReference:
-    """Unsynchronized replicas: each shard is normalized with its own statistics and updates its
-    replica's own moving statistics; what is read back is their mean over replicas (as a user who
-    averages them before evaluating gets). Batch statistics are likewise the mean over replicas.
-    The update is linear, so that mean is also the update with the replicas' mean statistics."""
+    """Unsynchronized replicas: each replica trains one device's BN on its own shard of every batch;
+    what is read back is the mean over replicas of their moving statistics (as a user who averages
+    them before evaluating gets). Batch statistics are likewise the mean over replicas. The update
+    is linear, so that mean is also the update with the replicas' mean statistics."""
     assert p.replicas is not None
-    count = p.replicas.count
-    state = [(p.moving_mean, p.moving_variance, p.moving_variance)] * count  # per replica
-    for step, x in enumerate(p.batches, start=1):
-        outputs, stats, new = [], [], []
-        for shard, (mm, mv, mvu) in zip(p.replicas.shards(x), state, strict=True):
-            mean, var, n = moments(shard, p.channel_axes)
-            outputs.append(normalize(shard, p, mean, var))
-            stats.append((mean, var, unbiased(var, n)))
-            new.append((update(mm, mean, p.momentum, step), update(mv, var, p.momentum, step),
-                        update(mvu, unbiased(var, n), p.momentum, step)))
-        state = new
+    r = p.replicas
+    runs = [train(replace(p, batches=tuple(r.shards(x)[i] for x in p.batches), replicas=None))
+            for i in range(r.count)]
 
-    def over_replicas(values: list[tuple[np.ndarray, ...]], i: int) -> np.ndarray:
-        return np.mean([v[i] for v in values], axis=0)
+    def over_replicas(name: str) -> np.ndarray:
+        return np.mean([getattr(run, name) for run in runs], axis=0)
 
-    moving_mean, moving_var, moving_var_unbiased = (over_replicas(state, i) for i in range(3))
+    moving_mean, moving_var, moving_var_unbiased = (
+        over_replicas(name) for name in ("moving_mean", "moving_variance", "moving_variance_unbiased"))
     return TrainingReference(
-        output=np.concatenate(outputs, axis=0),
-        batch_mean=over_replicas(stats, 0),
-        batch_variance=over_replicas(stats, 1),
+        output=np.concatenate([run.output for run in runs], axis=0),
+        batch_mean=over_replicas("batch_mean"),
+        batch_variance=over_replicas("batch_variance"),
         moving_mean=moving_mean,
         moving_variance=moving_var,
         moving_variance_unbiased=moving_var_unbiased,
         inference_output=normalize(p.batches[-1], p, moving_mean, moving_var),
         inference_output_unbiased=normalize(p.batches[-1], p, moving_mean, moving_var_unbiased),
-        batch_variance_unbiased=over_replicas(stats, 2),
+        batch_variance_unbiased=over_replicas("batch_variance_unbiased"),
     )
 
 
