@@ -365,7 +365,12 @@ def format_outcome(outcome: Outcome) -> str:
 
 
 def case_summary(loaded: LoadedCase) -> dict[str, Any]:
-    case = loaded.case
+    """What each record of a case says about it: made once per case, not per adapter x check (the
+    conditioning builds a problem; a case whose build raises would otherwise raise every time)."""
+    return dict(loaded.case.memo(("summary",), lambda: _summary(loaded.case)))
+
+
+def _summary(case: Any) -> dict[str, Any]:
     p = case.params
     return {
         "title": case.title,
