@@ -1,8 +1,13 @@
-"""What the Keras-family export adapters (`keras_export.py`, `tf_export.py`) share: the artefact is a
-channels-last model with a fixed batch dimension, converted after the source layer trained, and run
-in inference form. No framework is imported here."""
+"""What the export adapters share. The Keras-family ones (`keras_export.py`, `tf_export.py`): the
+artefact is a channels-last model with a fixed batch dimension, converted after the source layer
+trained, and run in inference form. All of them: the runtimes an artefact runs in. No framework is
+imported at module level here (each runtime inside its function)."""
 
 from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -45,3 +50,46 @@ class ChannelsLastArtefact:
     @staticmethod
     def back(y: np.ndarray, problem: Problem) -> np.ndarray:
         return np.moveaxis(np.asarray(y, np.float64), -1, problem.axes[0])
+
+
+# -- the runtimes an exported artefact runs in, single-threaded, as each one's documentation shows
+
+
+def run_tflite(model: bytes, x: np.ndarray) -> np.ndarray:
+    """A TFLite flatbuffer run by LiteRT's Interpreter on one float32 input."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=model, num_threads=1)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x.astype(np.float32))
+    interpreter.invoke()
+    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"]).astype(np.float64)
+
+
+def onnxruntime_session(model: bytes, optimized: bool = False) -> Any:
+    """An ONNX Runtime CPU session, graph optimizations off (the model as exported) or all on."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    levels = ort.GraphOptimizationLevel
+    options.graph_optimization_level = levels.ORT_ENABLE_ALL if optimized else levels.ORT_DISABLE_ALL
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def run_session(session: Any, x: np.ndarray) -> np.ndarray:
+    return np.asarray(session.run(None, {session.get_inputs()[0].name: x})[0], np.float64)
+
+
+def run_openvino(model: bytes, x: np.ndarray) -> np.ndarray:
+    """An ONNX model run by OpenVINO on CPU, asked for f32: its default precision hint is the CPU's
+    best, bfloat16 on AVX512_BF16/AMX machines (adapters/torch_export.py records it)."""
+    import openvino
+
+    core = openvino.Core()
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.onnx"
+        path.write_bytes(model)
+        compiled = core.compile_model(core.read_model(path), "CPU",
+                                      {"INFERENCE_NUM_THREADS": 1, "INFERENCE_PRECISION_HINT": "f32"})
+    return np.asarray(compiled([x])[compiled.output(0)], np.float64)

@@ -47,7 +47,7 @@ from adapters.base import (
     Problem,
     TrainingRun,
 )
-from adapters.exports import ChannelsLastArtefact
+from adapters.exports import ChannelsLastArtefact, onnxruntime_session, run_openvino, run_session, run_tflite
 
 BACKEND = keras.backend.backend()
 CONVS = {3: keras.layers.Conv1D, 4: keras.layers.Conv2D, 5: keras.layers.Conv3D}
@@ -133,31 +133,16 @@ class KerasExport(ChannelsLastArtefact, Adapter):
             warnings.simplefilter("ignore")
             if self.converter == "tflite":
                 import tensorflow as tf
-                from ai_edge_litert.interpreter import Interpreter
 
-                converted = tf.lite.TFLiteConverter.from_keras_model(model).convert()
-                interpreter = Interpreter(model_content=converted, num_threads=1)
-                interpreter.allocate_tensors()
-                interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
-                interpreter.invoke()
-                return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+                return run_tflite(tf.lite.TFLiteConverter.from_keras_model(model).convert(), x)
             path = Path(folder) / "model.onnx"
             # export_onnx refuses a model never called, even a functional one whose input signature
             # it has just computed (keras/src/export/onnx.py L77-79): call it once, in inference mode
             model(x, training=False)
             model.export(str(path), format="onnx", verbose=False)
             if self.runtime == "openvino":
-                import openvino
-
-                core = openvino.Core()
-                compiled = core.compile_model(core.read_model(path), "CPU", {
-                    "INFERENCE_NUM_THREADS": 1, "INFERENCE_PRECISION_HINT": "f32"})
-                return np.asarray(compiled([x])[compiled.output(0)])
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = 1
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            return session.run(None, {session.get_inputs()[0].name: x})[0]
+                return run_openvino(path.read_bytes(), x)
+            return run_session(onnxruntime_session(path.read_bytes()), x)
 
     def train(self, problem: Problem) -> TrainingRun:
         model = self.model(problem)

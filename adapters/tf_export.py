@@ -41,17 +41,14 @@ and for the default `training=False`, `training-uses-moving-stats`).
 
 from __future__ import annotations
 
-import tempfile
 import warnings
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import tensorflow as tf
 import tf_keras
-from ai_edge_litert.interpreter import Interpreter
 
 from adapters.base import (
     Adapter,
@@ -62,7 +59,7 @@ from adapters.base import (
     Problem,
     TrainingRun,
 )
-from adapters.exports import ChannelsLastArtefact
+from adapters.exports import ChannelsLastArtefact, onnxruntime_session, run_openvino, run_session, run_tflite
 
 # id -> (source, how it is trained, the converter)
 PATHS: dict[str, tuple[str, str, str]] = {
@@ -75,28 +72,6 @@ PATHS: dict[str, tuple[str, str, str]] = {
 }
 KERAS_CONVS = {3: tf_keras.layers.Conv1D, 4: tf_keras.layers.Conv2D, 5: tf_keras.layers.Conv3D}
 V1_CONVS = {3: tf.compat.v1.layers.conv1d, 4: tf.compat.v1.layers.conv2d, 5: tf.compat.v1.layers.conv3d}
-
-
-def run_tflite(model: bytes, x: np.ndarray) -> np.ndarray:
-    interpreter = Interpreter(model_content=model, num_threads=1)
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x.astype(np.float32))
-    interpreter.invoke()
-    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"]).astype(np.float64)
-
-
-def run_openvino(model: bytes, x: np.ndarray) -> np.ndarray:
-    """OpenVINO on CPU, asked for f32: its default precision hint is the CPU's best, bfloat16 on
-    AVX512_BF16/AMX machines (see adapters/torch_export.py)."""
-    import openvino
-
-    core = openvino.Core()
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "model.onnx"
-        path.write_bytes(model)
-        compiled = core.compile_model(core.read_model(path), "CPU",
-                                      {"INFERENCE_NUM_THREADS": 1, "INFERENCE_PRECISION_HINT": "f32"})
-    return np.asarray(compiled([x])[compiled.output(0)], dtype=np.float64)
 
 
 class TfExport(ChannelsLastArtefact, Adapter):
@@ -203,11 +178,7 @@ class TfExport(ChannelsLastArtefact, Adapter):
             return run_tflite(artefact, x)
         if self.runtime == "openvino":
             return run_openvino(artefact, x)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        session = ort.InferenceSession(artefact, options, providers=["CPUExecutionProvider"])
-        return session.run(None, {session.get_inputs()[0].name: x})[0].astype(np.float64)
+        return run_session(onnxruntime_session(artefact), x)
 
     # -- tf.compat.v1.layers
 

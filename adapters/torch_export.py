@@ -53,9 +53,7 @@ import functools
 import hashlib
 import io
 import logging
-import tempfile
 import warnings
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -73,6 +71,7 @@ from adapters.base import (
     Problem,
     TrainingRun,
 )
+from adapters.exports import onnxruntime_session, run_openvino, run_session
 
 torch.set_num_threads(1)  # as adapters/torch_module.py: tiny calls, shared cores, same bits everywhere
 
@@ -268,28 +267,12 @@ class TorchExport(Adapter):
         data = self.exported(model, xt)
         feed = np.ascontiguousarray(xt.numpy(), dtype=NUMPY_DTYPES[problem.dtype])
         if self.runtime == "openvino":
-            return self.back(self._openvino(data, feed), problem)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        levels = ort.GraphOptimizationLevel
-        options.graph_optimization_level = (levels.ORT_ENABLE_ALL if self.runtime == "ort-all"
-                                            else levels.ORT_DISABLE_ALL)
+            return self.back(run_openvino(data, feed), problem)
         try:
-            session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+            session = onnxruntime_session(data, optimized=self.runtime == "ort-all")
         except ort.capi.onnxruntime_pybind11_state.NotImplemented as exc:  # as adapters/onnx_runtime.py
             raise NotExpressible(f"ONNX Runtime CPU cannot run the exported model: {exc}") from exc
-        return self.back(session.run(None, {session.get_inputs()[0].name: feed})[0], problem)
-
-    def _openvino(self, data: bytes, feed: np.ndarray) -> np.ndarray:
-        import openvino
-
-        core = openvino.Core()
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / "model.onnx"
-            path.write_bytes(data)
-            compiled = core.compile_model(core.read_model(path), "CPU", {"INFERENCE_NUM_THREADS": 1,
-                                                                       "INFERENCE_PRECISION_HINT": "f32"})
-        return np.asarray(compiled([feed])[compiled.output(0)])
+        return self.back(run_session(session, feed), problem)
 
     def train(self, problem: Problem) -> TrainingRun:
         model = self.source(problem).train()
