@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import adapters as registry  # noqa: E402  (imports no framework)
+from benchmarks.matrix import run_command  # noqa: E402  (the full run, as users type it)
 
 TARGETS = {"full_cold_wall_s": 150.0, "full_warm_wall_s": 120.0, "ratio": 2.0, "peak_rss_mb": 2048.0}
 
@@ -52,8 +53,7 @@ def timed(command: list[str], env: dict[str, str] | None = None) -> tuple[float,
 def matrix(corpus: Path, out_dir: Path, framework: str, jax_cache: Path) -> dict[str, Any]:
     """One full run; its own run.json gives the per-process figures."""
     env = {"JAX_COMPILATION_CACHE_DIR": str(jax_cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    wall, done = timed([sys.executable, "-m", "conformance", "run", f"--framework={framework}",
-                        f"--cases={corpus}", "--no-report", f"--results-dir={out_dir}"], env)
+    wall, done = timed([*run_command(out_dir, [str(corpus)]), f"--framework={framework}"], env)
     summary = json.loads((out_dir / "run.json").read_text(encoding="utf-8"))
     groups = {name: {"wall_s": g["wall_s"], "items": g["items"],
                      "items_per_s": round(g["items"] / g["wall_s"], 1) if g["wall_s"] else None,
