@@ -33,7 +33,7 @@
 from __future__ import annotations
 
 # x64 and the compile cache, before any other JAX use
-from adapters.jax_setup import compiling_for, on_device, to_numpy
+from adapters.jax_setup import compiling_for, device_name, on_device, to_numpy
 
 # isort: split
 import functools
@@ -131,7 +131,7 @@ class FlaxLinen(Adapter):
         return DefaultLinen(shape, dtype)
 
     def device(self) -> str:
-        return jax.devices()[0].platform
+        return device_name()
 
     capabilities = Capabilities(
         features=frozenset({"multi-axis", "param-dtype"}),

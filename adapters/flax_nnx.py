@@ -30,7 +30,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 # x64 and the compile cache, before any other JAX use
-from adapters.jax_setup import compiling_for, on_device, to_numpy
+from adapters.jax_setup import compiling_for, device_name, on_device, to_numpy
 
 # isort: split
 import flax
@@ -100,7 +100,7 @@ class FlaxNNX(Adapter):
         return DefaultNNX(shape, dtype)
 
     def device(self) -> str:
-        return jax.devices()[0].platform
+        return device_name()
 
     capabilities = Capabilities(
         features=frozenset({"param-dtype"}),

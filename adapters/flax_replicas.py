@@ -28,7 +28,7 @@ under `jax.shard_map` over a one-axis `Mesh`.
 from __future__ import annotations
 
 # x64, the compile cache and the platform, before other JAX imports
-from adapters.jax_setup import compiling_for, on_device, to_numpy
+from adapters.jax_setup import compiling_for, device_name, on_device, to_numpy
 
 # isort: split
 import functools
@@ -92,7 +92,7 @@ class FlaxReplicas(Adapter):
         return {"jax": jax.__version__, "flax": flax.__version__}
 
     def device(self) -> str:
-        return jax.devices()[0].platform
+        return device_name()
 
     def not_expressible(self, problem: Problem, check: Check) -> str | None:
         r = problem.replicas

@@ -30,6 +30,12 @@ if not jax.config.jax_compilation_cache_dir:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
+def device_name() -> str:
+    """Where JAX computes, named as `--device` names it: JAX calls its CUDA platform "gpu"."""
+    platform = jax.devices()[0].platform
+    return "cuda" if platform == "gpu" else platform
+
+
 def on_device(x: np.ndarray, dtype: str) -> jax.Array:
     """A Problem array as a JAX array of `dtype`. The cast happens in NumPy (the values are already
     representable in `dtype`, so it is exact): `jnp.asarray(x, dtype)` would run a convert on the

@@ -34,7 +34,17 @@ Three adapters, one per backend, each in a process of its own backend (Keras fix
 
 from __future__ import annotations
 
+import os
 from typing import ClassVar
+
+from adapters.base import requested_device
+
+# Keras picks its device at import: the torch backend takes a GPU whenever torch sees one
+# (keras/src/backend/torch/core.py L31-40, unless KERAS_TORCH_DEVICE is set) and JAX its first
+# platform. The run's `--device` decides instead, so `cpu` stays on the CPU on a GPU host too.
+os.environ.setdefault("KERAS_TORCH_DEVICE", requested_device())
+if os.environ.get("KERAS_BACKEND") == "jax":
+    import adapters.jax_setup  # noqa: F401  (the platform, before Keras starts JAX)
 
 import keras
 import numpy as np
@@ -59,7 +69,7 @@ BACKEND = keras.backend.backend()
 if BACKEND == "jax":
     import jax
 
-    from adapters.jax_setup import compiling_for  # x64 for float64 cases, the compile cache
+    from adapters.jax_setup import compiling_for, device_name  # x64, the compile cache, the platform
 
 
 MIXED_POLICIES = {("float16", "float32"): "mixed_float16", ("bfloat16", "float32"): "mixed_bfloat16"}
@@ -88,6 +98,13 @@ class Keras3(Adapter):
         notes=("moving variance updated with the biased batch variance of ops.moments",
                "gamma, beta and the moving statistics are kept in the layer dtype (float16 too)"),
     )
+
+    def device(self) -> str:
+        if BACKEND == "jax":
+            return device_name()
+        if BACKEND == "torch":
+            return os.environ["KERAS_TORCH_DEVICE"].split(":")[0]
+        return "cpu"  # the tensorflow backend, as the tf family: TF places ops itself
 
     def versions(self) -> dict[str, str]:
         out = {"keras": keras.__version__, "backend": BACKEND}

@@ -40,6 +40,7 @@ import torch._dynamo
 
 from adapters.base import Adapter, DefaultLayer, NotExpressible, Problem
 from adapters.torch_module import DefaultModule, TorchModule
+from adapters.torch_setup import DEVICE
 
 # one compiled graph per configuration: far more than the default 8 per code object
 torch._dynamo.config.recompile_limit = 4096
@@ -56,7 +57,9 @@ class TorchCompile(TorchModule):
     family = "torch-compile"
 
     def translations(self, problem: Problem) -> list[str]:
-        out = [*super().translations(problem), "torch.compile(module, dynamic=True), inductor backend on CPU"]
+        out = [*super().translations(problem),
+               f"torch.compile(module, dynamic=True), inductor backend on {DEVICE.type} "
+               f"({'Triton kernels' if DEVICE.type == 'cuda' else 'C++'})"]
         if problem.momentum is None:
             out.append("momentum=None: float(num_batches_tracked) is a graph break, run eagerly by Dynamo")
         return out
@@ -67,7 +70,12 @@ class TorchCompile(TorchModule):
         compiler = builder.get_cpp_compiler()
         info = builder.get_compiler_version_info(compiler)  # `-v` output, lines joined by "_"
         last = info.rstrip("_ ").rsplit("_", 1)[-1]  # "gcc version 12.2.0 (Debian ...)"
-        return {"torch": torch.__version__, "c++ compiler": f"{compiler}: {last}"}
+        out = {"torch": torch.__version__, "c++ compiler": f"{compiler}: {last}"}
+        if DEVICE.type == "cuda":
+            import triton
+
+            out["triton"] = triton.__version__
+        return out
 
     def module(self, problem: Problem) -> torch.nn.Module:
         return compiled(super().module(problem))

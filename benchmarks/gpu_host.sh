@@ -19,12 +19,19 @@
 # sees that many devices), and run on as many GPUs as the host has; torch-sync likewise needs a GPU
 # per replica (nccl). On a one-GPU host only count-1 cases would run there: write some
 # (params.replicas.count 1) or use a host with 4 GPUs for cases/replicas/.
+#
+# Variables: PY (the Python, default .venv/bin/python), OUT (results folder), FRAMEWORKS (default
+# torch,jax,torch-compile,keras-jax,keras-torch: every adapter that honours --device), TIMEOUT
+# (seconds per family process, default 1800).
 set -eu
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-results/gpu}
+FRAMEWORKS=${FRAMEWORKS:-torch,jax,torch-compile,keras-jax,keras-torch}
+# JAX takes 75% of the GPU's memory per process by default; the JAX processes of one run share it
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
 BNCONFORM_DEVICE=cuda $PY -c "import adapters.torch_setup" \
     || { echo "torch sees no CUDA device: install a CUDA build of torch (see the top of $0)"; exit 2; }
 BNCONFORM_DEVICE=cuda $PY -c "import adapters.jax_setup, jax; print('JAX devices:', jax.devices())" \
     || { echo "JAX sees no CUDA device: install jax[cuda12] (see the top of $0)"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total --format=csv || true
-$PY -m conformance run --framework=torch,jax --device=cuda --results-dir "$OUT"
+$PY -m conformance run --framework="$FRAMEWORKS" --device=cuda --results-dir "$OUT" --timeout "${TIMEOUT:-1800}"
