@@ -82,7 +82,7 @@ def evaluate(adapter: Adapter, case: Case, check: Check, outcome: Outcome | None
         _must_raise(adapter, problem, check, outcome)
         if outcome.status == Status.FAIL:
             outcome.explained_by = ["accepts"]
-            apply_rules(outcome, rules.for_check(adapter.id, case, check))
+            apply_rules(outcome, rules.for_check(adapter, case, check))
         return outcome
     conditioning = problems.conditioning(case, check, problem)
     tol, per_output = tolerances(problem, check, conditioning, case)
@@ -106,7 +106,7 @@ def evaluate(adapter: Adapter, case: Case, check: Check, outcome: Outcome | None
         found = diagnose(problem, check, outcome.conventions, {name: value for name, _, value, _ in compared},
                          {name: held for name, held, _, _ in compared}, tol, conditioning, scales, per_output)
         outcome.explained_by, outcome.closest = found.explained_by, found.closest
-    apply_rules(outcome, rules.for_check(adapter.id, case, check))
+    apply_rules(outcome, rules.for_check(adapter, case, check))
     return outcome
 
 

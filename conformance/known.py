@@ -10,15 +10,18 @@ another way); a passing check stays `pass`. See docs/case-format.md, "Known dive
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.version import InvalidVersion, Version
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from adapters.base import FEATURES
+from adapters.base import FEATURES, Adapter
 from conformance import ROOT
 from conformance.outputs import CHECKS
 from conformance.problem import build
@@ -47,6 +50,11 @@ class When(BaseModel):
     values_per_channel: int | list[int] | None = None  # of the smallest batch fed: 1 = a batch of one
     channels: int | list[int] | None = None  # how many channels (the product of the channel dims)
     features: list[str] | None = None  # the case uses every one of these optional features (FEATURES)
+    # where the adapter ran, as its results' environment records it: a device ("cpu", "cuda") and
+    # package versions as PEP 440 specifiers ({torch: "<2.13"}), for a divergence of one platform
+    # or release (as PyTorch's DecorateInfo keys a known failure by device and dtype)
+    device: str | list[str] | None = None
+    versions: dict[str, str] | None = None
 
     @staticmethod
     def channel_count(case: Case) -> int:
@@ -68,6 +76,22 @@ class When(BaseModel):
         if unknown:
             raise ValueError(f"unknown feature {unknown[0]!r} ({', '.join(FEATURES)})")
         return names
+
+    @field_validator("versions")
+    @classmethod
+    def _specifiers(cls, versions: dict[str, str] | None) -> dict[str, str] | None:
+        for package, spec in (versions or {}).items():
+            try:
+                SpecifierSet(spec)
+            except InvalidSpecifier:
+                raise ValueError(f"{package}: {spec!r} is not a version specifier (say \"<2.13\")") from None
+        return versions
+
+    def suits(self, device: str, versions: dict[str, str]) -> bool:
+        """The conditions on where the adapter ran hold: its device and package versions."""
+        wanted = (self.versions or {}).items()
+        return ((self.device is None or device in _listed(self.device))
+                and all(_version_in(versions.get(package), spec) for package, spec in wanted))
 
     @field_validator("params")
     @classmethod
@@ -121,16 +145,30 @@ class Rule(BaseModel):
             raise ValueError(f"unknown check {unknown[0]!r} ({', '.join(CHECKS)})")
         return names
 
-    def covers(self, adapter_id: str, case: Case, check: str) -> bool:
-        return adapter_id in self.adapters and check in self.checks and self.when.holds(case)
+    def covers(self, adapter: Adapter, case: Case, check: str) -> bool:
+        return (adapter.id in self.adapters and check in self.checks and self.when.holds(case)
+                and self.when.suits(*_runtime(adapter)))
 
 
 @dataclass
 class Rules:
     rules: list[Rule]
 
-    def for_check(self, adapter_id: str, case: Case, check: str) -> list[Rule]:
-        return [r for r in self.rules if r.covers(adapter_id, case, check)]
+    def for_check(self, adapter: Adapter, case: Case, check: str) -> list[Rule]:
+        return [r for r in self.rules if r.covers(adapter, case, check)]
+
+
+def _version_in(version: str | None, spec: str) -> bool:
+    try:
+        return version is not None and Version(version) in SpecifierSet(spec)
+    except InvalidVersion:
+        return False
+
+
+@functools.cache
+def _runtime(adapter: Adapter) -> tuple[str, dict[str, str]]:
+    """The adapter's device and versions, asked once (versions() can start a compiler)."""
+    return adapter.device(), adapter.versions()
 
 
 def load(folder: Path = KNOWN_DIR) -> Rules:

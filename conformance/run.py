@@ -97,9 +97,18 @@ def write_run_summary(groups: list[Group], seconds: float, path: Path) -> None:
 def stale_rules(results: list[Path]) -> list[known.Rule]:
     """Rules that no record of these results files was known by: stale data, once the run covered
     every family over the repository's own cases."""
-    used = {rule.get("source") for path in results for r in read(path).records if r.rule
-            for rule in (r.rule, *r.rule.get("with", []))}
-    return [rule for rule in known.load().rules if rule.source not in used]
+    used, ran = set(), []
+    for path in results:
+        result = read(path)
+        used |= {rule.get("source") for r in result.records if r.rule
+                 for rule in (r.rule, *r.rule.get("with", []))}
+        ran += [(adapter_id, env.get("device", "cpu"), env.get("versions", {}))
+                for adapter_id, env in result.environment.get("adapters", {}).items()]
+    # a rule for another device or release (when.device, when.versions) cannot be reached by this run
+    reachable = [rule for rule in known.load().rules
+                 if any(a in rule.adapters and rule.when.suits(device, versions)
+                        for a, device, versions in ran)]
+    return [rule for rule in reachable if rule.source not in used]
 
 
 def main(args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 `--device cuda`), reduced to plain torch for an upstream report. Prints one line per variation.
 
     python docs/repro/torch_cuda_batch_norm.py            # needs a CUDA build of torch and a GPU
+    TORCH_SHOW_CPP_STACKTRACES=1 python docs/repro/torch_cuda_batch_norm.py --trace  # whole messages
 
 1. `F.batch_norm(x, rm, rv, weight=None, bias=b, training=True)` then `backward()` raises
    "tensor does not have a device" on CUDA (scale off: no weight, a trainable bias); the CPU computes it.
@@ -11,8 +12,12 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
+
+TRACE = "--trace" in sys.argv
 
 
 def attempt(label: str, fn) -> None:
@@ -20,7 +25,8 @@ def attempt(label: str, fn) -> None:
         fn()
         print(f"{label}: ok")
     except Exception as exc:  # the message is the finding
-        print(f"{label}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+        text = str(exc) if TRACE else str(exc).splitlines()[0]
+        print(f"{label}: {type(exc).__name__}: {text}")
 
 
 def backward_without_weight(device: str, dtype: torch.dtype, shape: tuple[int, ...], bias: bool,
@@ -37,7 +43,8 @@ def backward_without_weight(device: str, dtype: torch.dtype, shape: tuple[int, .
 def eps_zero(device: str, training: bool, cudnn: bool) -> None:
     with torch.backends.cudnn.flags(enabled=cudnn):
         x = torch.randn(4, 3, 2, 2, device=device)
-        F.batch_norm(x, torch.zeros(3, device=device), torch.ones(3, device=device), training=training, eps=0.0)
+        rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+        F.batch_norm(x, rm, rv, training=training, eps=0.0)
 
 
 if __name__ == "__main__":
@@ -50,7 +57,8 @@ if __name__ == "__main__":
                     attempt(f"{device} backward weight=None bias={bias} {dtype} {shape}",
                             lambda d=device, t=dtype, s=shape, b=bias: backward_without_weight(d, t, s, b))
         attempt(f"{device} backward weight=None bias=True bfloat16 input, float32 bias (4, 3, 2, 2)",
-                lambda d=device: backward_without_weight(d, torch.bfloat16, (4, 3, 2, 2), True, torch.float32))
+                lambda d=device: backward_without_weight(d, torch.bfloat16, (4, 3, 2, 2), True,
+                                                         torch.float32))
         with torch.backends.cudnn.flags(enabled=False):
             attempt(f"{device} backward weight=None bias=True float32 (4, 3, 2, 2), cudnn off",
                     lambda d=device: backward_without_weight(d, torch.float32, (4, 3, 2, 2), True))

@@ -14,7 +14,7 @@ import pytest
 from conformance import ROOT
 from conformance.evaluate import Outcome, evaluate
 from conformance.fill import fill_file
-from conformance.known import Rule, Rules
+from conformance.known import Rule, Rules, When
 from conformance.loader import load_file
 from conformance.results import Status
 from conformance.variants import CATALOGUE
@@ -128,6 +128,23 @@ def test_a_rule_whose_variant_matches_makes_it_known_and_another_variant_fails(c
     outcome = run("fake-momentum-complement", case, "training", [wrong])
     assert outcome.status == Status.FAIL and "rules expect stats-frozen" in outcome.reason
     assert run("fake-momentum-complement", case, "inference", [rule]).status == Status.PASS
+
+
+def test_a_rule_for_another_device_or_release_does_not_apply(cases):
+    """`when.device` and `when.versions` compare with where the adapter ran (the fake: cpu, numpy)."""
+    import numpy
+
+    case = cases["meta-two-steps"]
+    rule = Rule(adapters=["fake-momentum-complement"], explained_by="momentum-complement",
+                reason="r", link="https://example.org/fake")
+    for when, status in (({"device": "cuda"}, Status.FAIL), ({"device": ["cpu", "cuda"]}, Status.KNOWN),
+                         ({"versions": {"numpy": f"<{numpy.__version__}"}}, Status.FAIL),
+                         ({"versions": {"numpy": f">={numpy.__version__}"}}, Status.KNOWN),
+                         ({"versions": {"no-such-package": ">=0"}}, Status.FAIL)):
+        scoped = rule.model_copy(update={"when": When(**when)})
+        assert run("fake-momentum-complement", case, "training", [scoped]).status == status, when
+    with pytest.raises(ValueError, match="not a version specifier"):
+        When(versions={"torch": "2.13 or later"})
 
 
 def test_a_framework_raising_is_diagnosed_as_rejects(cases):
