@@ -52,12 +52,15 @@ def badness(expected: np.ndarray, got: np.ndarray, rtol: float, atol: float,
 def diagnose(problem: Problem, check: Check, declared: tuple[str, ...], got: dict[str, np.ndarray],
              held_to: dict[str, np.ndarray], tol: Tolerance, conditioning: float,
              atol_scales: dict[str, float] | None = None,
-             per_output: dict[str, Tolerance] | None = None) -> Diagnosis:
+             per_output: dict[str, Tolerance] | None = None, ruled: tuple[str, ...] = ()) -> Diagnosis:
     """`got`: the framework's compared outputs by name; `held_to`: what they were compared with;
     `atol_scales`: per output, the factor its atol was scaled by (gradients); `per_output`: the
-    outputs held to a tolerance of their own (mixed precision), judged from it.
+    outputs held to a tolerance of their own (mixed precision), judged from it; `ruled`: the
+    variants the known rules covering this check name.
     Single variants, then pairs of variants neither of which explains it alone (ONNX's float32
-    momentum *and* epsilon attributes, say), named "a+b"."""
+    momentum *and* epsilon attributes, say), named "a+b"; then, where neither does, three or more of
+    the ruled variants together ("a+b+c": Keras 3 on torch computes a 1-D input in float32, by sums
+    of squares, over every axis). Only ruled ones: every combination of the catalogue is too many."""
     names = [n for n, v in variants.CATALOGUE.items()
              if n not in declared and not v.raises and v.applies(problem, check)]
     scored = [(score(problem, check, (*declared, n), got, held_to, tol, conditioning, atol_scales,
@@ -72,6 +75,13 @@ def diagnose(problem: Problem, check: Check, declared: tuple[str, ...], got: dic
                 matched.append(f"{a}+{b}")
     if matched:
         return Diagnosis(matched)
+    together = [n for n in dict.fromkeys(ruled) if n in names]
+    for size in range(3, len(together) + 1):
+        for combo in itertools.combinations(together, size):
+            worst, moves, _ = score(problem, check, (*declared, *combo), got, held_to, tol, conditioning,
+                                    atol_scales, per_output)
+            if worst <= 1 and moves:
+                return Diagnosis(["+".join(combo)])
     plausible = [(worst, n) for (worst, moves, _), n in scored if moves]
     if not plausible:
         return Diagnosis([])

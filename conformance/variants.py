@@ -339,11 +339,12 @@ def _gradients(p: Problem, k: Knobs) -> dict[str, np.ndarray]:
 
 
 def undetermined(problem: Problem, check: Check, knobs: Knobs) -> dict[str, np.ndarray]:
-    """Per output, the elements a simulation cannot predict: for the unclamped sum of squares, those
-    of channels where the true variance + eps is within the cancellation error
-    default(d)·(var + mean²), so the framework's sign, and so NaN or not, is a matter of summation
-    order. Empty where everything is predictable."""
-    if knobs.variance != "sum-of-squares-unclamped":
+    """Per output, the elements a simulation cannot predict: for the sum of squares, those of
+    channels where the true variance + eps is within the cancellation error default(d)·(var + mean²).
+    There the framework's variance + eps is rounding noise whose value, sign (unclamped: NaN or not)
+    or zero (clamped at 0 with eps 0: inf or NaN) is a matter of summation order. Empty where
+    everything is predictable (two-pass; or eps above the noise)."""
+    if knobs.variance == "two-pass":
         return {}
     problem = reference.bn_input(problem)  # masks are per element, so W mixing them is not tracked
     eps = problem.epsilon if knobs.epsilon is None else knobs.epsilon
@@ -360,8 +361,10 @@ def undetermined(problem: Problem, check: Check, knobs: Knobs) -> dict[str, np.n
         return np.broadcast_to(reference.broadcastable(channels, x.ndim, problem.channel_axes), x.shape)
 
     if check == "training":
+        # renorm's moving std follows the batch std (renorm_mean, like moving_mean, does not)
         return {"output": like_input(last), "batch_mean": np.zeros_like(last), "batch_variance": last,
                 "moving_mean": np.zeros_like(ever), "moving_variance": ever,
+                "renorm_mean": np.zeros_like(ever), "renorm_stddev": ever,
                 "inference_output": like_input(ever)}
     return {name: like_input(last) if name == "input" else last for name in ("input", "gamma", "beta",
                                                                               "output")}
@@ -532,7 +535,8 @@ VARIANTS = [
     # Keras 3's torch backend (keras/src/backend/torch/nn.py moments, L976-982): no clamp, so a variance
     # that cancels below -eps gives NaN. Which channels go negative depends on the summation order, so
     # where the true variance + eps lies inside the cancellation error the outputs are not compared
-    # (`undetermined`); everywhere else it is judged as variance-sum-of-squares.
+    # (`undetermined`, as for the clamped form, whose variance there is noise or 0); everywhere else it
+    # is judged as variance-sum-of-squares.
     Variant("variance-sum-of-squares-unclamped", "E[x²] - E[x]², not clamped at 0 (NaN below -eps)",
             _batch_stats, {"variance": "sum-of-squares-unclamped"}),
     # Keras 3's torch backend on a 1-D input: ops.moments reduces axes=() with torch.mean(dim=()),

@@ -395,3 +395,26 @@ def test_replica_variants():
             np.testing.assert_allclose(mean[name], value, rtol=1e-15)
     assert not CATALOGUE["replica-0-stats"].applies(unsync, "inference")
     assert not CATALOGUE["replica-0-stats"].applies(dataclasses.replace(unsync, replicas=None), "training")
+
+
+def test_three_ruled_variants_together_explain_what_no_pair_does():
+    """Keras 3 on torch with a 1-D input (cases/numerics/vector-large-mean-eps-0-float64, found by
+    fuzzing): float32, sums of squares and every axis at once. The diagnosis finds the triple only
+    among the variants that rules name."""
+    from conformance import ROOT
+    from conformance import problem as problems
+    from conformance.diagnose import diagnose
+    from conformance.evaluate import tolerances
+    from conformance.loader import load_file
+
+    [loaded], _ = load_file(ROOT / "cases/numerics/vector-large-mean-eps-0-float64.yaml")
+    case = loaded.case
+    p = problems.build(case, "training")
+    conditioning = problems.conditioning(case, "training", p)
+    tol, per_output = tolerances(p, "training", conditioning, case)
+    triple = ("compute-float32", "variance-sum-of-squares-unclamped", "reduce-all-axes")
+    got = simulate_named(p, "training", triple)
+    expected = simulate(p, "training")
+    args = (p, "training", (), got, {k: expected[k] for k in got}, tol, conditioning, {}, per_output)
+    assert diagnose(*args).explained_by == []
+    assert diagnose(*args, ruled=(*triple, "rejects")).explained_by == ["+".join(triple)]
