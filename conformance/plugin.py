@@ -26,11 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-try:
-    from _pytest.nodeid import NodeId  # pytest 9 ids keep "[params]" apart: --lf compares them
-except ImportError:  # pytest 8 takes a node id as a plain string
-    NodeId = None
+from _pytest.nodeid import NodeId  # pytest 9 ids keep "[params]" apart: --lf compares them
 
 import adapters as registry
 from adapters.base import DEVICE_VARIABLE, DEVICES, Adapter
@@ -199,8 +195,7 @@ class CaseFile(pytest.File):
         path = path.resolve()
         if path.is_relative_to(parent.config.rootpath):
             return cls.from_parent(parent, path=path)
-        nodeid = path.as_posix() if NodeId is None else NodeId(path=path.as_posix())
-        return cls.from_parent(parent, path=path, nodeid=nodeid)
+        return cls.from_parent(parent, path=path, nodeid=NodeId(path=path.as_posix()))
 
     def collect(self):
         state = self.config.stash[STATE]
