@@ -9,9 +9,11 @@ Runtime, or `tf.lite.TFLiteConverter.from_keras_model` run by LiteRT (`ai-edge-l
   `INFERENCE_PRECISION_HINT=f32`; its default on AVX512_BF16/AMX CPUs is bfloat16).
 - `keras-torch-onnx` (torch backend): `model.export(path, format="onnx")` (torch.onnx.export
   underneath), ONNX Runtime, optimizations off.
-
-On the jax backend `format="onnx"` needs the `jax2onnx` package, which is not among the pinned
-dependencies (keras/src/export/onnx.py raises ImportError), so there is no `keras-jax-onnx`.
+- `keras-jax-onnx` (jax backend): `model.export(path, format="onnx")`, which on jax traces
+  `model(x, training=False)` with `jax2onnx.to_onnx` (keras/src/export/onnx.py L282-335; the
+  `keras-jax-onnx` extra installs jax2onnx), ONNX Runtime, optimizations off. jax2onnx writes BN as
+  the arithmetic Keras traced (Add, Sqrt, Div, Mul, ...), not a BatchNormalization node. The jax
+  backend runs with adapters/jax_setup.py (x64 mode; the input signature stays float32).
 
 - Source model: `keras.Model(Input(shape, batch_size=N), BatchNormalization(preceding(x)))`,
   channels-last; `preceding` is a 1x1 `Conv1D/2D/3D(C, 1)` (rank 3-5) or `Dense(C)` (rank 2) with
@@ -29,10 +31,16 @@ dependencies (keras/src/export/onnx.py raises ImportError), so there is no `kera
 
 from __future__ import annotations
 
+import logging
+import os
 import tempfile
 import warnings
+from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+if os.environ.get("KERAS_BACKEND") == "jax":
+    import adapters.jax_setup  # noqa: F401  (x64 and JAX's platform, before Keras starts JAX)
 
 import keras
 import numpy as np
@@ -50,6 +58,11 @@ from adapters.base import (
 from adapters.exports import ChannelsLastArtefact, onnxruntime_session, run_openvino, run_session, run_tflite
 
 BACKEND = keras.backend.backend()
+# jax2onnx imports every plugin it ships at the first export and logs a traceback for each that
+# this JAX cannot import (its dm_pix plugins read jax.interpreters.batching.not_mapped, gone in JAX
+# 0.10: jax2onnx/plugins/plugin_system.py L1400); none of them is on a BN model's path
+logging.getLogger("jax2onnx.plugins.plugin_system").setLevel(logging.ERROR)
+EXPORTER = {"tensorflow": "tf2onnx", "jax": "jax2onnx", "torch": "torch.onnx.export"}  # under export()
 CONVS = {3: keras.layers.Conv1D, 4: keras.layers.Conv2D, 5: keras.layers.Conv3D}
 
 
@@ -95,6 +108,10 @@ class KerasExport(ChannelsLastArtefact, Adapter):
                 import tf2onnx
 
                 out["tf2onnx"] = tf2onnx.__version__
+            elif BACKEND == "jax":
+                import jax
+
+                out |= {"jax": jax.__version__, "jax2onnx": metadata.version("jax2onnx")}
             else:
                 import torch
 
@@ -106,7 +123,7 @@ class KerasExport(ChannelsLastArtefact, Adapter):
         runtime = ("OpenVINO CPU, INFERENCE_PRECISION_HINT=f32" if self.runtime == "openvino"
                    else "ONNX Runtime ORT_DISABLE_ALL")
         out.append("TFLiteConverter.from_keras_model; LiteRT Interpreter" if self.converter == "tflite"
-                   else f"model.export(format='onnx') on {BACKEND}; {runtime}")
+                   else f"model.export(format='onnx') on {BACKEND} ({EXPORTER[BACKEND]}); {runtime}")
         return out
 
     def model(self, problem: Problem) -> keras.Model:
