@@ -26,7 +26,11 @@ Runtime, or `tf.lite.TFLiteConverter.from_keras_model` run by LiteRT (`ai-edge-l
   the last batch, compared as `inference_output`; the source's moving statistics and last training
   output are compared too. A case without `inference_output` is not expressible; gradients: an
   artefact is run, not differentiated.
-- Dtypes: float32 (the exporters' input signatures and TFLite's kernels are float32 here).
+- Dtypes: float32; `keras-tflite` also float16, through TFLite's post-training float16
+  quantization (`adapters/exports.py` `tflite_options`: a float32 source model with the case's
+  float16 values; the converted model keeps the weights, BN's folded ones too, in float16).
+  `model.export(format="onnx")` requires a float32 dtype policy (keras/src/export/onnx.py, its
+  docstring), so the ONNX ids are float32 only.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import logging
 import os
 import tempfile
 import warnings
+from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -55,7 +60,17 @@ from adapters.base import (
     Problem,
     TrainingRun,
 )
-from adapters.exports import ChannelsLastArtefact, onnxruntime_session, run_openvino, run_session, run_tflite
+from adapters.exports import (
+    TFLITE_DTYPES,
+    TFLITE_FLOAT16,
+    TFLITE_WHY,
+    ChannelsLastArtefact,
+    onnxruntime_session,
+    run_openvino,
+    run_session,
+    run_tflite,
+    tflite_options,
+)
 
 BACKEND = keras.backend.backend()
 # jax2onnx imports every plugin it ships at the first export and logs a traceback for each that
@@ -77,9 +92,8 @@ class KerasExport(ChannelsLastArtefact, Adapter):
         dtypes=frozenset({"float32"}), checks=frozenset({"training", "inference"}), min_rank=2, max_rank=5,
         features=frozenset({"preceding"}),
         why={"gradients": "an exported artefact is run, not differentiated",
-             "float16": "the exported models here are float32",
-             "bfloat16": "the exported models here are float32",
-             "float64": "the exported models here are float32 (TFLite has no float64 kernels)",
+             **dict.fromkeys(("float16", "bfloat16", "float64"), "model.export(format='onnx') requires the "
+                             "float32 dtype policy (keras/src/export/onnx.py L49)"),
              "momentum-null": "Keras momentum is a fixed decay; it has no cumulative average",
              "multi-axis": "the exported layer normalizes the last axis of a channels-last model",
              "rank": "a channels-last model with a batch dim: rank 2 (Dense) to 5 (Conv3D)"},
@@ -89,6 +103,9 @@ class KerasExport(ChannelsLastArtefact, Adapter):
         self.id = adapter_id
         self.converter = "tflite" if adapter_id == "keras-tflite" else "onnx"
         self.runtime = "openvino" if adapter_id.endswith("-openvino") else "default"
+        if self.converter == "tflite":
+            self.capabilities = replace(KerasExport.capabilities, dtypes=TFLITE_DTYPES,
+                                        why={**KerasExport.capabilities.why, **TFLITE_WHY})
 
     def versions(self) -> dict[str, str]:
         out = {"keras": keras.__version__, "backend": BACKEND}
@@ -124,6 +141,8 @@ class KerasExport(ChannelsLastArtefact, Adapter):
                    else "ONNX Runtime ORT_DISABLE_ALL")
         out.append("TFLiteConverter.from_keras_model; LiteRT Interpreter" if self.converter == "tflite"
                    else f"model.export(format='onnx') on {BACKEND} ({EXPORTER[BACKEND]}); {runtime}")
+        if self.converter == "tflite" and problem.dtype == "float16":
+            out.append(TFLITE_FLOAT16)
         return out
 
     def model(self, problem: Problem) -> keras.Model:
@@ -144,14 +163,15 @@ class KerasExport(ChannelsLastArtefact, Adapter):
         bn.set_weights([*values, problem.moving_mean, problem.moving_variance])
         return model
 
-    def exported(self, model: keras.Model, x: np.ndarray) -> np.ndarray:
-        """The model through this id's path, run on x (channels-last float32)."""
+    def exported(self, model: keras.Model, x: np.ndarray, dtype: str) -> np.ndarray:
+        """The model through this id's path (for the case dtype), run on x (channels-last float32)."""
         with warnings.catch_warnings(), tempfile.TemporaryDirectory() as folder:
             warnings.simplefilter("ignore")
             if self.converter == "tflite":
                 import tensorflow as tf
 
-                return run_tflite(tf.lite.TFLiteConverter.from_keras_model(model).convert(), x)
+                converter = tflite_options(tf.lite.TFLiteConverter.from_keras_model(model), dtype)
+                return run_tflite(converter.convert(), x)
             path = Path(folder) / "model.onnx"
             # export_onnx refuses a model never called, even a functional one whose input signature
             # it has just computed (keras/src/export/onnx.py L77-79): call it once, in inference mode
@@ -166,13 +186,14 @@ class KerasExport(ChannelsLastArtefact, Adapter):
         for x in problem.batches:
             output = to_numpy(model(self.last(x, problem), training=True))
         bn = model.layers[-1]
-        y = self.exported(model, self.last(problem.batches[-1], problem))
+        y = self.exported(model, self.last(problem.batches[-1], problem), problem.dtype)
         return TrainingRun(output=self.back(output, problem), moving_mean=to_numpy(bn.moving_mean),
                            moving_variance=to_numpy(bn.moving_variance),
                            inference_output=self.back(y, problem))
 
     def infer(self, problem: Problem) -> np.ndarray:
-        return self.back(self.exported(self.model(problem), self.last(problem.batches[-1], problem)), problem)
+        x = self.last(problem.batches[-1], problem)
+        return self.back(self.exported(self.model(problem), x, problem.dtype), problem)
 
     def gradients(self, problem: Problem) -> Gradients:
         raise NotExpressible(self.why_not_expressible(problem, "gradients"))
