@@ -131,6 +131,8 @@ def test_folded_outputs_are_held_per_channel():
     assert compare("y", expected, np.array([[error, 0.0], [0.0, 0.0]]), "float32", tol).passed
     failed = compare("y", expected, np.array([[0.0, error], [0.0, 0.0]]), "float32", tol)
     assert not failed.passed and failed.worst_index == [0, 1] and failed.atol == pytest.approx(2e-5)
+    assert compare("y", np.zeros((0, 0)), np.zeros((0, 0)), "float32",  # no channels (fuzz, seed 7)
+                   folded_tolerance("float32", np.zeros(0), axis=1, ndim=2)).passed
 
 
 def test_only_folded_outputs_get_the_per_channel_tolerance(write_case):
