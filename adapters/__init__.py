@@ -55,7 +55,7 @@ ADAPTERS: dict[str, AdapterInfo] = {
         *(AdapterInfo(i, "keras-export", "adapters.keras_export", (("KERAS_BACKEND", backend),))
           for i, backend in (("keras-tflite", "tensorflow"), ("keras-onnx", "tensorflow"),
                              ("keras-onnx-openvino", "tensorflow"),
-                             ("keras-torch-onnx", "torch"))),
+                             ("keras-torch-onnx", "torch"), ("keras-jax-onnx", "jax"))),
         # data-parallel replicas (params.replicas cases only) on each framework's own engine
         AdapterInfo("tf-keras-mirrored", "tf", "adapters.tf_mirrored"),
         AdapterInfo("keras-mirrored", "keras", "adapters.tf_mirrored", (("KERAS_BACKEND", "tensorflow"),)),
@@ -105,7 +105,8 @@ for _info in ADAPTERS.values():
 # Adapters that fix a process-wide setting another adapter of the same run would contradict:
 # `--framework=all` leaves them out; `python -m conformance run` gives each its own process.
 # The MirroredStrategy adapters configure logical CPU devices, which TF allows only before it starts.
-OWN_PROCESS = {"keras-jax", "keras-torch", "keras-torch-onnx", "tf-keras-mirrored", "keras-mirrored"}
+OWN_PROCESS = {"keras-jax", "keras-torch", "keras-torch-onnx", "keras-jax-onnx", "tf-keras-mirrored",
+               "keras-mirrored"}
 
 
 def resolve(selection: str, own_process_too: bool = False) -> list[str]:

@@ -52,6 +52,35 @@ class ChannelsLastArtefact:
         return np.moveaxis(np.asarray(y, np.float64), -1, problem.axes[0])
 
 
+# -- TFLite's converter options for a case dtype
+
+
+TFLITE_DTYPES = frozenset({"float32", "float16"})
+TFLITE_WHY = {
+    "bfloat16": "TFLiteConverter has no bfloat16 model: Optimize.DEFAULT with supported_types=[tf.bfloat16] "
+                "leaves every tensor float32 (measured with tensorflow 2.21)",
+    "float64": "float64 is not a TFLite kernel type",
+}
+TFLITE_FLOAT16 = ("float16 case: the source model in float32 (the case's float16 values exactly), converted "
+                  "with post-training float16 quantization (optimizations=[Optimize.DEFAULT], "
+                  "supported_types=[float16]): the weights, BN's folded ones too, stored in float16 and "
+                  "dequantized to float32; float32 input and output")
+
+
+def tflite_options(converter: Any, dtype: str) -> Any:
+    """The converter as TFLite's documentation says for the case dtype: for float16, post-training
+    float16 quantization (tensorflow/lite/python/lite.py L384-389 and L453-460: float32 inference
+    type, weights quantized to float16). Measured on a Conv2D + BatchNormalization model: the
+    converter folds BN into the convolution, and the folded kernel and bias are the float16
+    tensors, dequantized at load. Other dtypes: the defaults (a float32 model)."""
+    if dtype == "float16":
+        import tensorflow as tf
+
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    return converter
+
+
 # -- the runtimes an exported artefact runs in, single-threaded, as each one's documentation shows
 
 

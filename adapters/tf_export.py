@@ -33,9 +33,12 @@ and for the default `training=False`, `training-uses-moving-stats`).
   compared as `inference_output`; the source's moving statistics (what the conversion carries)
   and its last training output are compared too. A case without `inference_output` is not
   expressible. gradients: an artefact is run, not differentiated.
-- Dtypes: float32 only. TFLite's builtin kernels are float32 (float16 weights are dequantized;
-  float64 is not a TFLite kernel type), and the tf2onnx path follows the same source models.
-- Converters run with their defaults (TFLite: builtin ops, no optimizations); the LiteRT
+- Dtypes: float32; the TFLite ids also float16, through TFLite's post-training float16
+  quantization (`adapters/exports.py` `tflite_options`): the source model is float32 with the
+  case's float16 values, and the converted model keeps the weights, BN's folded kernel and bias
+  too, in float16. bfloat16: the converter has no such model; float64 is not a TFLite kernel type;
+  the tf2onnx ids follow float32 source models.
+- Converters otherwise run with their defaults (TFLite: builtin ops, no optimizations); the LiteRT
   interpreter and ONNX Runtime use one thread.
 """
 
@@ -59,7 +62,17 @@ from adapters.base import (
     Problem,
     TrainingRun,
 )
-from adapters.exports import ChannelsLastArtefact, onnxruntime_session, run_openvino, run_session, run_tflite
+from adapters.exports import (
+    TFLITE_DTYPES,
+    TFLITE_FLOAT16,
+    TFLITE_WHY,
+    ChannelsLastArtefact,
+    onnxruntime_session,
+    run_openvino,
+    run_session,
+    run_tflite,
+    tflite_options,
+)
 
 # id -> (source, how it is trained, the converter)
 PATHS: dict[str, tuple[str, str, str]] = {
@@ -84,9 +97,12 @@ class TfExport(ChannelsLastArtefact, Adapter):
         self.id = adapter_id
         self.source, self.training, self.converter = PATHS[adapter_id]
         self.runtime = "openvino" if adapter_id.endswith("-openvino") else "default"
+        if self.converter == "tflite":
+            self.capabilities = replace(TfExport.capabilities, dtypes=TFLITE_DTYPES,
+                                        why={**TfExport.capabilities.why, **TFLITE_WHY})
         if self.training != "documented":  # the misuse concerns training; inference is tf-layers-tflite's
-            self.capabilities = replace(TfExport.capabilities, checks=frozenset({"training"}), why={
-                **TfExport.capabilities.why, "inference": "this id differs from tf-layers-tflite only in "
+            self.capabilities = replace(self.capabilities, checks=frozenset({"training"}), why={
+                **self.capabilities.why, "inference": "this id differs from tf-layers-tflite only in "
                 "how it trains; its inference is tf-layers-tflite's"})
 
     capabilities = Capabilities(
@@ -132,6 +148,8 @@ class TfExport(ChannelsLastArtefact, Adapter):
                     "tf2onnx": "tf2onnx.convert.from_keras (default opset); ONNX Runtime ORT_DISABLE_ALL"
                     }[self.converter] if self.runtime == "default" else
                    "tf2onnx.convert.from_keras (default opset); OpenVINO CPU, INFERENCE_PRECISION_HINT=f32")
+        if self.converter == "tflite" and problem.dtype == "float16":
+            out.append(TFLITE_FLOAT16)
         if self.training == "training-default":
             out.append("training steps call the layer without `training` (default False), as the seed "
                        "article's author did")
@@ -166,7 +184,7 @@ class TfExport(ChannelsLastArtefact, Adapter):
 
     def convert_keras(self, model: tf_keras.Model, problem: Problem) -> Any:
         if self.converter == "tflite":
-            return tf.lite.TFLiteConverter.from_keras_model(model).convert()
+            return tflite_options(tf.lite.TFLiteConverter.from_keras_model(model), problem.dtype).convert()
         import tf2onnx
 
         spec = (tf.TensorSpec(model.inputs[0].shape, tf.float32, name="x"),)
@@ -228,7 +246,8 @@ class TfExport(ChannelsLastArtefact, Adapter):
                     out["output"] = session.run(y_train, {x_train: self.last(x, problem)})
             for v, value in zip(moving, session.run(moving), strict=True):
                 out["moving_mean" if "moving_mean" in v.name else "moving_variance"] = value
-            converter = tf.compat.v1.lite.TFLiteConverter.from_session(session, [x_infer], [y_infer])
+            converter = tflite_options(
+                tf.compat.v1.lite.TFLiteConverter.from_session(session, [x_infer], [y_infer]), problem.dtype)
             model_bytes = converter.convert()
             session.close()
         return model_bytes, out

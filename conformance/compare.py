@@ -11,6 +11,10 @@ so a correct two-pass implementation is off by about eps * c, and both tolerance
 (1 + c). An E[x^2] - E[x]^2 implementation is off by about eps * c^2 and still fails. A case may
 override rtol/atol only with a written reason. Where the reference is NaN (undefined), any
 non-finite result matches.
+
+Folded outputs (`folded_tolerance`): with a preceding layer, y of the training and inference
+checks is held per channel to base x (1 + T_i), T_i the size of the terms channel i's folded
+output sums (`problem.folded_magnitudes`), instead of the case-wide (1 + c).
 """
 
 from __future__ import annotations
@@ -41,8 +45,9 @@ def held_dtype(held_in: str, dtype: str, param_dtype: str | None) -> str:
 
 @dataclass(frozen=True)
 class Tolerance:
-    rtol: float
-    atol: float
+    # a float, or (folded outputs) an array that broadcasts over the output: one value per channel
+    rtol: float | np.ndarray
+    atol: float | np.ndarray
     rule: str  # how it was chosen, for the report
 
 
@@ -56,6 +61,35 @@ def tolerance(dtype: str, conditioning: float, override: ToleranceOverride | Non
         atol = override.atol if override.atol is not None else atol
         rule = f"case override: {override.reason}"
     return Tolerance(rtol, atol, rule)
+
+
+def folded_tolerance(dtype: str, magnitude: np.ndarray, axis: int, ndim: int) -> Tolerance:
+    """The tolerance of a folded output (y with a preceding layer), per channel i along `axis`:
+    rtol = atol = base(dtype) x (1 + T_i), T_i = `problem.folded_magnitudes`.
+
+    Derivation. An exporter folds BN into the preceding layer, y_i = sum_j W'_ij x_j + b'_i with
+    W'_ij = s_i W_ij, b'_i = s_i (b_i - mean_i) + beta_i, s_i = gamma_i / sqrt(var_i + eps), and
+    evaluates it in the case dtype (unit roundoff u). Rounding W' and b', the C products and the
+    C + 1 additions (Higham, "Accuracy and Stability of Numerical Algorithms", 3.1) leaves
+    |error_i| <= (C + 2) u |s_i| (sum_j |W_ij| |x_j| + |b_i - mean_i|) + u |y_i|
+              <= (C + 2) u T_i + u |y_i|.
+    Unfolded (z = W x + b rounded, then BN) z is off by u (|W| |x| + |b|) and the mean computed
+    from it by about as much, both scaled by |s_i|: 2 u T_i.
+    The bound depends on channel i only, so each channel is held to its own T_i: a folded output
+    near 0 is a difference of large products, where ULPs of the output mislead, but a channel of
+    small products is not given another channel's allowance. The base is 8.2 u for float16
+    (4e-3 / 2^-11), 7.7 u for bfloat16, 168 u for float32, so base x (1 + T_i) covers the worst
+    case (C + 2) u T_i for C <= 6 channels in float16 and bfloat16 and any C in float32; beyond
+    that it covers the typical error, about sqrt(C + 2) u T_i (random rounding). No dtype gets a
+    factor of its own: float16 folds are held to float16's base like every other float16 output."""
+    base = DEFAULT_TOLERANCE[dtype]
+    shape = [1] * ndim
+    shape[axis] = magnitude.size
+    factor = (1.0 + magnitude).reshape(shape)
+    span = f"from {float(magnitude.min()):.3g} to {float(magnitude.max()):.3g}" if magnitude.size else "none"
+    return Tolerance(base * factor, base * factor,
+                     f"folded, per channel: {dtype} default {base:g} x (1 + T_i), T_i (size of the folded "
+                     f"products) {span}")
 
 
 @dataclass
@@ -110,8 +144,9 @@ def compare(name: str, expected: np.ndarray, got: np.ndarray, dtype: str, tol: T
         if got.size == expected.size:
             got = got.reshape(expected.shape)
         else:
-            return Metric(name, False, np.inf, np.inf, np.inf, [], np.nan, np.nan, tol.rtol,
-                          tol.atol, derived, f"shape {list(got.shape)}, expected {list(expected.shape)}")
+            return Metric(name, False, np.inf, np.inf, np.inf, [], np.nan, np.nan, widest(tol.rtol),
+                          widest(tol.atol), derived,
+                          f"shape {list(got.shape)}, expected {list(expected.shape)}")
     exact = undefined_or_equal(expected, got)
     with np.errstate(invalid="ignore", over="ignore"):
         abs_err = np.where(exact, 0.0, np.abs(got - expected))
@@ -122,7 +157,7 @@ def compare(name: str, expected: np.ndarray, got: np.ndarray, dtype: str, tol: T
         ulps = np.where(exact, 0.0, abs_err / ulp(np.where(np.isfinite(expected), expected, 0), dtype))
         badness = np.where(allowed > 0, abs_err / allowed, np.where(abs_err > 0, np.inf, 0.0))
     if expected.size == 0:
-        return Metric(name, True, 0.0, 0.0, 0.0, [], 0.0, 0.0, tol.rtol, tol.atol, derived)
+        return Metric(name, True, 0.0, 0.0, 0.0, [], 0.0, 0.0, widest(tol.rtol), widest(tol.atol), derived)
     worst = np.unravel_index(int(np.argmax(badness)), expected.shape)
     finite_rel = rel[np.isfinite(rel)] if np.any(expected != 0) else np.zeros(1)
     return Metric(
@@ -134,7 +169,12 @@ def compare(name: str, expected: np.ndarray, got: np.ndarray, dtype: str, tol: T
         worst_index=[int(i) for i in worst],
         worst_expected=float(expected[worst]),
         worst_got=float(got[worst]),
-        rtol=tol.rtol,
-        atol=tol.atol,
+        rtol=float(np.broadcast_to(tol.rtol, expected.shape)[worst]),  # the worst element's own
+        atol=float(np.broadcast_to(tol.atol, expected.shape)[worst]),
         derived=derived,
     )
+
+
+def widest(value: float | np.ndarray) -> float:
+    """A per-channel tolerance's largest value (0 with no channels), for the record."""
+    return float(np.max(value)) if np.size(value) else 0.0

@@ -111,7 +111,7 @@ def score(problem: Problem, check: Check, names: tuple[str, ...], got: dict[str,
             rtol, atol = variants.tolerance_for(knobs, problem, base.rtol, base.atol, conditioning)
             worst = max(worst, badness(simulated[out], value, rtol, atol * scale.get(out, 1.0),
                                        unknown.get(out)))
-            wider = rtol > base.rtol or atol > base.atol
+            wider = bool(np.any(rtol > base.rtol) or np.any(atol > base.atol))
             wide = wide or wider
             moves = moves or wider or badness(held_to[out], simulated[out], base.rtol,
                                               base.atol * scale.get(out, 1.0)) > 1

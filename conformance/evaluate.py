@@ -15,7 +15,15 @@ import numpy as np
 from adapters.base import Adapter, Check, NotExpressible, Problem
 from conformance import ROOT, known
 from conformance import problem as problems
-from conformance.compare import Metric, Tolerance, coarser, compare, held_dtype, tolerance
+from conformance.compare import (
+    Metric,
+    Tolerance,
+    coarser,
+    compare,
+    folded_tolerance,
+    held_dtype,
+    tolerance,
+)
 from conformance.diagnose import diagnose, rejects
 from conformance.outputs import CHECKS, outputs_of
 from conformance.results import Record, Status
@@ -153,18 +161,30 @@ def raised_by_framework(exc: BaseException) -> bool:
 
 def tolerances(problem: Problem, check: Check, conditioning: float, case: Case,
                ) -> tuple[Tolerance, dict[str, Tolerance]]:
-    """The check's tolerance, and under mixed precision (`param_dtype`) each output's own where it
-    is held in another dtype (`compare.held_dtype`). The check's is that of the coarsest dtype
-    its outputs are held in: the diagnosis and the record use it."""
-    if problem.param_dtype is None or case.tolerance is not None:
+    """The check's tolerance, and each output's own where it differs: under mixed precision
+    (`param_dtype`) an output held in another dtype (`compare.held_dtype`), and with a preceding
+    layer the folded outputs, per channel (`compare.folded_tolerance`). The check's is that of the
+    coarsest dtype its outputs are held in: the diagnosis and the record use it."""
+    if case.tolerance is not None:
         return tolerance(case.dtype, conditioning, case.tolerance), {}
     held = {o.name: held_dtype(o.held_in, problem.dtype, problem.param_dtype) for o in outputs_of(check)
             if o.exists(case.params)}
     coarsest = case.dtype
     for dtype in held.values():
         coarsest = coarser(coarsest, dtype)
-    return tolerance(coarsest, conditioning, None), {
-        name: tolerance(dtype, conditioning, None) for name, dtype in held.items() if dtype != coarsest}
+    check_tol = tolerance(coarsest, conditioning, None)
+    per_output = {name: tolerance(dtype, conditioning, None) for name, dtype in held.items()
+                  if dtype != coarsest}
+    magnitude = problems.folded_magnitude(case, check, problem)
+    if magnitude is not None:
+        axis, ndim = problem.channel_axes[0], problem.batches[-1].ndim
+        folded = {o.name: folded_tolerance(held[o.name], magnitude, axis, ndim) for o in outputs_of(check)
+                  if o.folded and o.name in held}
+        per_output |= folded
+        if folded:
+            check_tol = replace(check_tol, rule=f"{check_tol.rule}; {', '.join(folded)} "
+                                                f"{next(iter(folded.values())).rule}")
+    return check_tol, per_output
 
 
 def measure(check: str, expected: problems.Expected, got: dict[str, np.ndarray | None], dtype: str,

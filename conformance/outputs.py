@@ -78,6 +78,13 @@ class Output:
     def compared(self) -> bool:
         return self.stands_for is None
 
+    @property
+    def folded(self) -> bool:
+        """With a preceding layer, an exporter computes this output as the folded layer W'·x + b',
+        each channel from its own folded weights (compare.folded_tolerance): y of training and
+        inference. dL/dx is not: Wᵀ·dL/dz mixes the channels."""
+        return self.shape == "input" and self.check != "gradients"
+
 
 OUTPUTS: tuple[Output, ...] = (
     Output("training", "output", "input", "y of the last step, normalized with the biased batch variance"),

@@ -156,6 +156,56 @@ def conditioning(case: Case, check: Check, problem: Problem) -> float:
     return case.memo(("conditioning", check), lambda: input_conditioning(problem))
 
 
+def folded_magnitude(case: Case, check: Check, problem: Problem) -> np.ndarray | None:
+    """`folded_magnitudes` of the check's problem, once per case and check; None without a
+    preceding layer."""
+    if problem.preceding is None or check == "gradients":
+        return None
+    return case.memo(("folded-magnitude", check), lambda: folded_magnitudes(problem, check))
+
+
+def folded_magnitudes(problem: Problem, check: Check) -> np.ndarray:
+    """Per channel i, the size of the terms a folded output of channel i sums, in units of the
+    output (compare.folded_tolerance says why the tolerance scales with it):
+
+        T_i = |gamma_i| * (max_i(|W|·|x|) + max(|b_i|, |b_i - mean_i|)) / sqrt(var_i + eps)
+
+    the max over channel i's elements of the batches the check feeds, the largest over every
+    (mean, var) channel i is normalized with. Inference: the moving statistics (the batch's without
+    them). Training: each batch's statistics (output), the reference's moving statistics after
+    training (inference_output), and those it starts from, which an export that never updates them
+    or normalizes with them in training uses (the variants `stats-frozen` and
+    `training-uses-moving-stats`, judged at this tolerance). A channel whose var + eps is 0 counts
+    0 (its output is undefined, NaN, anyway)."""
+    preceding, bn = problem.preceding, reference.bn_input(problem)
+    assert preceding is not None
+    axis = problem.channel_axes[0]
+    size = Preceding(np.abs(preceding.weight), np.zeros_like(preceding.bias))  # |W|·|x|
+    largest = np.zeros(problem.gamma.shape)
+    stats = []
+    for raw, z in zip(problem.batches, bn.batches, strict=True):
+        if not raw.size:
+            continue
+        terms = np.moveaxis(size.apply(np.abs(raw), axis), axis, -1)
+        largest = np.maximum(largest, terms.reshape(-1, terms.shape[-1]).max(axis=0))
+        if check == "training" or not problem.track_running_stats:
+            for g in reference.normalized_together(z.shape[0], problem.virtual_batch_size):
+                stats.append(reference.moments(z[g], problem.channel_axes)[:2])
+    if problem.track_running_stats:
+        stats.append((problem.moving_mean, problem.moving_variance))
+        if check == "training":
+            after = reference.train(problem)  # either estimator's moving variance
+            stats += [(after.moving_mean, after.moving_variance),
+                      (after.moving_mean, after.moving_variance_unbiased)]
+    worst = np.zeros(problem.gamma.shape)
+    for mean, var in stats:
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            bias = np.maximum(np.abs(preceding.bias), np.abs(preceding.bias - mean))
+            t = np.abs(problem.gamma) * (largest + bias) / np.sqrt(var + problem.epsilon)
+        worst = np.maximum(worst, np.where(np.isfinite(t), t, 0.0))
+    return worst
+
+
 def gradient_scales(problem: Problem) -> dict[str, float]:
     """The size of the terms each gradient sums, for its absolute tolerance. A floating-point sum
     is off by about u * sum|a_i| (Higham, "Accuracy and Stability of Numerical Algorithms", 4.2),

@@ -385,8 +385,8 @@ def simulate(problem: Problem, check: Check, knobs: Knobs = CANONICAL) -> dict[s
     return out
 
 
-def tolerance_for(knobs: Knobs, problem: Problem, base_rtol: float, base_atol: float,
-                  conditioning: float) -> tuple[float, float]:
+def tolerance_for(knobs: Knobs, problem: Problem, base_rtol: float | np.ndarray,
+                  base_atol: float | np.ndarray, conditioning: float) -> tuple[Any, Any]:
     """(rtol, atol) a framework is held to when compared with `simulate(problem, check, knobs)`.
 
     base_* is the case's tolerance (its dtype's default x (1 + c), or its override); float64
@@ -400,7 +400,8 @@ def tolerance_for(knobs: Knobs, problem: Problem, base_rtol: float, base_atol: f
     if knobs.variance != "two-pass":
         widths.append(DEFAULT_TOLERANCE[stats_dtype(knobs, problem)] * (1.0 + c * c))
     atol_widths = [folded_error(knobs, problem)] if knobs.normalize_folded else []
-    return max(base_rtol, *widths), max(base_atol, *widths, *atol_widths)
+    # np.maximum: a folded output's base tolerance is one value per channel (compare.folded_tolerance)
+    return np.maximum(base_rtol, max(widths)), np.maximum(base_atol, max(widths + atol_widths))
 
 
 def folded_error(knobs: Knobs, problem: Problem) -> float:

@@ -9,8 +9,10 @@ import pytest
 
 from adapters.base import Capabilities, Preceding, Problem
 from conformance import reference, variants
+from conformance.compare import compare, folded_tolerance
+from conformance.evaluate import tolerances
 from conformance.loader import load_file
-from conformance.problem import input_conditioning
+from conformance.problem import build, conditioning, folded_magnitudes, input_conditioning
 
 CASE = """\
 id: pre
@@ -106,3 +108,40 @@ def test_validation_names_the_field(write_case):
     assert any("preceding.weight" in str(e) and "channels x channels" in str(e) for e in errors)
     _, errors = load_file(write_case("multi.yaml", CASE.replace("axis: 1", "axis: [1, 2]")))
     assert any("preceding" in str(e) and "exactly one channel axis" in str(e) for e in errors)
+
+
+def test_folded_magnitude_by_hand():
+    """T_i = |gamma_i| (max |W|·|x| + max(|b_i|, |b_i - mean_i|)) / sqrt(var_i + eps), inference:
+    the moving statistics. |W|·|x| rows: channel 0 [2+2, 6+1] -> 7, channel 1 [2, 1] -> 2; bias
+    terms max(3, |3 - 1|) = 3 and 0; sqrt(var + eps) = [2, 1]: T = [2·10/2, 0.5·2/1] = [10, 1]."""
+    p = Problem(case_id="t", dtype="float32", batches=(np.array([[1.0, 2.0], [-3.0, 1.0]]),), axes=(1,),
+                momentum=0.9, epsilon=1.0, center=True, scale=True, gamma=np.array([2.0, -0.5]),
+                beta=np.zeros(2), moving_mean=np.array([1.0, 0.0]), moving_variance=np.array([3.0, 0.0]),
+                preceding=Preceding(np.array([[2.0, -1.0], [0.0, 1.0]]), np.array([3.0, 0.0])))
+    np.testing.assert_allclose(folded_magnitudes(p, "inference"), [10.0, 1.0])
+    # training also counts the batch's statistics and those after the step: never below inference's
+    assert np.all(folded_magnitudes(p, "training") >= folded_magnitudes(p, "inference"))
+
+
+def test_folded_outputs_are_held_per_channel():
+    """The same error passes in a channel of large products and fails in one of small products."""
+    tol = folded_tolerance("float32", np.array([10.0, 1.0]), axis=1, ndim=2)
+    expected = np.zeros((2, 2))
+    error = 5e-5  # within 1e-5 x (1 + 10), beyond 1e-5 x (1 + 1)
+    assert compare("y", expected, np.array([[error, 0.0], [0.0, 0.0]]), "float32", tol).passed
+    failed = compare("y", expected, np.array([[0.0, error], [0.0, 0.0]]), "float32", tol)
+    assert not failed.passed and failed.worst_index == [0, 1] and failed.atol == pytest.approx(2e-5)
+    assert compare("y", np.zeros((0, 0)), np.zeros((0, 0)), "float32",  # no channels (fuzz, seed 7)
+                   folded_tolerance("float32", np.zeros(0), axis=1, ndim=2)).passed
+
+
+def test_only_folded_outputs_get_the_per_channel_tolerance(write_case):
+    """y of training and inference; not the statistics, and not dL/dx (Wᵀ mixes the channels)."""
+    (case,), _ = load_file(write_case("p.yaml", CASE))
+    case = case.case
+    for check, folded in (("training", {"output", "inference_output"}), ("inference", {"output"}),
+                          ("gradients", set())):
+        problem_ = build(case, check)
+        tol, per_output = tolerances(problem_, check, conditioning(case, check, problem_), case)
+        assert {name for name, t in per_output.items() if np.ndim(t.rtol)} == folded
+        assert np.ndim(tol.rtol) == 0 and ("folded, per channel" in tol.rule) == bool(folded)
