@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Literal
 
@@ -392,9 +393,15 @@ def channels_first_permutation(rank: int, channel_axis: int) -> list[int]:
 
 def to_ascending(per_channel: np.ndarray, channel_axes: tuple[int, ...]) -> np.ndarray:
     """Per-channel values from the case's axis order (non-negative `channel_axes`) to ascending axes."""
-    return np.transpose(per_channel, np.argsort(channel_axes))
+    return np.transpose(per_channel, _argsort(channel_axes))
 
 
 def to_case_order(ascending: np.ndarray, channel_axes: tuple[int, ...]) -> np.ndarray:
     """The inverse of `to_ascending`."""
-    return np.transpose(ascending, np.argsort(np.argsort(channel_axes)))
+    return np.transpose(ascending, _argsort(_argsort(channel_axes)))
+
+
+def _argsort(values: Sequence[int]) -> list[int]:
+    """np.argsort of a few ints, without its cost per call (the diagnosis makes ~100,000 such calls
+    per 1,000 cases)."""
+    return sorted(range(len(values)), key=values.__getitem__)

@@ -52,15 +52,17 @@ CONFIGURATIONS_KEPT = 64
 _seen: set = set()
 
 
-def compiling_for(configuration: tuple) -> None:
+def compiling_for(configuration: tuple, kept: int = CONFIGURATIONS_KEPT) -> None:
     """Note a layer configuration about to run. JAX keeps every executable it compiled (per
     function, configuration and shape) for the life of the process; over a thousand generated
-    cases that is gigabytes. Past CONFIGURATIONS_KEPT distinct configurations the in-memory caches
-    are dropped (`jax.clear_caches`); the persistent cache on disk still has every executable, so a
-    configuration seen again is loaded, not recompiled. The cases of cases/ never reach the limit."""
+    cases that is gigabytes. Past `kept` distinct configurations the in-memory caches are dropped
+    (`jax.clear_caches`); the persistent cache on disk still has every executable, so a
+    configuration seen again is loaded, not recompiled. What a configuration holds differs:
+    measured on CPU over generated cases, Flax's jitted steps are 2 to 3 executables of about
+    2.7 MB, Keras's eager operations about 21 of 1.4 MB (30 MB), so Keras keeps fewer."""
     if configuration in _seen:
         return
-    if len(_seen) >= CONFIGURATIONS_KEPT:
+    if len(_seen) >= kept:
         jax.clear_caches()
         _seen.clear()
     _seen.add(configuration)

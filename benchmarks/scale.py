@@ -13,7 +13,8 @@ matrix, and the harness's cost per item beside pytest's own floor and bare frame
    `run.json`.
 3. Per item in pytest mode, for each adapter of `--ratio-for`, three processes one after another
    on the training and inference items of the corpus (gradients have no bare counterpart):
-   - harness: `pytest conformance --framework=ID --cases CORPUS -k "not gradients"`, wall time;
+   - harness: `pytest conformance --framework=ID --cases CORPUS -k "ID-training or ID-inference"`,
+     wall time (ID's own items, also where ID names a family too);
    - floor: pytest on the same number of trivial parametrized items, wall time (pytest's own cost:
      start-up, collection, reporting);
    - bare: benchmarks/bare.py's user-script calls on the same arrays, timed from the framework
@@ -118,8 +119,12 @@ def bare_child(adapter_id: str, corpus: Path) -> dict[str, Any]:
 
 def ratio(adapter_id: str, corpus: Path, tmp: Path) -> dict[str, Any]:
     results = tmp / f"ratio-{adapter_id}.json"
+    # the items the bare loop does the calls of: this adapter's training and inference checks (names
+    # end "[ID-CHECK]"). `--framework=torch` names the torch family (torch, torch-functional,
+    # torch-sync), and "not gradients" would also drop every case tagged `gradients`.
+    only = f"{adapter_id}-training or {adapter_id}-inference"
     harness_s, done = timed([sys.executable, "-m", "pytest", "conformance", f"--framework={adapter_id}",
-                             f"--cases={corpus}", "-k", "not gradients", f"--results={results}", "-q",
+                             f"--cases={corpus}", "-k", only, f"--results={results}", "-q",
                              "-p", "no:cacheprovider"])
     if not results.exists():
         return {"error": f"pytest exit code {done.returncode}: {done.stdout[-500:]}"}

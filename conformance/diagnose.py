@@ -106,9 +106,13 @@ def score(problem: Problem, check: Check, names: tuple[str, ...], got: dict[str,
         scale = atol_scales or {}
         unknown = variants.undetermined(problem, check, knobs)
         worst = 0.0
+        bands: dict[tuple[float, float], tuple[float, float]] = {}  # per base tolerance: outputs share one
         for out, value in got.items():
             base = (per_output or {}).get(out, tol)
-            rtol, atol = variants.tolerance_for(knobs, problem, base.rtol, base.atol, conditioning)
+            if (base.rtol, base.atol) not in bands:
+                bands[base.rtol, base.atol] = variants.tolerance_for(knobs, problem, base.rtol, base.atol,
+                                                                     conditioning)
+            rtol, atol = bands[base.rtol, base.atol]
             worst = max(worst, badness(simulated[out], value, rtol, atol * scale.get(out, 1.0),
                                        unknown.get(out)))
             wider = bool(np.any(rtol > base.rtol) or np.any(atol > base.atol))

@@ -11,6 +11,7 @@ from the xdist controller (or the only process), through `conformance.results`. 
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -102,6 +103,7 @@ class RunState:
                 self.loaded[adapter_id] = registry.load(adapter_id)
             except Exception as exc:
                 self.loaded[adapter_id] = exc
+            gc.freeze()  # the framework's modules live to the end: see pytest_collection
         found = self.loaded[adapter_id]
         if isinstance(found, BaseException):
             raise AdapterUnavailable(
@@ -169,6 +171,22 @@ def pytest_collect_directory(path: Path, parent: pytest.Collector) -> pytest.Col
     if path.resolve() == PACKAGE_DIR:
         return CaseSuite.from_parent(parent, path=path)
     return None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection(session: pytest.Session):
+    """Collection makes objects that live to the end of the run (cases, items), as do the framework
+    modules an adapter imports: the cycle collector is kept from rescanning them, off while they
+    are made and then frozen out of its sight (its full collections cost about 1 s per 1,000
+    cases, and more with torch or TensorFlow loaded)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return (yield)
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
 
 
 class CaseSuite(pytest.Directory):

@@ -275,8 +275,7 @@ def input_conditioning(problem: Problem) -> float:
 def make_array(values: Values, shape: tuple[int, ...], dtype: str) -> np.ndarray:
     """float64 array of the given shape holding values representable in `dtype`."""
     if values.values is not None:
-        flat, _ = flat_numbers(values.values, ())
-        raw = np.array(flat, dtype=np.float64).reshape(shape)
+        raw = floats(values.values, shape)
     else:
         spec = values.random
         assert spec is not None
@@ -292,11 +291,20 @@ def per_channel(values: list[Any] | None, channel_shape: tuple[int, ...], defaul
                 dtype: str) -> np.ndarray:
     if values is None:
         return np.full(channel_shape, default, dtype=np.float64)
-    flat, _ = flat_numbers(values, ())
-    return round_to(np.array(flat, dtype=np.float64).reshape(channel_shape), dtype)
+    return round_to(floats(values, channel_shape), dtype)
 
 
 def as_array(values: list[Any], shape: tuple[int, ...]) -> np.ndarray:
     """An expected field as a float64 array (no rounding: expected values are float64)."""
-    flat, _ = flat_numbers(values, ())
-    return np.array(flat, dtype=np.float64).reshape(shape)
+    return floats(values, shape)
+
+
+def floats(values: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """Validated numbers, nested as the shape or not, as a float64 array of `shape` (C order).
+    NumPy reads a regular nesting in C; a ragged one ([[], []] for a [2, 0, 3] tensor) is
+    flattened element by element."""
+    try:
+        array = np.array(values, dtype=np.float64)
+    except ValueError:  # ragged
+        array = np.array(flat_numbers(values, ())[0], dtype=np.float64)
+    return array.reshape(shape)

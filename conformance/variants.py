@@ -204,7 +204,9 @@ def _shards(p: Problem, k: Knobs, x: np.ndarray) -> list[np.ndarray]:
 
 def _read_back(k: Knobs, per_replica: list[np.ndarray]) -> np.ndarray:
     """What is read back of per-replica values: replica 0's, or their mean (canonical)."""
-    return per_replica[0] if k.replica_stats == "replica-0" else np.mean(per_replica, axis=0)
+    if k.replica_stats == "replica-0" or len(per_replica) == 1:  # the mean of one is that one, exactly
+        return per_replica[0]
+    return np.mean(per_replica, axis=0)
 
 
 def _train(p: Problem, k: Knobs) -> dict[str, np.ndarray]:
