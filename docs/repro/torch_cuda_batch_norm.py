@@ -37,7 +37,8 @@ def backward_without_weight(device: str, dtype: torch.dtype, shape: tuple[int, .
 def eps_zero(device: str, training: bool, cudnn: bool) -> None:
     with torch.backends.cudnn.flags(enabled=cudnn):
         x = torch.randn(4, 3, 2, 2, device=device)
-        F.batch_norm(x, torch.zeros(3, device=device), torch.ones(3, device=device), training=training, eps=0.0)
+        F.batch_norm(x, torch.zeros(3, device=device), torch.ones(3, device=device), training=training,
+                     eps=0.0)
 
 
 if __name__ == "__main__":
@@ -50,7 +51,8 @@ if __name__ == "__main__":
                     attempt(f"{device} backward weight=None bias={bias} {dtype} {shape}",
                             lambda d=device, t=dtype, s=shape, b=bias: backward_without_weight(d, t, s, b))
         attempt(f"{device} backward weight=None bias=True bfloat16 input, float32 bias (4, 3, 2, 2)",
-                lambda d=device: backward_without_weight(d, torch.bfloat16, (4, 3, 2, 2), True, torch.float32))
+                lambda d=device: backward_without_weight(d, torch.bfloat16, (4, 3, 2, 2), True,
+                                                         torch.float32))
         with torch.backends.cudnn.flags(enabled=False):
             attempt(f"{device} backward weight=None bias=True float32 (4, 3, 2, 2), cudnn off",
                     lambda d=device: backward_without_weight(d, torch.float32, (4, 3, 2, 2), True))
