@@ -95,13 +95,15 @@ def score(problem: Problem, check: Check, names: tuple[str, ...], got: dict[str,
             continue
         scale = atol_scales or {}
         unknown = variants.undetermined(problem, check, knobs)
+        folded = variants.folded_gradient_atol(knobs, problem, check)
         worst = 0.0
         for out, value in got.items():
             base = (per_output or {}).get(out, tol)
             rtol, atol = variants.tolerance_for(knobs, problem, base.rtol, base.atol, conditioning)
-            worst = max(worst, badness(simulated[out], value, rtol, atol * scale.get(out, 1.0),
-                                       unknown.get(out)))
-            wider = rtol > base.rtol or atol > base.atol
+            scaled = atol * scale.get(out, 1.0)
+            fold = folded.get(out, 0.0)  # a folded gradient's own band, replacing the scaled one
+            worst = max(worst, badness(simulated[out], value, rtol, max(scaled, fold), unknown.get(out)))
+            wider = rtol > base.rtol or atol > base.atol or fold > base.atol * scale.get(out, 1.0)
             wide = wide or wider
             moves = moves or wider or badness(held_to[out], simulated[out], base.rtol,
                                               base.atol * scale.get(out, 1.0)) > 1

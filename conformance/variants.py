@@ -314,6 +314,8 @@ def _gradients(p: Problem, k: Knobs) -> dict[str, np.ndarray]:
         return reference.to_channels(r(a.sum(axis=red, keepdims=True)), axes)
 
     eps = r(np.float64(p.epsilon))
+    if k.normalize_folded:
+        return _folded_gradients(p, k, x, dy, groups, parts, eps)
     xhat, dx = np.empty_like(x), np.empty_like(x)
     with np.errstate(divide="ignore", invalid="ignore"):
         for g, (mean, var) in zip(groups, parts, strict=True):
@@ -336,6 +338,64 @@ def _gradients(p: Problem, k: Knobs) -> dict[str, np.ndarray]:
     if k.empty_gamma_gradient_nan and x.size == 0:
         gamma_grad = np.full_like(gamma_grad, np.nan)
     return {"input": dx, "gamma": gamma_grad, "beta": total(dy)}
+
+
+def _folded_gradients(p: Problem, k: Knobs, x: np.ndarray, dy: np.ndarray, groups: list[slice],
+                      parts: list[tuple[np.ndarray, np.ndarray]], eps: Any) -> dict[str, np.ndarray]:
+    """The backward pass of y = x·s + (beta - mean·s), s = gamma·inv, inv = 1/sqrt(var + eps), as
+    autodiff takes it through tf.nn.batch_normalization (nn_impl.py L1490-1497), in the compute
+    dtype: dL/ds = Σ dy·x - mean·Σ dy, two large sums that cancel for a large |mean| (their exact
+    difference is Σ dy·(x - mean)); dL/dgamma = inv·dL/ds; dL/dvar = gamma·dL/ds·(-inv³/2);
+    dL/dmean = -s·Σ dy; dL/dx = dy·s + (dL/dmean + dL/dvar·2(x - mean)) / n."""
+    r = _rounder(k.compute_dtype)
+    axes = p.channel_axes
+    red = reference.reduce_axes(x.ndim, axes)
+
+    def b(v: np.ndarray) -> np.ndarray:
+        return r(reference.broadcastable(v, x.ndim, axes))
+
+    def total(a: np.ndarray) -> np.ndarray:
+        return r(a.sum(axis=red, keepdims=True))
+
+    dx, gamma_grad = np.empty_like(x), 0.0
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for g, (mean, var) in zip(groups, parts, strict=True):
+            n = max(1, int(np.prod([x[g].shape[a] for a in red])))
+            m, inv = b(mean), r(1.0 / r(np.sqrt(r(b(var) + eps))))
+            s = r(b(p.gamma) * inv)
+            sum_dy = total(dy[g])
+            ds = r(total(r(dy[g] * x[g])) - r(m * sum_dy))
+            gamma_grad = r(gamma_grad + r(ds * inv))
+            dvar = r(r(b(p.gamma) * ds) * r(r(-0.5 * inv) * r(inv * inv)))
+            dmean = r(-r(s * sum_dy))
+            dx[g] = r(r(dy[g] * s) + r(r(dmean + r(r(2.0 * dvar) * r(x[g] - m))) / n))
+    gamma = reference.to_channels(np.broadcast_to(gamma_grad, b(p.gamma).shape), axes)
+    if k.empty_gamma_gradient_nan and x.size == 0:
+        gamma = np.full_like(gamma, np.nan)
+    return {"input": dx, "gamma": gamma, "beta": reference.to_channels(total(dy), axes)}
+
+
+def folded_gradient_atol(knobs: Knobs, problem: Problem, check: Check) -> dict[str, float]:
+    """Per gradient, the absolute error two folded evaluations may show: dL/dgamma = inv·(Σ dy·x -
+    mean·Σ dy) sums terms of size |dy·x| and |mean·dy|, so as every gradient sum here it is off by
+    about u·Σ|terms| (problem.gradient_scales), judged as default(dtype)·inv·(Σ|dy·x| + |mean|·Σ|dy|)
+    (max over channels) in the compute dtype, instead of the unfolded terms |dy·xhat|. Empty outside
+    a folded gradient check."""
+    if check != "gradients" or not knobs.normalize_folded or problem.upstream is None:
+        return {}
+    problem = reference.bn_input(problem)
+    x, dy = problem.batches[-1], problem.upstream
+    if x.size == 0:
+        return {}
+    eps = problem.epsilon if knobs.epsilon is None else knobs.epsilon
+    red = reference.reduce_axes(x.ndim, problem.channel_axes)
+    mean, var, _ = reference.moments(x, problem.channel_axes)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = 1.0 / np.sqrt(var + eps)
+        terms = (np.abs(dy * x).sum(axis=red) + np.abs(mean) * np.abs(dy).sum(axis=red)) * inv
+    finite = terms[np.isfinite(terms)]
+    return {"gamma": DEFAULT_TOLERANCE[knobs.compute_dtype or "float64"] * float(finite.max())} \
+        if finite.size else {}
 
 
 def undetermined(problem: Problem, check: Check, knobs: Knobs) -> dict[str, np.ndarray]:
@@ -523,7 +583,8 @@ VARIANTS = [
     # (keras/src/backend/jax/nn.py L1080-1090) fold the normalization: the output of a channel with
     # one value (var 0, s = gamma/sqrt(eps)) is beta plus the rounding of x·s, not beta exactly.
     Variant("normalize-folded", "y = x·s + (beta - mean·s), s = gamma/sqrt(var + eps), in the compute dtype",
-            lambda p, c: c in ("training", "inference"), _folded),
+            lambda p, c: c in ("training", "inference")
+            or (c == "gradients" and p.renorm is None and p.adjustment is None), _folded),
     # Every framework here but torch: with no samples the statistics are NaN and dL/dgamma, computed
     # through them, is NaN; the reference's sum over no elements is 0 (torch returns early, 0).
     Variant("empty-gamma-gradient-nan", "dL/dgamma of an empty batch is NaN (through NaN statistics)",
