@@ -24,7 +24,7 @@ ENV = dict(os.environ, PYTHONPATH=str(ROOT),
 def fuzzed(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("fuzz")
     proc = subprocess.run([sys.executable, "-m", "conformance", "fuzz", f"--framework={','.join(DEFECTS)}",
-                           "--budget=20", "--max-cases=250", "--seed=3", f"--out={out}"],
+                           "--budget=100", "--max-cases=250", "--seed=0", f"--out={out}"],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out, json.loads((out / "summary.json").read_text())
@@ -52,3 +52,26 @@ def test_every_group_is_a_valid_case_that_pytest_reproduces(fuzzed):
     adapter, check, status, why = group["signature"].split(" ", 3)
     assert (record["adapter"], record["check"], record["status"]) == (adapter, check, status)
     assert record["explained_by"][0] == why
+
+
+def test_budget_shares_fit_the_wall_and_favour_the_slow_groups():
+    from conformance.fuzz import FINISH_S, MIN_S, STARTUP_S, WEIGHTS, group_budgets
+
+    names = ["tf", "keras", "keras-jax", "torch", "torch-compile", "jax", "onnx", "torch-export"]
+    shares = group_budgets(names, 600, 2)
+    assert shares == group_budgets(list(reversed(names)), 600, 2)  # the same run, the same shares
+    assert shares["tf"] == pytest.approx(WEIGHTS["tf"] * shares["onnx"], abs=0.2)
+    assert shares["keras-jax"] == pytest.approx(2 * shares["onnx"], abs=0.2)
+    ends = [0.0, 0.0]  # started largest share first, two at a time
+    for name in sorted(names, key=lambda n: (-shares[n], n)):
+        ends[ends.index(min(ends))] += STARTUP_S + shares[name]
+    assert 600 - FINISH_S - 2 * STARTUP_S < max(ends) <= 600 - FINISH_S
+    assert group_budgets(["fake"], 10, 2) == {"fake": MIN_S}
+
+
+def test_focus_follows_what_the_adapters_need():
+    from conformance.fuzz import focus_of
+
+    assert focus_of([frozenset({"replicas"}), frozenset({"replicas", "momentum-null"})]) == {"replicas"}
+    assert focus_of([frozenset({"replicas"}), frozenset()]) == frozenset()
+    assert focus_of([frozenset({"preceding"}), frozenset()]) == {"preceding"}
