@@ -118,7 +118,10 @@ def case_strategy(focus: frozenset[str] = frozenset()) -> Any:
             params["moving_variance"] = d(st.lists(st.floats(0.01, 4), min_size=count,
                                                    max_size=count))
         if d(st.integers(0, 3)) == 3:  # mixed precision; shrinks to none
-            params["param_dtype"] = d(st.sampled_from(("float32", "float64", "float16", "bfloat16")))
+            # float16/bfloat16 input: float32 parameters in three draws of four, as mixed-precision
+            # training holds them (the rules of torch, torch-compile and flax-nnx need that region)
+            amp = dtype in ("float16", "bfloat16") and d(st.integers(0, 3)) > 0
+            params["param_dtype"] = "float32" if amp else d(st.sampled_from(DTYPES))
         mean = d(st.sampled_from((0.0, 3.0, -1.0)) | st.sampled_from((1e2, 1e4)))
         std = d(st.sampled_from((1.0, 0.1, 1e-3)))
         doc: dict[str, Any] = {"id": "fuzz", "dtype": dtype, "params": params,
