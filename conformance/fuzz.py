@@ -45,7 +45,7 @@ DTYPES = ("float16", "bfloat16", "float32", "float64")
 # 9,900, and the rules these reach hang on rare draws (float64 renorm, float16 with a preceding
 # layer, mixed-precision gradients, one value per channel on 4-D/5-D input).
 WEIGHTS = {"tf": 3.0, "torch-compile": 3.0, "jax": 3.0, "torch-export": 3.0, "keras-jax": 2.0}
-STARTUP_S = 20.0  # per process, before its budget starts: imports and adapters loaded (measured 6-17 s)
+STARTUP_S = 20.0  # per process, before its budget starts (imports, adapters): summary.json has each one's
 FINISH_S = 20.0  # the run's end: cases filled and written, summary and report
 MIN_S = 5.0  # the least a process group is given, whatever the budget
 
@@ -176,8 +176,8 @@ class Worker:
         self.seed = seed
         self.progress = progress
         self.found: dict[str, dict[str, Any]] = {}  # signature -> {"doc", "count", "record"}
-        self.rules_reached: dict[str, int] = {}  # rule source -> cases it explained (while exploring)
-        self.tried = self.checks = 0
+        self.rules_reached: dict[str, int] = {}  # rule source -> checks it explained (while exploring)
+        self.tried = self.checks = self.checks_run = 0  # checks_run: those not found not expressible
         self.started = time.monotonic()
 
     def signatures(self, doc: dict[str, Any]) -> dict[str, Record]:
@@ -204,6 +204,7 @@ class Worker:
                     evaluate(adapter, loaded.case, check, outcome, self.rules)  # type: ignore[arg-type]
                 except Exception as exc:
                     outcome.status, outcome.reason = Status.ERROR, f"{type(exc).__name__}: {exc}"
+                self.checks_run += outcome.status != Status.NOT_EXPRESSIBLE
                 if outcome.status in (Status.PASS, Status.NOT_EXPRESSIBLE):
                     continue
                 record = outcome.fill(Record(case=None, file="", adapter=adapter_id, check=check,
@@ -240,30 +241,36 @@ class Worker:
             one()
 
     def shrink(self, seconds: float) -> None:
-        """A minimal case per signature, by Hypothesis: `find` a case with that signature."""
+        """A minimal case per signature, by Hypothesis: `find` a case with that signature, each group
+        within an equal part of the time left, so that the whole ends within `seconds` but for the
+        one evaluation under way at a deadline."""
         from hypothesis import HealthCheck, find, settings
         from hypothesis.errors import Flaky, NoSuchExample
 
-        share = seconds / max(1, len(self.found))
-        for sig, entry in sorted(self.found.items()):
-            deadline = time.monotonic() + share
-            answers: dict[str, bool] = {}  # the same case, the same answer, also past the deadline
+        end = time.monotonic() + seconds
+        todo = sorted(self.found.items())
+        for i, (sig, entry) in enumerate(todo):
+            entry["shrunk"] = False  # unless a case with this signature is found again in time
+            deadline = time.monotonic() + (end - time.monotonic()) / (len(todo) - i)
+            if deadline <= time.monotonic():
+                continue
+            seen: dict[str, Record | None] = {}  # the same case, the same answer, also past the deadline
 
             def has(doc: dict[str, Any], sig: str = sig, deadline: float = deadline,
-                    answers: dict[str, bool] = answers) -> bool:
+                    seen: dict[str, Record | None] = seen) -> bool:
                 key = json.dumps(doc, sort_keys=True)
-                if key not in answers:
-                    answers[key] = time.monotonic() < deadline and sig in self.signatures(doc)
-                return answers[key]
+                if key not in seen:
+                    seen[key] = self.signatures(doc).get(sig) if time.monotonic() < deadline else None
+                return seen[key] is not None
 
             try:
-                entry["doc"] = find(case_strategy(self.focus), has, random=Random(self.seed),
-                                    settings=settings(max_examples=200, deadline=None, database=None,
-                                                      suppress_health_check=list(HealthCheck)))
-                entry["shrunk"] = True
-                entry["record"] = self.signatures(entry["doc"]).get(sig, entry["record"])
+                doc = find(case_strategy(self.focus), has, random=Random(self.seed),
+                           settings=settings(max_examples=200, deadline=None, database=None,
+                                             suppress_health_check=list(HealthCheck)))
             except (NoSuchExample, Flaky):  # not found again within its share: keep the case as found
-                entry["shrunk"] = False
+                continue
+            entry["doc"], entry["shrunk"] = doc, True
+            entry["record"] = seen.get(json.dumps(doc, sort_keys=True)) or entry["record"]
 
     def report(self, deadline: float) -> None:
         if self.progress is not None:
@@ -295,11 +302,13 @@ def worker_main(args: argparse.Namespace) -> int:
     explore_s = args.budget * (1 - SHRINK_SHARE)
     worker.explore(explore_s, args.max_cases)
     explored = time.monotonic() - worker.started
+    checks, checks_run = worker.checks, worker.checks_run  # the exploration's; shrinking evaluates more
     # what is left, but no more than its share where --max-cases ended the exploration early
     worker.shrink(max(1.0, min(args.budget - explored, args.budget * SHRINK_SHARE)))
     groups = {sig: {"count": e["count"], "shrunk": e.get("shrunk", False), "doc": e["doc"],
                     "record": e["record"].to_json()} for sig, e in worker.found.items()}
-    write_atomically(args.out, {"adapters": ids, "cases": worker.tried, "checks": worker.checks,
+    write_atomically(args.out, {"adapters": ids, "cases": worker.tried, "checks": checks,
+                                "checks_run": checks_run,
                                 "focus": sorted(worker.focus), "budget_s": args.budget,
                                 "startup_s": round(worker.started - STARTED, 1),
                                 "seconds": round(time.monotonic() - worker.started, 1),
@@ -386,11 +395,14 @@ def main(args: argparse.Namespace) -> int:
             continue
         for source, n in data["rules_reached"].items():
             reached[source] = reached.get(source, 0) + n
-        summary["families"][g.name] = {"cases": data["cases"], "checks": data["checks"],
-                                       "budget_s": data["budget_s"], "startup_s": data["startup_s"],
-                                       "focus": data["focus"], "seconds": data["seconds"],
-                                       "checks_per_s": round(data["checks"] / max(data["explore_seconds"],
-                                                                                   1e-9), 1)}
+        explore_s = max(data["explore_seconds"], 1e-9)
+        summary["families"][g.name] = {
+            "cases": data["cases"], "checks": data["checks"], "checks_run": data["checks_run"],
+            "budget_s": data["budget_s"], "startup_s": data["startup_s"], "focus": data["focus"],
+            "seconds": data["seconds"], "explore_seconds": data["explore_seconds"],
+            "cases_per_s": round(data["cases"] / explore_s, 1),
+            "checks_per_s": round(data["checks"] / explore_s, 1),  # not-expressible checks included
+            "checks_run_per_s": round(data["checks_run"] / explore_s, 1)}
         for sig, group in sorted(data["groups"].items()):
             name = slug(sig)
             doc = {**group["doc"], "id": name, "title": f"fuzz: {sig}", "tags": ["fuzz"]}
@@ -413,8 +425,10 @@ def main(args: argparse.Namespace) -> int:
     for s in summary["groups"]:
         print(f"{s['count']:>6}  {s['signature']}  -> {s['case']}")
     for name, fam in summary["families"].items():
-        print(f"{name}: " + (f"{fam['cases']} cases, {fam['checks']} checks, {fam['checks_per_s']} checks/s"
-                             if "cases" in fam else f"failed: {fam['problem']}"))
+        print(f"{name}: " + (f"{fam['cases']} cases, {fam['checks']} checks ({fam['checks_run']} run, the "
+                             f"others not expressible) in {fam['explore_seconds']} s: {fam['checks_per_s']} "
+                             f"checks/s, {fam['checks_run_per_s']} run/s" if "cases" in fam
+                             else f"failed: {fam['problem']}"))
     rules = summary["rules"]
     total = len(rules["reached"]) + len(rules["not_reached"])
     print(f"known rules reached: {len(rules['reached'])} of the selected adapters' {total}"
