@@ -38,54 +38,67 @@ from conformance.validate import SINGLE_DEVICE_PARAMS
 STARTED = time.monotonic()  # this process's start, near enough: a worker's startup is measured from it
 SHRINK_SHARE = 0.3  # of a worker's budget, for finding a minimal case per group
 DTYPES = ("float16", "bfloat16", "float32", "float64")
-# `--budget` is the run's wall-clock time; each process group gets a share of it by weight. The
-# processes slowest in cases per second get three times the share of the others (two for
-# keras-jax): in `fuzz --budget 60 --seed 11` under the old per-process budget, 60 s each, tf tried
+# `--budget` is the run's wall-clock time; each process group gets a share of it by weight, more
+# where a case costs more (compiled graphs, jitted functions, exports) and the process's rules hang
+# on rare draws: with 60 s each (`fuzz --budget 60 --seed 11` before weights, load about 2) tf tried
 # 773 cases, torch-compile 287, jax 662, torch-export 611 and keras-jax 1,330, the others 2,500 to
-# 9,900, and the rules these reach hang on rare draws (float64 renorm, float16 with a preceding
-# layer, mixed-precision gradients, one value per channel on 4-D/5-D input).
-WEIGHTS = {"tf": 3.0, "torch-compile": 3.0, "jax": 3.0, "torch-export": 3.0, "keras-jax": 2.0}
-STARTUP_S = 20.0  # per process, before its budget starts (imports, adapters): summary.json has each one's
+# 9,900; with 110 s at load 5-6 (this code's rank draws) tf tried 407, jax 367, torch-export 127,
+# reaching 4 of tf's 10 rules and 1 of jax's 8.
+WEIGHTS = {"tf": 4.0, "jax": 4.0, "torch-export": 3.0, "torch-compile": 2.0, "keras-jax": 2.0}
+STARTUP_S = 12.0  # per process, before its budget starts (imports, adapters; 10.5 and 12.1 s measured
+# at load 5-6); summary.json has each process's own
 FINISH_S = 20.0  # the run's end: cases filled and written, summary and report
 MIN_S = 5.0  # the least a process group is given, whatever the budget
 
 
-def optional_features(shape: list[int], axes: list[int], count: int) -> Any:
-    """One of renorm, ghost batches, adjustment, no running statistics (shrinks to none of them)."""
+def optional_features(shape: list[int], axes: list[int], count: int,
+                      only: set[str] | None = None) -> Any:
+    """One of renorm, ghost batches, adjustment, no running statistics (shrinks to none of them);
+    with `only`, one of those features named there."""
     from hypothesis import strategies as st
 
     rank = len(shape)
     clips = st.sampled_from(({}, {"rmax": 3.0, "rmin": 0.3333, "dmax": 5.0},
                              {"rmax": 1.5, "rmin": 0.7, "dmax": 0.5}))
-    options = [st.just({}),
-               st.builds(lambda m, c: {"renorm": {"momentum": m, **c}},
-                         st.sampled_from((0.99, 0.5, 0.9)), clips),
-               st.builds(lambda a, b: {"adjustment": {"scale": a, "bias": b}},
-                         st.lists(st.floats(0.5, 1.5), min_size=count, max_size=count),
-                         st.lists(st.floats(-0.5, 0.5), min_size=count, max_size=count)),
-               st.just({"track_running_stats": False})]
+    named = {"renorm": st.builds(lambda m, c: {"renorm": {"momentum": m, **c}},
+                                 st.sampled_from((0.99, 0.5, 0.9)), clips),
+             "adjustment": st.builds(lambda a, b: {"adjustment": {"scale": a, "bias": b}},
+                                     st.lists(st.floats(0.5, 1.5), min_size=count, max_size=count),
+                                     st.lists(st.floats(-0.5, 0.5), min_size=count, max_size=count)),
+             "no-running-stats": st.just({"track_running_stats": False})}
     sizes = [v for v in (2, 4, 1) if shape[0] % v == 0]
     if 0 not in {a % rank for a in axes} and sizes:
-        options.append(st.sampled_from(sizes).map(lambda v: {"virtual_batch_size": v}))
-    return st.one_of(*options)
+        named["ghost-batches"] = st.sampled_from(sizes).map(lambda v: {"virtual_batch_size": v})
+    if only is not None:
+        return st.one_of([named[n] for n in sorted(only & named.keys())] or [st.just({})])
+    return st.one_of(st.just({}), *named.values())
 
 
-def case_strategy(focus: frozenset[str] = frozenset()) -> Any:
+def case_strategy(focus: frozenset[str] = frozenset(), regions: tuple[dict[str, Any], ...] = ()) -> Any:
     """Case documents over what the format allows; every part shrinks towards a plain float32 case.
 
     `focus` names optional features the process's adapters need (`focus_of`): "replicas" for a
     process of replica adapters only, which find every other case not expressible, so it draws
     replicas wherever they are allowed (rank 2-5, no gradients); "preceding" for export adapters,
-    which draw a preceding layer in two cases of five where one fits instead of one."""
+    which draw a preceding layer in two cases of five where one fits instead of one.
+    `regions` (`rule_region`: the conditions of the known rules of the process's adapters): one
+    case in three is drawn inside one of them (its dtype, rank, parameters, features, batch sizes
+    and checks), the others everywhere, so a rare region that a rule names comes up in a short run.
+    A region only steers the draw; what the case shows is measured as for any other."""
     from hypothesis import strategies as st
 
     replicas_only = "replicas" in focus
 
     @st.composite
     def draw(d: Any) -> dict[str, Any]:
-        dtype = d(st.sampled_from(("float32", "float64", "float16", "bfloat16")))
+        region = d(st.sampled_from(regions)) if regions and d(st.integers(0, 2)) == 2 else {}
+
+        def choose(key: str, default: Any) -> Any:  # the region's value(s), else the default draw
+            return d(st.sampled_from(region[key])) if key in region else d(default)
+
+        dtype = choose("dtype", st.sampled_from(("float32", "float64", "float16", "bfloat16")))
         # rank 1 in one case of five (Hypothesis draws either side of a `|` equally often)
-        rank = d(st.sampled_from((2, 3, 4, 5) if replicas_only else (2, 3, 4, 5, 1)))
+        rank = choose("rank", st.sampled_from((2, 3, 4, 5) if replicas_only else (2, 3, 4, 5, 1)))
         shape = [d(st.integers(2, 4)) for _ in range(rank)]
         if d(st.booleans()):
             shape[0] = d(st.sampled_from((1, 8, 0)))  # batch of one, a larger batch, an empty batch
@@ -100,8 +113,18 @@ def case_strategy(focus: frozenset[str] = frozenset()) -> Any:
                     "expect_error": True}
         # one value per channel (every other dim 1), twice as often on 4-D/5-D input, where TF's
         # fused kernel takes its own Bessel factor for it (bessel-one-value)
-        if d(st.integers(0, 9)) >= (8 if rank >= 4 else 9):
+        one = d(st.integers(0, 9)) >= (8 if rank >= 4 else 9)
+        if "values_per_channel" in region:  # the region's batch: one value per channel, or none
+            one = 1 in region["values_per_channel"]
+        if one:
             shape = [s if i in {a % rank for a in axes} else 1 for i, s in enumerate(shape)]
+        reduced = [i for i in range(rank) if i not in {a % rank for a in axes}]
+        if region.get("values_per_channel") == [0] and reduced:  # an empty batch: a reduced dim of 0
+            shape[reduced[0]] = 0
+        if "channels" in region:  # 0: the first channel dim empty; 1: every channel dim 1
+            wanted = d(st.sampled_from(region["channels"]))
+            for i, a in enumerate(axes):
+                shape[a] = 1 if wanted == 1 or (wanted == 0 and i > 0) else wanted
         params: dict[str, Any] = {"axis": axes if several else axes[0]}
         momentum = d(st.sampled_from((0.9, None, 0.0, 1.0, 0.5, 0.99)) | st.floats(0, 1))
         epsilon = d(st.sampled_from((1e-5, 0.0, 1e-3, 0.1)) | st.floats(1e-8, 0.5))
@@ -117,7 +140,9 @@ def case_strategy(focus: frozenset[str] = frozenset()) -> Any:
             params["moving_mean"] = d(st.lists(st.floats(-2, 2), min_size=count, max_size=count))
             params["moving_variance"] = d(st.lists(st.floats(0.01, 4), min_size=count,
                                                    max_size=count))
-        if d(st.integers(0, 3)) == 3:  # mixed precision; shrinks to none
+        if "param-dtype" in region.get("features", ()):
+            params["param_dtype"] = "float32" if dtype != "float32" else "float64"
+        elif d(st.integers(0, 3)) == 3:  # mixed precision; shrinks to none
             # float16/bfloat16 input: float32 parameters in three draws of four, as mixed-precision
             # training holds them (the rules of torch, torch-compile and flax-nnx need that region)
             amp = dtype in ("float16", "bfloat16") and d(st.integers(0, 3)) > 0
@@ -127,19 +152,28 @@ def case_strategy(focus: frozenset[str] = frozenset()) -> Any:
         doc: dict[str, Any] = {"id": "fuzz", "dtype": dtype, "params": params,
                                "input": {"shape": shape, "random": {"seed": d(st.integers(0, 2**16)),
                                                                     "mean": mean, "std": std}}}
-        steps = d(st.integers(1, 3))
-        inference_only = d(st.booleans())
+        steps = choose("steps", st.integers(1, 3))
+        if region.get("multi_step") is not None:
+            steps = d(st.integers(2, 3)) if region["multi_step"] else 1
+        check = d(st.sampled_from(region["checks"])) if region else None
+        inference_only = check == "inference" or (check is None and d(st.booleans()))
         if not inference_only:
             doc["training"] = {"steps": steps, "expected": {}}
-            if not replicas_only and d(st.booleans()):
+            if check == "gradients" or (not replicas_only and check is None and d(st.booleans())):
                 doc["training"]["gradients"] = {"upstream": {"random": {"seed": 1}}}
         if inference_only or d(st.booleans()):
             doc["inference"] = {"expected": {}}
-        if d(st.integers(0, 9)) >= 7:  # drawn last and in three cases of ten: the other draws stay
+        features = set(region.get("features", ()))
+        if features & {"renorm", "adjustment", "ghost-batches", "no-running-stats"}:
+            params.update(d(optional_features(shape, axes, count, features)))
+        elif d(st.integers(0, 9)) >= 7:  # drawn last and in three cases of ten: the other draws stay
             params.update(d(optional_features(shape, axes, count)))
+        for name, values in region.get("params", {}).items():  # the region's parameters (not axis)
+            if name != "axis":
+                params[name] = d(st.sampled_from(values))
         # drawn last, so the draws before it (and the seeds tests rely on) stay as they were
         fold = 3 if "preceding" in focus else 4  # a layer to fold BN into: in 2 or 1 cases of 5
-        if not several and count <= 8 and d(st.integers(0, 4)) >= fold:
+        if not several and count <= 8 and ("preceding" in features or d(st.integers(0, 4)) >= fold):
             row = st.lists(st.floats(-2, 2), min_size=count, max_size=count)
             params["preceding"] = {"weight": d(st.lists(row, min_size=count, max_size=count)),
                                    "bias": d(row)}
@@ -151,6 +185,22 @@ def case_strategy(focus: frozenset[str] = frozenset()) -> Any:
         return doc
 
     return draw()
+
+
+def rule_region(rule: Any) -> dict[str, Any]:
+    """A known rule's conditions as a region case_strategy can draw in: every condition given, as a
+    list of the values it allows, and the checks it covers (`ids` and `tags` are not drawn)."""
+    when = rule.when.model_dump(exclude_none=True)
+    region: dict[str, Any] = {"checks": list(rule.checks)}
+    for key in ("dtype", "rank", "steps", "values_per_channel", "channels"):
+        if key in when:
+            region[key] = when[key] if isinstance(when[key], list) else [when[key]]
+    if "params" in when:
+        region["params"] = {k: v if isinstance(v, list) else [v] for k, v in when["params"].items()}
+    for key in ("multi_step", "features"):
+        if key in when:
+            region[key] = when[key]
+    return region
 
 
 def focus_of(features: list[frozenset[str]]) -> frozenset[str]:
@@ -173,6 +223,7 @@ class Worker:
         self.adapters = {i: registry.load(i) for i in ids}
         self.focus = focus_of([a.capabilities.features for a in self.adapters.values()])
         self.rules = load_rules()
+        self.regions = tuple(rule_region(r) for r in self.rules.rules if set(r.adapters) & set(ids))
         self.seed = seed
         self.progress = progress
         self.found: dict[str, dict[str, Any]] = {}  # signature -> {"doc", "count", "record"}
@@ -225,7 +276,7 @@ class Worker:
         @hypothesis_seed(self.seed)
         @settings(max_examples=max_cases or 10**9, deadline=None, database=None, phases=[Phase.generate],
                   suppress_health_check=list(HealthCheck))
-        @given(case_strategy(self.focus))
+        @given(case_strategy(self.focus, self.regions))
         def one(doc: dict[str, Any]) -> None:
             if time.monotonic() > deadline:
                 raise Enough
@@ -264,7 +315,7 @@ class Worker:
                 return seen[key] is not None
 
             try:
-                doc = find(case_strategy(self.focus), has, random=Random(self.seed),
+                doc = find(case_strategy(self.focus, self.regions), has, random=Random(self.seed),
                            settings=settings(max_examples=200, deadline=None, database=None,
                                              suppress_health_check=list(HealthCheck)))
             except (NoSuchExample, Flaky):  # not found again within its share: keep the case as found

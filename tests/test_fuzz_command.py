@@ -75,3 +75,32 @@ def test_focus_follows_what_the_adapters_need():
     assert focus_of([frozenset({"replicas"}), frozenset({"replicas", "momentum-null"})]) == {"replicas"}
     assert focus_of([frozenset({"replicas"}), frozenset()]) == frozenset()
     assert focus_of([frozenset({"preceding"}), frozenset()]) == {"preceding"}
+
+
+def test_a_rule_s_region_steers_the_draws_into_it():
+    """About one case in three is drawn inside a known rule's conditions (here float16 input, both
+    affine flags off, a preceding layer, the training check); the others anywhere."""
+    from hypothesis import HealthCheck, Phase, given, seed, settings
+
+    from conformance.fuzz import case_strategy, rule_region
+    from conformance.known import Rule
+
+    rule = Rule(adapters=["x"], when={"dtype": "float16", "params": {"center": False, "scale": False},
+                                      "features": ["preceding"]},
+                checks=["training"], explained_by="rejects", reason="r", link="https://example.org")
+    region = rule_region(rule)
+    assert region == {"checks": ["training"], "dtype": ["float16"],
+                      "params": {"center": [False], "scale": [False]}, "features": ["preceding"]}
+    inside: list[bool] = []
+
+    @seed(0)
+    @settings(max_examples=150, database=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(case_strategy(regions=(region,)))
+    def draw(doc):
+        p = doc["params"]
+        inside.append(doc["dtype"] == "float16" and p.get("center") is False and p.get("scale") is False
+                      and "preceding" in p and "training" in doc)
+
+    draw()
+    assert 10 <= sum(inside) < len(inside)
