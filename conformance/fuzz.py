@@ -92,13 +92,14 @@ def case_strategy(focus: frozenset[str] = frozenset(), regions: tuple[dict[str, 
     @st.composite
     def draw(d: Any) -> dict[str, Any]:
         region = d(st.sampled_from(regions)) if regions and d(st.integers(0, 2)) == 2 else {}
+        replicas = replicas_only or "replicas" in region.get("features", ())
 
         def choose(key: str, default: Any) -> Any:  # the region's value(s), else the default draw
             return d(st.sampled_from(region[key])) if key in region else d(default)
 
         dtype = choose("dtype", st.sampled_from(("float32", "float64", "float16", "bfloat16")))
         # rank 1 in one case of five (Hypothesis draws either side of a `|` equally often)
-        rank = choose("rank", st.sampled_from((2, 3, 4, 5) if replicas_only else (2, 3, 4, 5, 1)))
+        rank = choose("rank", st.sampled_from((2, 3, 4, 5) if replicas else (2, 3, 4, 5, 1)))
         shape = [d(st.integers(2, 4)) for _ in range(rank)]
         if d(st.booleans()):
             shape[0] = d(st.sampled_from((1, 8, 0)))  # batch of one, a larger batch, an empty batch
@@ -159,7 +160,7 @@ def case_strategy(focus: frozenset[str] = frozenset(), regions: tuple[dict[str, 
         inference_only = check == "inference" or (check is None and d(st.booleans()))
         if not inference_only:
             doc["training"] = {"steps": steps, "expected": {}}
-            if check == "gradients" or (not replicas_only and check is None and d(st.booleans())):
+            if check == "gradients" or (not replicas and check is None and d(st.booleans())):
                 doc["training"]["gradients"] = {"upstream": {"random": {"seed": 1}}}
         if inference_only or d(st.booleans()):
             doc["inference"] = {"expected": {}}
@@ -180,7 +181,7 @@ def case_strategy(focus: frozenset[str] = frozenset(), regions: tuple[dict[str, 
         counts = [c for c in (2, 4, 3) if c <= shape[0]]  # 3 on 4 or 8 rows: uneven shards
         if ("gradients" not in doc.get("training", {}) and counts and 0 not in {a % rank for a in axes}
                 and not params.keys() & set(SINGLE_DEVICE_PARAMS)
-                and d(st.integers(0, 3)) >= (1 if replicas_only else 3)):  # replicas, drawn last
+                and d(st.integers(0, 3)) >= (1 if replicas else 3)):  # replicas, drawn last
             params["replicas"] = {"count": d(st.sampled_from(counts)), "synchronized": d(st.booleans())}
         return doc
 
@@ -223,13 +224,21 @@ class Worker:
         self.adapters = {i: registry.load(i) for i in ids}
         self.focus = focus_of([a.capabilities.features for a in self.adapters.values()])
         self.rules = load_rules()
-        self.regions = tuple(rule_region(r) for r in self.rules.rules if set(r.adapters) & set(ids))
+        self.regions = tuple(self.region(r) for r in self.rules.rules if set(r.adapters) & set(ids))
         self.seed = seed
         self.progress = progress
         self.found: dict[str, dict[str, Any]] = {}  # signature -> {"doc", "count", "record"}
         self.rules_reached: dict[str, int] = {}  # rule source -> checks it explained (while exploring)
         self.tried = self.checks = self.checks_run = 0  # checks_run: those not found not expressible
         self.started = time.monotonic()
+
+    def region(self, rule: Any) -> dict[str, Any]:
+        """rule_region, with replicas where the rule's adapters here run replica cases only."""
+        region = rule_region(rule)
+        mine = [self.adapters[a].capabilities.features for a in rule.adapters if a in self.adapters]
+        if mine and all("replicas" in f for f in mine):
+            region["features"] = [*region.get("features", []), "replicas"]
+        return region
 
     def signatures(self, doc: dict[str, Any]) -> dict[str, Record]:
         """The differences this case shows, by signature (an invalid draw shows none)."""
