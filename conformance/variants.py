@@ -345,7 +345,8 @@ def _folded_gradients(p: Problem, k: Knobs, x: np.ndarray, dy: np.ndarray, group
     """The backward pass of y = x·s + (beta - mean·s), s = gamma·inv, inv = 1/sqrt(var + eps), as
     autodiff takes it through tf.nn.batch_normalization (nn_impl.py L1490-1497), in the compute
     dtype: dL/ds = Σ dy·x - mean·Σ dy, two large sums that cancel for a large |mean| (their exact
-    difference is Σ dy·(x - mean)); dL/dgamma = inv·dL/ds; dL/dvar = gamma·dL/ds·(-inv³/2);
+    difference is Σ dy·(x - mean)); dL/dgamma = inv·dL/ds; dL/dvar = gamma·dL/ds·(-inv³/2) (the
+    last factor rounded once);
     dL/dmean = -s·Σ dy; dL/dx = dy·s + (dL/dmean + dL/dvar·2(x - mean)) / n."""
     r = _rounder(k.compute_dtype)
     axes = p.channel_axes
@@ -366,7 +367,10 @@ def _folded_gradients(p: Problem, k: Knobs, x: np.ndarray, dy: np.ndarray, group
             sum_dy = total(dy[g])
             ds = r(total(r(dy[g] * x[g])) - r(m * sum_dy))
             gamma_grad = r(gamma_grad + r(ds * inv))
-            dvar = r(r(b(p.gamma) * ds) * r(r(-0.5 * inv) * r(inv * inv)))
+            # rsqrt's gradient -dy·inv³/2 rounded once: TF's RsqrtGrad gives 0, not 0·inf = NaN, for a
+            # zero dL/ds where inv³ is past float16's range (measured: a float16 constant channel of
+            # 1e4, eps 1e-5, 316³ = 3e7: dL/dx finite where dL/ds is 0, NaN in the other channels)
+            dvar = r(r(b(p.gamma) * ds) * (-0.5 * inv ** 3))
             dmean = r(-r(s * sum_dy))
             dx[g] = r(r(dy[g] * s) + r(r(dmean + r(r(2.0 * dvar) * r(x[g] - m))) / n))
     gamma = reference.to_channels(np.broadcast_to(gamma_grad, b(p.gamma).shape), axes)
@@ -399,12 +403,16 @@ def folded_gradient_atol(knobs: Knobs, problem: Problem, check: Check) -> dict[s
 
 
 def undetermined(problem: Problem, check: Check, knobs: Knobs) -> dict[str, np.ndarray]:
-    """Per output, the elements a simulation cannot predict: for the unclamped sum of squares, those
-    of channels where the true variance + eps is within the cancellation error
-    default(d)·(var + mean²), so the framework's sign, and so NaN or not, is a matter of summation
-    order. Empty where everything is predictable."""
-    if knobs.variance != "sum-of-squares-unclamped":
+    """Per output, the elements a simulation cannot predict: for a sum of squares, those of channels
+    where the true variance + eps is within the cancellation error default(d)·(var + mean²), where
+    the framework's variance + eps may come out 0 (a constant channel with eps 0: 0/0), a tiny
+    positive value (x - mean over a tiny root: 0 where x equals the mean, any size elsewhere) or,
+    unclamped, negative (NaN): which one is a matter of summation order. Clamped, only what is
+    normalized with that batch's statistics is undetermined; unclamped, the NaN can also reach the
+    batch and moving variances. Empty where everything is predictable."""
+    if knobs.variance == "two-pass":
         return {}
+    clamped = knobs.variance == "sum-of-squares"
     problem = reference.bn_input(problem)  # masks are per element, so W mixing them is not tracked
     eps = problem.epsilon if knobs.epsilon is None else knobs.epsilon
     width = DEFAULT_TOLERANCE[stats_dtype(knobs, problem)]
@@ -414,17 +422,19 @@ def undetermined(problem: Problem, check: Check, knobs: Knobs) -> dict[str, np.n
         mean, var, _ = reference.moments(x, problem.channel_axes)
         masks.append(var + eps <= width * (var + mean * mean))
     last, ever = masks[-1], np.logical_or.reduce(masks)
+    none = np.zeros_like(last)
 
     def like_input(channels: np.ndarray) -> np.ndarray:
         x = problem.batches[-1]
         return np.broadcast_to(reference.broadcastable(channels, x.ndim, problem.channel_axes), x.shape)
 
     if check == "training":
-        return {"output": like_input(last), "batch_mean": np.zeros_like(last), "batch_variance": last,
-                "moving_mean": np.zeros_like(ever), "moving_variance": ever,
-                "inference_output": like_input(ever)}
-    return {name: like_input(last) if name == "input" else last for name in ("input", "gamma", "beta",
-                                                                              "output")}
+        after = (last if not problem.track_running_stats else none) if clamped else ever
+        return {"output": like_input(last), "batch_mean": none, "batch_variance": none if clamped else last,
+                "moving_mean": none, "moving_variance": none if clamped else ever,
+                "inference_output": like_input(after)}
+    return {name: like_input(last) if name in ("input", "output") else none if clamped and name == "beta"
+            else last for name in ("input", "gamma", "beta", "output")}
 
 
 def simulate(problem: Problem, check: Check, knobs: Knobs = CANONICAL) -> dict[str, np.ndarray]:
