@@ -162,8 +162,8 @@ def case_strategy(focus: frozenset[str] = frozenset(), regions: tuple[dict[str, 
             doc["training"] = {"steps": steps, "expected": {}}
             if check == "gradients" or (not replicas and check is None and d(st.booleans())):
                 doc["training"]["gradients"] = {"upstream": {"random": {"seed": 1}}}
-        if inference_only or d(st.booleans()):
-            doc["inference"] = {"expected": {}}
+        if inference_only or check == "training" or d(st.booleans()):  # a training region infers
+            doc["inference"] = {"expected": {}}  # after training too, which export adapters compare
         features = set(region.get("features", ()))
         if features & {"renorm", "adjustment", "ghost-batches", "no-running-stats"}:
             params.update(d(optional_features(shape, axes, count, features)))
@@ -233,10 +233,19 @@ class Worker:
         self.started = time.monotonic()
 
     def region(self, rule: Any) -> dict[str, Any]:
-        """rule_region, with replicas where the rule's adapters here run replica cases only."""
+        """rule_region, narrowed to what the rule's adapters here can state (Capabilities): their
+        dtypes and ranks where the rule names none, replicas where they run replica cases only."""
         region = rule_region(rule)
-        mine = [self.adapters[a].capabilities.features for a in rule.adapters if a in self.adapters]
-        if mine and all("replicas" in f for f in mine):
+        caps = [self.adapters[a].capabilities for a in rule.adapters if a in self.adapters]
+        if not caps:
+            return region
+        dtypes = sorted(set.union(*(set(c.dtypes) for c in caps)))
+        if "dtype" not in region and len(dtypes) < len(DTYPES):
+            region["dtype"] = dtypes
+        low, high = min(c.min_rank for c in caps), max(c.max_rank or 5 for c in caps)
+        if "rank" not in region and (low, high) != (1, 5):
+            region["rank"] = list(range(low, high + 1))
+        if all("replicas" in c.features for c in caps):
             region["features"] = [*region.get("features", []), "replicas"]
         return region
 
