@@ -162,8 +162,10 @@ def case_strategy(focus: frozenset[str] = frozenset(), regions: tuple[dict[str, 
             doc["training"] = {"steps": steps, "expected": {}}
             if check == "gradients" or (not replicas and check is None and d(st.booleans())):
                 doc["training"]["gradients"] = {"upstream": {"random": {"seed": 1}}}
-        if inference_only or check == "training" or d(st.booleans()):  # a training region infers
-            doc["inference"] = {"expected": {}}  # after training too, which export adapters compare
+        if inference_only or check == "training" or d(st.booleans()):  # a training region infers too
+            doc["inference"] = {"expected": {}}
+            if "training" in doc:  # and after training, which the export adapters compare
+                doc["training"]["expected"]["inference_output"] = None  # (asks `filled` for it)
         features = set(region.get("features", ()))
         if features & {"renorm", "adjustment", "ghost-batches", "no-running-stats"}:
             params.update(d(optional_features(shape, axes, count, features)))
