@@ -60,8 +60,8 @@ def test_budget_shares_fit_the_wall_and_favour_the_slow_groups():
     names = ["tf", "keras", "keras-jax", "torch", "torch-compile", "jax", "onnx", "torch-export"]
     shares = group_budgets(names, 600, 2)
     assert shares == group_budgets(list(reversed(names)), 600, 2)  # the same run, the same shares
-    assert shares["tf"] == pytest.approx(WEIGHTS["tf"] * shares["onnx"], abs=0.2)
-    assert shares["keras-jax"] == pytest.approx(2 * shares["onnx"], abs=0.2)
+    assert shares["tf"] == pytest.approx(WEIGHTS["tf"] * shares["onnx"], abs=0.5)  # each floored to 0.1 s
+    assert shares["keras-jax"] == pytest.approx(2 * shares["onnx"], abs=0.5)
     ends = [0.0, 0.0]  # started largest share first, two at a time
     for name in sorted(names, key=lambda n: (-shares[n], n)):
         ends[ends.index(min(ends))] += STARTUP_S + shares[name]
