@@ -8,7 +8,9 @@ x status x explanation (the variant names, or the closest variant when unexplain
 of each signature is then shrunk with Hypothesis's `find`, asking for a case with that signature
 (within a share of the budget; a group whose case `find` cannot reach again keeps the case as
 found, marked `shrunk: false`). Everything is seeded: the same seed and `--max-cases` give the same
-groups; with a time budget alone, the count of cases tried depends on the machine.
+groups run to run on one machine; with a time budget alone, the count of cases tried depends on the
+machine, and Hypothesis's draws can depend on how long each example takes (README, "Fuzzing").
+`--budget` is the whole run's wall-clock time, shared among the processes by `group_budgets`.
 """
 
 from __future__ import annotations
