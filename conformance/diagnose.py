@@ -105,17 +105,20 @@ def score(problem: Problem, check: Check, names: tuple[str, ...], got: dict[str,
             continue
         scale = atol_scales or {}
         unknown = variants.undetermined(problem, check, knobs)
+        folded = variants.folded_gradient_atol(knobs, problem, check)
         worst = 0.0
-        bands: dict[tuple[float, float], tuple[float, float]] = {}  # per base tolerance: outputs share one
+        bands: dict[int, tuple] = {}  # per base Tolerance (its rtol may be per channel): outputs share one
         for out, value in got.items():
             base = (per_output or {}).get(out, tol)
-            if (base.rtol, base.atol) not in bands:
-                bands[base.rtol, base.atol] = variants.tolerance_for(knobs, problem, base.rtol, base.atol,
-                                                                     conditioning)
-            rtol, atol = bands[base.rtol, base.atol]
-            worst = max(worst, badness(simulated[out], value, rtol, atol * scale.get(out, 1.0),
+            if id(base) not in bands:
+                bands[id(base)] = variants.tolerance_for(knobs, problem, base.rtol, base.atol, conditioning)
+            rtol, atol = bands[id(base)]
+            scaled = atol * scale.get(out, 1.0)
+            fold = folded.get(out, 0.0)  # a folded gradient's own band, replacing the scaled one
+            worst = max(worst, badness(simulated[out], value, rtol, np.maximum(scaled, fold),
                                        unknown.get(out)))
-            wider = bool(np.any(rtol > base.rtol) or np.any(atol > base.atol))
+            wider = bool(np.any(rtol > base.rtol) or np.any(atol > base.atol)
+                         or np.any(fold > base.atol * scale.get(out, 1.0)))
             wide = wide or wider
             moves = moves or wider or badness(held_to[out], simulated[out], base.rtol,
                                               base.atol * scale.get(out, 1.0)) > 1

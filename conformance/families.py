@@ -16,6 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import adapters as registry
 from conformance import ROOT
@@ -52,8 +53,10 @@ def groups_for(selection: str | None) -> list[Group]:
 
 
 def run_each(groups: list[Group], command: Callable[[Group], list[str]], log_dir: Path,
-             jobs: int | None = None, timeout: float = 1800) -> list[Group]:
-    """Run `command(group)` for every group, `jobs` at a time, output to log_dir/<group>.log."""
+             jobs: int | None = None, timeout: float = 1800,
+             first: Callable[[Group], Any] | None = None) -> list[Group]:
+    """Run `command(group)` for every group, `jobs` at a time, output to log_dir/<group>.log; the
+    groups start in the order of `first` (a sort key), else LONG_FAMILIES first."""
     log_dir.mkdir(parents=True, exist_ok=True)
 
     def run_one(group: Group) -> Group:
@@ -73,7 +76,7 @@ def run_each(groups: list[Group], command: Callable[[Group], list[str]], log_dir
             group.problem = f"crashed ({signal.Signals(-group.returncode).name})"
         return group
 
-    order = sorted(groups, key=lambda g: g.name not in LONG_FAMILIES)
+    order = sorted(groups, key=first or (lambda g: g.name not in LONG_FAMILIES))
     with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
         list(pool.map(run_one, order))
     return groups

@@ -8,7 +8,9 @@ x status x explanation (the variant names, or the closest variant when unexplain
 of each signature is then shrunk with Hypothesis's `find`, asking for a case with that signature
 (within a share of the budget; a group whose case `find` cannot reach again keeps the case as
 found, marked `shrunk: false`). Everything is seeded: the same seed and `--max-cases` give the same
-groups; with a time budget alone, the count of cases tried depends on the machine.
+groups run to run on one machine; with a time budget alone, the count of cases tried depends on the
+machine, and Hypothesis's draws can depend on how long each example takes (README, "Fuzzing").
+`--budget` is the whole run's wall-clock time, shared among the processes by `group_budgets`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -34,38 +37,71 @@ import adapters as registry
 from conformance.results import Record, Results, Status, write_atomically
 from conformance.validate import SINGLE_DEVICE_PARAMS
 
+STARTED = time.monotonic()  # this process's start, near enough: a worker's startup is measured from it
 SHRINK_SHARE = 0.3  # of a worker's budget, for finding a minimal case per group
 DTYPES = ("float16", "bfloat16", "float32", "float64")
+# `--budget` is the run's wall-clock time; each process group gets a share of it by weight, more
+# where a case costs more (compiled graphs, jitted functions, exports) and the process's rules hang
+# on rare draws. In `fuzz --budget 600 --seed 11` (weights tf 4, jax 4, torch-export 3, the others
+# 1 or 2) torch-export tried 398 cases at 4.6 a second, tf 1,395 at 11.9, jax 1,003 at 8.7,
+# torch-compile 268 at 4.6, the others 440 to 2,750 in 29 s; a torch-export run of 124 s alone
+# reached 6 of its 9 rules, so it gets the largest share.
+WEIGHTS = {"torch-export": 5.0, "tf": 4.0, "jax": 4.0, "torch-compile": 2.0, "keras-jax": 2.0}
+STARTUP_S = 8.0  # per process, before its budget starts: interpreter and imports (1-2 s), then the
+# adapters (summary.json's startup_s: 0.1 to 4.7 s in that run)
+FINISH_S = 20.0  # the run's end: cases filled and written, summary and report
+MIN_S = 5.0  # the least a process group is given, whatever the budget
 
 
-def optional_features(shape: list[int], axes: list[int], count: int) -> Any:
-    """One of renorm, ghost batches, adjustment, no running statistics (shrinks to none of them)."""
+def optional_features(shape: list[int], axes: list[int], count: int,
+                      only: set[str] | None = None) -> Any:
+    """One of renorm, ghost batches, adjustment, no running statistics (shrinks to none of them);
+    with `only`, one of those features named there."""
     from hypothesis import strategies as st
 
     rank = len(shape)
     clips = st.sampled_from(({}, {"rmax": 3.0, "rmin": 0.3333, "dmax": 5.0},
                              {"rmax": 1.5, "rmin": 0.7, "dmax": 0.5}))
-    options = [st.just({}),
-               st.builds(lambda m, c: {"renorm": {"momentum": m, **c}},
-                         st.sampled_from((0.99, 0.5, 0.9)), clips),
-               st.builds(lambda a, b: {"adjustment": {"scale": a, "bias": b}},
-                         st.lists(st.floats(0.5, 1.5), min_size=count, max_size=count),
-                         st.lists(st.floats(-0.5, 0.5), min_size=count, max_size=count)),
-               st.just({"track_running_stats": False})]
+    named = {"renorm": st.builds(lambda m, c: {"renorm": {"momentum": m, **c}},
+                                 st.sampled_from((0.99, 0.5, 0.9)), clips),
+             "adjustment": st.builds(lambda a, b: {"adjustment": {"scale": a, "bias": b}},
+                                     st.lists(st.floats(0.5, 1.5), min_size=count, max_size=count),
+                                     st.lists(st.floats(-0.5, 0.5), min_size=count, max_size=count)),
+             "no-running-stats": st.just({"track_running_stats": False})}
     sizes = [v for v in (2, 4, 1) if shape[0] % v == 0]
     if 0 not in {a % rank for a in axes} and sizes:
-        options.append(st.sampled_from(sizes).map(lambda v: {"virtual_batch_size": v}))
-    return st.one_of(*options)
+        named["ghost-batches"] = st.sampled_from(sizes).map(lambda v: {"virtual_batch_size": v})
+    if only is not None:
+        return st.one_of([named[n] for n in sorted(only & named.keys())] or [st.just({})])
+    return st.one_of(st.just({}), *named.values())
 
 
-def case_strategy() -> Any:
-    """Case documents over what the format allows; every part shrinks towards a plain float32 case."""
+def case_strategy(focus: frozenset[str] = frozenset(), regions: tuple[dict[str, Any], ...] = ()) -> Any:
+    """Case documents over what the format allows; every part shrinks towards a plain float32 case.
+
+    `focus` names optional features the process's adapters need (`focus_of`): "replicas" for a
+    process of replica adapters only, which find every other case not expressible, so it draws
+    replicas wherever they are allowed (rank 2-5, no gradients); "preceding" for export adapters,
+    which draw a preceding layer in two cases of five where one fits instead of one.
+    `regions` (`rule_region`: the conditions of the known rules of the process's adapters): one
+    case in three is drawn inside one of them (its dtype, rank, parameters, features, batch sizes
+    and checks), the others everywhere, so a rare region that a rule names comes up in a short run.
+    A region only steers the draw; what the case shows is measured as for any other."""
     from hypothesis import strategies as st
+
+    replicas_only = "replicas" in focus
 
     @st.composite
     def draw(d: Any) -> dict[str, Any]:
-        dtype = d(st.sampled_from(("float32", "float64", "float16", "bfloat16")))
-        rank = d(st.integers(2, 5) | st.just(1))
+        region = d(st.sampled_from(regions)) if regions and d(st.integers(0, 2)) == 2 else {}
+        replicas = replicas_only or "replicas" in region.get("features", ())
+
+        def choose(key: str, default: Any) -> Any:  # the region's value(s), else the default draw
+            return d(st.sampled_from(region[key])) if key in region else d(default)
+
+        dtype = choose("dtype", st.sampled_from(("float32", "float64", "float16", "bfloat16")))
+        # rank 1 in one case of five (Hypothesis draws either side of a `|` equally often)
+        rank = choose("rank", st.sampled_from((2, 3, 4, 5) if replicas else (2, 3, 4, 5, 1)))
         shape = [d(st.integers(2, 4)) for _ in range(rank)]
         if d(st.booleans()):
             shape[0] = d(st.sampled_from((1, 8, 0)))  # batch of one, a larger batch, an empty batch
@@ -75,13 +111,25 @@ def case_strategy() -> Any:
         if d(st.booleans()):
             axes = [a - rank for a in axes]  # the negative spelling
         if d(st.integers(0, 19)) == 19:  # an axis out of range: every API must refuse the case
+            if d(st.booleans()):  # the last dim, where an axis below -rank lands in Flax, of size 1:
+                shape[-1] = 1  # the feature count an adapter passes then (flax-nnx `accepts`)
             return {"id": "fuzz", "dtype": dtype, "params": {"axis": d(st.sampled_from((rank, -rank - 1)))},
                     "input": {"shape": shape, "random": {"seed": 0}}, "training": {}, "inference": {},
                     "expect_error": True}
         # one value per channel (every other dim 1), twice as often on 4-D/5-D input, where TF's
         # fused kernel takes its own Bessel factor for it (bessel-one-value)
-        if d(st.integers(0, 9)) >= (8 if rank >= 4 else 9):
+        one = d(st.integers(0, 9)) >= (8 if rank >= 4 else 9)
+        if "values_per_channel" in region:  # the region's batch: one value per channel, or none
+            one = 1 in region["values_per_channel"]
+        if one:
             shape = [s if i in {a % rank for a in axes} else 1 for i, s in enumerate(shape)]
+        reduced = [i for i in range(rank) if i not in {a % rank for a in axes}]
+        if region.get("values_per_channel") == [0] and reduced:  # an empty batch: a reduced dim of 0
+            shape[reduced[0]] = 0
+        if "channels" in region:  # 0: the first channel dim empty; 1: every channel dim 1
+            wanted = d(st.sampled_from(region["channels"]))
+            for i, a in enumerate(axes):
+                shape[a] = 1 if wanted == 1 or (wanted == 0 and i > 0) else wanted
         params: dict[str, Any] = {"axis": axes if several else axes[0]}
         momentum = d(st.sampled_from((0.9, None, 0.0, 1.0, 0.5, 0.99)) | st.floats(0, 1))
         epsilon = d(st.sampled_from((1e-5, 0.0, 1e-3, 0.1)) | st.floats(1e-8, 0.5))
@@ -97,36 +145,80 @@ def case_strategy() -> Any:
             params["moving_mean"] = d(st.lists(st.floats(-2, 2), min_size=count, max_size=count))
             params["moving_variance"] = d(st.lists(st.floats(0.01, 4), min_size=count,
                                                    max_size=count))
-        if d(st.integers(0, 3)) == 3:  # mixed precision; shrinks to none
-            params["param_dtype"] = d(st.sampled_from(("float32", "float64", "float16", "bfloat16")))
+        if "param-dtype" in region.get("features", ()):
+            params["param_dtype"] = "float32" if dtype != "float32" else "float64"
+        elif d(st.integers(0, 3)) == 3:  # mixed precision; shrinks to none
+            # float16/bfloat16 input: float32 parameters in three draws of four, as mixed-precision
+            # training holds them (the rules of torch, torch-compile and flax-nnx need that region)
+            amp = dtype in ("float16", "bfloat16") and d(st.integers(0, 3)) > 0
+            params["param_dtype"] = "float32" if amp else d(st.sampled_from(DTYPES))
         mean = d(st.sampled_from((0.0, 3.0, -1.0)) | st.sampled_from((1e2, 1e4)))
         std = d(st.sampled_from((1.0, 0.1, 1e-3)))
         doc: dict[str, Any] = {"id": "fuzz", "dtype": dtype, "params": params,
                                "input": {"shape": shape, "random": {"seed": d(st.integers(0, 2**16)),
                                                                     "mean": mean, "std": std}}}
-        steps = d(st.integers(1, 3))
-        inference_only = d(st.booleans())
+        steps = choose("steps", st.integers(1, 3))
+        if region.get("multi_step") is not None:
+            steps = d(st.integers(2, 3)) if region["multi_step"] else 1
+        check = d(st.sampled_from(region["checks"])) if region else None
+        inference_only = check == "inference" or (check is None and d(st.booleans()))
         if not inference_only:
             doc["training"] = {"steps": steps, "expected": {}}
-            if d(st.booleans()):
+            if check == "gradients" or (not replicas and check is None and d(st.booleans())):
                 doc["training"]["gradients"] = {"upstream": {"random": {"seed": 1}}}
-        if inference_only or d(st.booleans()):
+        if inference_only or check == "training" or d(st.booleans()):  # a training region infers too
             doc["inference"] = {"expected": {}}
-        if d(st.integers(0, 9)) >= 7:  # drawn last and in three cases of ten: the other draws stay
+            if "training" in doc:  # and after training, which the export adapters compare
+                doc["training"]["expected"]["inference_output"] = None  # (asks `filled` for it)
+        features = set(region.get("features", ()))
+        if features & {"renorm", "adjustment", "ghost-batches", "no-running-stats"}:
+            params.update(d(optional_features(shape, axes, count, features)))
+        elif d(st.integers(0, 9)) >= 7:  # drawn last and in three cases of ten: the other draws stay
             params.update(d(optional_features(shape, axes, count)))
+        for name, values in region.get("params", {}).items():  # the region's parameters (not axis)
+            if name != "axis":
+                params[name] = d(st.sampled_from(values))
         # drawn last, so the draws before it (and the seeds tests rely on) stay as they were
-        if not several and count <= 8 and d(st.integers(0, 4)) == 4:  # a layer to fold BN into
+        fold = 3 if "preceding" in focus else 4  # a layer to fold BN into: in 2 or 1 cases of 5
+        if not several and count <= 8 and ("preceding" in features or d(st.integers(0, 4)) >= fold):
             row = st.lists(st.floats(-2, 2), min_size=count, max_size=count)
             params["preceding"] = {"weight": d(st.lists(row, min_size=count, max_size=count)),
                                    "bias": d(row)}
         counts = [c for c in (2, 4, 3) if c <= shape[0]]  # 3 on 4 or 8 rows: uneven shards
         if ("gradients" not in doc.get("training", {}) and counts and 0 not in {a % rank for a in axes}
                 and not params.keys() & set(SINGLE_DEVICE_PARAMS)
-                and d(st.integers(0, 3)) == 3):  # replicas, drawn last
+                and d(st.integers(0, 3)) >= (1 if replicas else 3)):  # replicas, drawn last
             params["replicas"] = {"count": d(st.sampled_from(counts)), "synchronized": d(st.booleans())}
         return doc
 
     return draw()
+
+
+def rule_region(rule: Any) -> dict[str, Any]:
+    """A known rule's conditions as a region case_strategy can draw in: every condition given, as a
+    list of the values it allows, and the checks it covers (`ids` and `tags` are not drawn)."""
+    when = rule.when.model_dump(exclude_none=True)
+    region: dict[str, Any] = {"checks": list(rule.checks)}
+    for key in ("dtype", "rank", "steps", "values_per_channel", "channels"):
+        if key in when:
+            region[key] = when[key] if isinstance(when[key], list) else [when[key]]
+    if "params" in when:
+        region["params"] = {k: v if isinstance(v, list) else [v] for k, v in when["params"].items()}
+    for key in ("multi_step", "features"):
+        if key in when:
+            region[key] = when[key]
+    return region
+
+
+def focus_of(features: list[frozenset[str]]) -> frozenset[str]:
+    """What a process's adapters need drawn more often (case_strategy): replicas where every one of
+    them runs replica cases only, a preceding layer where one of them folds or exports it."""
+    focus = set()
+    if features and all("replicas" in f for f in features):
+        focus.add("replicas")
+    if any("preceding" in f for f in features):
+        focus.add("preceding")
+    return frozenset(focus)
 
 
 class Worker:
@@ -136,12 +228,32 @@ class Worker:
         from conformance.known import load as load_rules
 
         self.adapters = {i: registry.load(i) for i in ids}
+        self.focus = focus_of([a.capabilities.features for a in self.adapters.values()])
         self.rules = load_rules()
+        self.regions = tuple(self.region(r) for r in self.rules.rules if set(r.adapters) & set(ids))
         self.seed = seed
         self.progress = progress
         self.found: dict[str, dict[str, Any]] = {}  # signature -> {"doc", "count", "record"}
-        self.tried = self.checks = 0
+        self.rules_reached: dict[str, int] = {}  # rule source -> checks it explained (while exploring)
+        self.tried = self.checks = self.checks_run = 0  # checks_run: those not found not expressible
         self.started = time.monotonic()
+
+    def region(self, rule: Any) -> dict[str, Any]:
+        """rule_region, narrowed to what the rule's adapters here can state (Capabilities): their
+        dtypes and ranks where the rule names none, replicas where they run replica cases only."""
+        region = rule_region(rule)
+        caps = [self.adapters[a].capabilities for a in rule.adapters if a in self.adapters]
+        if not caps:
+            return region
+        dtypes = sorted(set.union(*(set(c.dtypes) for c in caps)))
+        if "dtype" not in region and len(dtypes) < len(DTYPES):
+            region["dtype"] = dtypes
+        low, high = min(c.min_rank for c in caps), max(c.max_rank or 5 for c in caps)
+        if "rank" not in region and (low, high) != (1, 5):
+            region["rank"] = list(range(low, high + 1))
+        if all("replicas" in c.features for c in caps):
+            region["features"] = [*region.get("features", []), "replicas"]
+        return region
 
     def signatures(self, doc: dict[str, Any]) -> dict[str, Record]:
         """The differences this case shows, by signature (an invalid draw shows none)."""
@@ -167,6 +279,7 @@ class Worker:
                     evaluate(adapter, loaded.case, check, outcome, self.rules)  # type: ignore[arg-type]
                 except Exception as exc:
                     outcome.status, outcome.reason = Status.ERROR, f"{type(exc).__name__}: {exc}"
+                self.checks_run += outcome.status != Status.NOT_EXPRESSIBLE
                 if outcome.status in (Status.PASS, Status.NOT_EXPRESSIBLE):
                     continue
                 record = outcome.fill(Record(case=None, file="", adapter=adapter_id, check=check,
@@ -187,7 +300,7 @@ class Worker:
         @hypothesis_seed(self.seed)
         @settings(max_examples=max_cases or 10**9, deadline=None, database=None, phases=[Phase.generate],
                   suppress_health_check=list(HealthCheck))
-        @given(case_strategy())
+        @given(case_strategy(self.focus, self.regions))
         def one(doc: dict[str, Any]) -> None:
             if time.monotonic() > deadline:
                 raise Enough
@@ -195,35 +308,44 @@ class Worker:
             for sig, record in self.signatures(doc).items():
                 entry = self.found.setdefault(sig, {"doc": doc, "count": 0, "record": record})
                 entry["count"] += 1
+                for rule in (record.rule, *record.rule.get("with", [])) if record.rule else ():
+                    self.rules_reached[rule["source"]] = self.rules_reached.get(rule["source"], 0) + 1
             self.report(deadline)
 
         with contextlib.suppress(Enough):
             one()
 
     def shrink(self, seconds: float) -> None:
-        """A minimal case per signature, by Hypothesis: `find` a case with that signature."""
+        """A minimal case per signature, by Hypothesis: `find` a case with that signature, each group
+        within an equal part of the time left, so that the whole ends within `seconds` but for the
+        one evaluation under way at a deadline."""
         from hypothesis import HealthCheck, find, settings
         from hypothesis.errors import Flaky, NoSuchExample
 
-        share = seconds / max(1, len(self.found))
-        for sig, entry in sorted(self.found.items()):
-            deadline = time.monotonic() + share
-            answers: dict[str, bool] = {}  # the same case, the same answer, also past the deadline
+        end = time.monotonic() + seconds
+        todo = sorted(self.found.items())
+        for i, (sig, entry) in enumerate(todo):
+            entry["shrunk"] = False  # unless a case with this signature is found again in time
+            deadline = time.monotonic() + (end - time.monotonic()) / (len(todo) - i)
+            if deadline <= time.monotonic():
+                continue
+            seen: dict[str, Record | None] = {}  # the same case, the same answer, also past the deadline
 
             def has(doc: dict[str, Any], sig: str = sig, deadline: float = deadline,
-                    answers: dict[str, bool] = answers) -> bool:
+                    seen: dict[str, Record | None] = seen) -> bool:
                 key = json.dumps(doc, sort_keys=True)
-                if key not in answers:
-                    answers[key] = time.monotonic() < deadline and sig in self.signatures(doc)
-                return answers[key]
+                if key not in seen:
+                    seen[key] = self.signatures(doc).get(sig) if time.monotonic() < deadline else None
+                return seen[key] is not None
 
             try:
-                entry["doc"] = find(case_strategy(), has, random=Random(self.seed), settings=settings(
-                    max_examples=200, deadline=None, database=None, suppress_health_check=list(HealthCheck)))
-                entry["shrunk"] = True
-                entry["record"] = self.signatures(entry["doc"]).get(sig, entry["record"])
+                doc = find(case_strategy(self.focus, self.regions), has, random=Random(self.seed),
+                           settings=settings(max_examples=200, deadline=None, database=None,
+                                             suppress_health_check=list(HealthCheck)))
             except (NoSuchExample, Flaky):  # not found again within its share: keep the case as found
-                entry["shrunk"] = False
+                continue
+            entry["doc"], entry["shrunk"] = doc, True
+            entry["record"] = seen.get(json.dumps(doc, sort_keys=True)) or entry["record"]
 
     def report(self, deadline: float) -> None:
         if self.progress is not None:
@@ -255,13 +377,40 @@ def worker_main(args: argparse.Namespace) -> int:
     explore_s = args.budget * (1 - SHRINK_SHARE)
     worker.explore(explore_s, args.max_cases)
     explored = time.monotonic() - worker.started
-    worker.shrink(max(1.0, args.budget - explored))
+    checks, checks_run = worker.checks, worker.checks_run  # the exploration's; shrinking evaluates more
+    # what is left, but no more than its share where --max-cases ended the exploration early
+    worker.shrink(max(1.0, min(args.budget - explored, args.budget * SHRINK_SHARE)))
     groups = {sig: {"count": e["count"], "shrunk": e.get("shrunk", False), "doc": e["doc"],
                     "record": e["record"].to_json()} for sig, e in worker.found.items()}
-    write_atomically(args.out, {"adapters": ids, "cases": worker.tried, "checks": worker.checks,
+    write_atomically(args.out, {"adapters": ids, "cases": worker.tried, "checks": checks,
+                                "checks_run": checks_run,
+                                "focus": sorted(worker.focus), "budget_s": args.budget,
+                                "startup_s": round(worker.started - STARTED, 1),
                                 "seconds": round(time.monotonic() - worker.started, 1),
-                                "explore_seconds": round(explored, 1), "groups": groups})
+                                "explore_seconds": round(explored, 1), "groups": groups,
+                                "rules_reached": worker.rules_reached})
     return 0
+
+
+def group_budgets(names: list[str], wall: float, jobs: int) -> dict[str, float]:
+    """Seconds per process group so that the run ends within `wall`: shares proportional to WEIGHTS
+    (1 for the others), scaled by the largest unit for which the processes, started largest share
+    first `jobs` at a time as families.run_each starts them (each taking STARTUP_S plus its share),
+    finish by wall - FINISH_S. Never below MIN_S. The same names, wall and jobs give the same shares."""
+    weights = {n: WEIGHTS.get(n, 1.0) for n in names}
+    order = sorted(names, key=lambda n: (-weights[n], n))
+
+    def makespan(unit: float) -> float:
+        ends = [0.0] * max(1, jobs)
+        for n in order:  # each process starts on the first free slot
+            ends[ends.index(min(ends))] += STARTUP_S + max(MIN_S, unit * weights[n])
+        return max(ends)
+
+    low, high = 0.0, max(wall, MIN_S)
+    for _ in range(50):
+        mid = (low + high) / 2
+        low, high = (mid, high) if makespan(mid) <= wall - FINISH_S else (low, mid)
+    return {n: max(MIN_S, math.floor(low * weights[n] * 10) / 10) for n in names}  # 0.1 s, never over
 
 
 def main(args: argparse.Namespace) -> int:
@@ -273,13 +422,15 @@ def main(args: argparse.Namespace) -> int:
     work = out / ".work"
     work.mkdir(parents=True, exist_ok=True)
     groups = groups_for(args.framework)
+    jobs = args.jobs or os.cpu_count() or 1
+    budgets = group_budgets([g.name for g in groups], args.budget, jobs)
     for g in groups:
         (work / f"{g.name}.json").unlink(missing_ok=True)
 
     def command(g: Any) -> list[str]:
         return [sys.executable, "-m", "conformance.fuzz", "--worker",
                 f"--framework={','.join(g.adapter_ids)}",
-                f"--budget={args.budget}", f"--seed={args.seed}", f"--out={work / g.name}.json",
+                f"--budget={budgets[g.name]}", f"--seed={args.seed}", f"--out={work / g.name}.json",
                 f"--progress={work / g.name}.progress.json",
                 *([f"--max-cases={args.max_cases}"] if args.max_cases else [])]
 
@@ -301,11 +452,14 @@ def main(args: argparse.Namespace) -> int:
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        run_each(groups, command, work / "logs", args.jobs, timeout=args.budget * 3 + 600)
+        run_each(groups, command, work / "logs", jobs, timeout=max(budgets.values()) * 3 + 600,
+                 first=lambda g: (-budgets[g.name], g.name))
     finally:
         stop.set()
         watcher.join()
-    summary: dict[str, Any] = {"seed": args.seed, "budget_s": args.budget, "families": {}, "groups": []}
+    summary: dict[str, Any] = {"seed": args.seed, "budget_s": args.budget, "jobs": jobs, "families": {},
+                               "groups": []}
+    reached: dict[str, int] = {}
     records = []
     for g in groups:
         try:
@@ -314,10 +468,16 @@ def main(args: argparse.Namespace) -> int:
             summary["families"][g.name] = {"problem": g.problem or f"exit {g.returncode}",
                                            "log_tail": tail(g.log)}
             continue
-        summary["families"][g.name] = {"cases": data["cases"], "checks": data["checks"],
-                                       "seconds": data["seconds"],
-                                       "checks_per_s": round(data["checks"] / max(data["explore_seconds"],
-                                                                                   1e-9), 1)}
+        for source, n in data["rules_reached"].items():
+            reached[source] = reached.get(source, 0) + n
+        explore_s = max(data["explore_seconds"], 1e-9)
+        summary["families"][g.name] = {
+            "cases": data["cases"], "checks": data["checks"], "checks_run": data["checks_run"],
+            "budget_s": data["budget_s"], "startup_s": data["startup_s"], "focus": data["focus"],
+            "seconds": data["seconds"], "explore_seconds": data["explore_seconds"],
+            "cases_per_s": round(data["cases"] / explore_s, 1),
+            "checks_per_s": round(data["checks"] / explore_s, 1),  # not-expressible checks included
+            "checks_run_per_s": round(data["checks_run"] / explore_s, 1)}
         for sig, group in sorted(data["groups"].items()):
             name = slug(sig)
             doc = {**group["doc"], "id": name, "title": f"fuzz: {sig}", "tags": ["fuzz"]}
@@ -332,6 +492,7 @@ def main(args: argparse.Namespace) -> int:
             summary["groups"].append({"signature": sig, "family": g.name, "count": group["count"],
                                       "shrunk": group["shrunk"], "case": f"{name}.yaml"})
     summary["groups"].sort(key=lambda s: ("unexplained" not in s["signature"], -s["count"]))
+    summary["rules"] = rules_summary(reached, {a for g in groups for a in g.adapter_ids})
     write_atomically(out / "summary.json", summary)
     write_atomically(out / "results.json", Results({"selection": "fuzz", "adapters": {}}, records))
     subprocess.run([sys.executable, "-m", "reports", str(out / "results.json"), "-o",
@@ -339,10 +500,27 @@ def main(args: argparse.Namespace) -> int:
     for s in summary["groups"]:
         print(f"{s['count']:>6}  {s['signature']}  -> {s['case']}")
     for name, fam in summary["families"].items():
-        print(f"{name}: " + (f"{fam['cases']} cases, {fam['checks']} checks, {fam['checks_per_s']} checks/s"
-                             if "cases" in fam else f"failed: {fam['problem']}"))
-    print(f"{len(summary['groups'])} groups -> {out}")
+        print(f"{name}: " + (f"{fam['cases']} cases, {fam['checks']} checks ({fam['checks_run']} run, the "
+                             f"others not expressible) in {fam['explore_seconds']} s: {fam['checks_per_s']} "
+                             f"checks/s, {fam['checks_run_per_s']} run/s" if "cases" in fam
+                             else f"failed: {fam['problem']}"))
+    rules = summary["rules"]
+    total = len(rules["reached"]) + len(rules["not_reached"])
+    print(f"known rules reached: {len(rules['reached'])} of the selected adapters' {total}"
+          + "".join(f"\n  not reached: {r}" for r in rules["not_reached"]))
+    print(f"{len(summary['groups'])} groups -> {out} (wall {time.monotonic() - STARTED:.0f} s)")
     return 1 if any("problem" in f for f in summary["families"].values()) else 0
+
+
+def rules_summary(reached: dict[str, int], adapter_ids: set[str]) -> dict[str, Any]:
+    """Which rules of adapters/known/ the run's cases were known by (cases each), and which rules
+    of the selected adapters none was."""
+    from conformance.known import load as load_rules
+
+    rules = [r for r in load_rules().rules if adapter_ids & set(r.adapters)]
+    return {"reached": {r.source: reached[r.source] for r in rules if r.source in reached},
+            "not_reached": [f"{r.source} {r.explained_by} {','.join(r.adapters)}" for r in rules
+                            if r.source not in reached]}
 
 
 def slug(sig: str) -> str:
@@ -355,7 +533,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m conformance fuzz", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--framework", default=None, help="families or adapter ids (default: all)")
-    parser.add_argument("--budget", type=float, default=600.0, help="seconds per process group")
+    parser.add_argument("--budget", type=float, default=600.0,
+                        help="seconds of wall-clock time for the whole run, shared among the process groups "
+                             "by weight (a worker's own budget with --worker)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-cases", type=int, default=None, help="stop exploring after this many cases")
     parser.add_argument("--out", type=Path, default=Path("results/fuzz"))

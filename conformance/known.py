@@ -47,7 +47,7 @@ class When(BaseModel):
     params: dict[str, Any] | None = None  # param name -> value or list of values
     steps: int | list[int] | None = None
     multi_step: bool | None = None  # more than one training step
-    values_per_channel: int | list[int] | None = None  # of the smallest batch fed: 1 = a batch of one
+    values_per_channel: int | list[int] | None = None  # of the smallest batch (or shard) fed: 1 = one row
     channels: int | list[int] | None = None  # how many channels (the product of the channel dims)
     features: list[str] | None = None  # the case uses every one of these optional features (FEATURES)
     # where the adapter ran, as its results' environment records it: a device ("cpu", "cuda") and
@@ -64,8 +64,13 @@ class When(BaseModel):
 
     @staticmethod
     def smallest_count(case: Case) -> int:
+        """Values per channel of the smallest batch one layer normalizes: with unsynchronized
+        replicas that is the smallest shard (n // count rows, as numpy.array_split cuts them)."""
         axes = case.params.axes
-        counts = [math.prod(s for d, s in enumerate(t.shape) if d not in {a % len(t.shape) for a in axes})
+        replicas = case.params.replicas
+        split = replicas.count if replicas is not None and not replicas.synchronized else 1
+        counts = [math.prod(s // split if d == 0 else s for d, s in enumerate(t.shape)
+                            if d not in {a % len(t.shape) for a in axes})
                   for t in case.tensors]
         return min(counts)
 

@@ -316,6 +316,8 @@ def _gradients(p: Problem, k: Knobs) -> dict[str, np.ndarray]:
         return reference.to_channels(r(a.sum(axis=red, keepdims=True)), axes)
 
     eps = r(np.float64(p.epsilon))
+    if k.normalize_folded:
+        return _folded_gradients(p, k, x, dy, groups, parts, eps)
     xhat, dx = np.empty_like(x), np.empty_like(x)
     with np.errstate(divide="ignore", invalid="ignore"):
         for g, (mean, var) in zip(groups, parts, strict=True):
@@ -340,14 +342,79 @@ def _gradients(p: Problem, k: Knobs) -> dict[str, np.ndarray]:
     return {"input": dx, "gamma": gamma_grad, "beta": total(dy)}
 
 
+def _folded_gradients(p: Problem, k: Knobs, x: np.ndarray, dy: np.ndarray, groups: list[slice],
+                      parts: list[tuple[np.ndarray, np.ndarray]], eps: Any) -> dict[str, np.ndarray]:
+    """The backward pass of y = x·s + (beta - mean·s), s = gamma·inv, inv = 1/sqrt(var + eps), as
+    autodiff takes it through tf.nn.batch_normalization (nn_impl.py L1490-1497), in the compute
+    dtype: dL/ds = Σ dy·x - mean·Σ dy, two large sums that cancel for a large |mean| (their exact
+    difference is Σ dy·(x - mean)); dL/dgamma = inv·dL/ds; dL/dvar = gamma·dL/ds·(-inv³/2) (the
+    last factor rounded once);
+    dL/dmean = -s·Σ dy; dL/dx = dy·s + (dL/dmean + dL/dvar·2(x - mean)) / n."""
+    r = _rounder(k.compute_dtype)
+    axes = p.channel_axes
+    red = reference.reduce_axes(x.ndim, axes)
+
+    def b(v: np.ndarray) -> np.ndarray:
+        return r(reference.broadcastable(v, x.ndim, axes))
+
+    def total(a: np.ndarray) -> np.ndarray:
+        return r(a.sum(axis=red, keepdims=True))
+
+    dx, gamma_grad = np.empty_like(x), 0.0
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for g, (mean, var) in zip(groups, parts, strict=True):
+            n = max(1, int(np.prod([x[g].shape[a] for a in red])))
+            m, inv = b(mean), r(1.0 / r(np.sqrt(r(b(var) + eps))))
+            s = r(b(p.gamma) * inv)
+            sum_dy = total(dy[g])
+            ds = r(total(r(dy[g] * x[g])) - r(m * sum_dy))
+            gamma_grad = r(gamma_grad + r(ds * inv))
+            # rsqrt's gradient -dy·inv³/2 rounded once: TF's RsqrtGrad gives 0, not 0·inf = NaN, for a
+            # zero dL/ds where inv³ is past float16's range (measured: a float16 constant channel of
+            # 1e4, eps 1e-5, 316³ = 3e7: dL/dx finite where dL/ds is 0, NaN in the other channels)
+            dvar = r(r(b(p.gamma) * ds) * (-0.5 * inv ** 3))
+            dmean = r(-r(s * sum_dy))
+            dx[g] = r(r(dy[g] * s) + r(r(dmean + r(r(2.0 * dvar) * r(x[g] - m))) / n))
+    gamma = reference.to_channels(np.broadcast_to(gamma_grad, b(p.gamma).shape), axes)
+    if k.empty_gamma_gradient_nan and x.size == 0:
+        gamma = np.full_like(gamma, np.nan)
+    return {"input": dx, "gamma": gamma, "beta": reference.to_channels(total(dy), axes)}
+
+
+def folded_gradient_atol(knobs: Knobs, problem: Problem, check: Check) -> dict[str, float]:
+    """Per gradient, the absolute error two folded evaluations may show: dL/dgamma = inv·(Σ dy·x -
+    mean·Σ dy) sums terms of size |dy·x| and |mean·dy|, so as every gradient sum here it is off by
+    about u·Σ|terms| (problem.gradient_scales), judged as default(dtype)·inv·(Σ|dy·x| + |mean|·Σ|dy|)
+    (max over channels) in the compute dtype, instead of the unfolded terms |dy·xhat|. Empty outside
+    a folded gradient check."""
+    if check != "gradients" or not knobs.normalize_folded or problem.upstream is None:
+        return {}
+    problem = reference.bn_input(problem)
+    x, dy = problem.batches[-1], problem.upstream
+    if x.size == 0:
+        return {}
+    eps = problem.epsilon if knobs.epsilon is None else knobs.epsilon
+    red = reference.reduce_axes(x.ndim, problem.channel_axes)
+    mean, var, _ = reference.moments(x, problem.channel_axes)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = 1.0 / np.sqrt(var + eps)
+        terms = (np.abs(dy * x).sum(axis=red) + np.abs(mean) * np.abs(dy).sum(axis=red)) * inv
+    finite = terms[np.isfinite(terms)]
+    return {"gamma": DEFAULT_TOLERANCE[knobs.compute_dtype or "float64"] * float(finite.max())} \
+        if finite.size else {}
+
+
 def undetermined(problem: Problem, check: Check, knobs: Knobs) -> dict[str, np.ndarray]:
-    """Per output, the elements a simulation cannot predict: for the sum of squares, those of
-    channels where the true variance + eps is within the cancellation error default(d)·(var + mean²).
-    There the framework's variance + eps is rounding noise whose value, sign (unclamped: NaN or not)
-    or zero (clamped at 0 with eps 0: inf or NaN) is a matter of summation order. Empty where
-    everything is predictable (two-pass; or eps above the noise)."""
+    """Per output, the elements a simulation cannot predict: for a sum of squares, those of channels
+    where the true variance + eps is within the cancellation error default(d)·(var + mean²), where
+    the framework's variance + eps may come out 0 (a constant channel with eps 0: 0/0), a tiny
+    positive value (x - mean over a tiny root: 0 where x equals the mean, any size elsewhere) or,
+    unclamped, negative (NaN): which one is a matter of summation order. Clamped, only what is
+    normalized with that batch's statistics is undetermined; unclamped, the NaN can also reach the
+    batch and moving variances. Empty where everything is predictable."""
     if knobs.variance == "two-pass":
         return {}
+    clamped = knobs.variance == "sum-of-squares"
     problem = reference.bn_input(problem)  # masks are per element, so W mixing them is not tracked
     eps = problem.epsilon if knobs.epsilon is None else knobs.epsilon
     width = DEFAULT_TOLERANCE[stats_dtype(knobs, problem)]
@@ -357,19 +424,21 @@ def undetermined(problem: Problem, check: Check, knobs: Knobs) -> dict[str, np.n
         mean, var, _ = reference.moments(x, problem.channel_axes)
         masks.append(var + eps <= width * (var + mean * mean))
     last, ever = masks[-1], np.logical_or.reduce(masks)
+    none = np.zeros_like(last)
 
     def like_input(channels: np.ndarray) -> np.ndarray:
         x = problem.batches[-1]
         return np.broadcast_to(reference.broadcastable(channels, x.ndim, problem.channel_axes), x.shape)
 
     if check == "training":
-        # renorm's moving std follows the batch std (renorm_mean, like moving_mean, does not)
-        return {"output": like_input(last), "batch_mean": np.zeros_like(last), "batch_variance": last,
-                "moving_mean": np.zeros_like(ever), "moving_variance": ever,
-                "renorm_mean": np.zeros_like(ever), "renorm_stddev": ever,
-                "inference_output": like_input(ever)}
-    return {name: like_input(last) if name == "input" else last for name in ("input", "gamma", "beta",
-                                                                              "output")}
+        after = (last if not problem.track_running_stats else none) if clamped else ever
+        return {"output": like_input(last), "batch_mean": none, "batch_variance": none if clamped else last,
+                "moving_mean": none, "moving_variance": none if clamped else ever,
+                # renorm's moving std follows the batch std as the moving variance does
+                "renorm_mean": none, "renorm_stddev": none if clamped else ever,
+                "inference_output": like_input(after)}
+    return {name: like_input(last) if name in ("input", "output") else none if clamped and name == "beta"
+            else last for name in ("input", "gamma", "beta", "output")}
 
 
 def simulate(problem: Problem, check: Check, knobs: Knobs = CANONICAL) -> dict[str, np.ndarray]:
@@ -529,7 +598,8 @@ VARIANTS = [
     # (keras/src/backend/jax/nn.py L1080-1090) fold the normalization: the output of a channel with
     # one value (var 0, s = gamma/sqrt(eps)) is beta plus the rounding of x·s, not beta exactly.
     Variant("normalize-folded", "y = x·s + (beta - mean·s), s = gamma/sqrt(var + eps), in the compute dtype",
-            lambda p, c: c in ("training", "inference"), _folded),
+            lambda p, c: c in ("training", "inference")
+            or (c == "gradients" and p.renorm is None and p.adjustment is None), _folded),
     # Every framework here but torch: with no samples the statistics are NaN and dL/dgamma, computed
     # through them, is NaN; the reference's sum over no elements is 0 (torch returns early, 0).
     Variant("empty-gamma-gradient-nan", "dL/dgamma of an empty batch is NaN (through NaN statistics)",

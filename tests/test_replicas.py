@@ -56,6 +56,19 @@ def test_an_adapter_without_the_feature_finds_replicas_not_expressible(tmp_path)
     assert Capabilities(features=frozenset({"replicas"})).missing(problem, "training") is None
 
 
+def test_values_per_channel_of_a_rule_counts_one_replica_s_shard(tmp_path):
+    """Unsynchronized replicas each normalize their own shard: a rule's `values_per_channel` sees
+    the smallest one (3 rows on 2 replicas: 1 row), synchronized ones the whole batch."""
+    from conformance.known import When
+
+    loaded, _ = load_text(tmp_path / "c.yaml", CASE.format(shape="[3, 4, 2]", axis=1, count=2, gradients=""))
+    case = loaded[0].case
+    assert When.smallest_count(case) == 2  # shards of 2 and 1 rows, times 2 values per row
+    synced = case.model_copy(update={"params": case.params.model_copy(
+        update={"replicas": case.params.replicas.model_copy(update={"synchronized": True})})})
+    assert When.smallest_count(synced) == 6
+
+
 def test_requested_device(monkeypatch):
     monkeypatch.delenv(DEVICE_VARIABLE, raising=False)
     assert requested_device() == "cpu"

@@ -418,3 +418,27 @@ def test_three_ruled_variants_together_explain_what_no_pair_does():
     args = (p, "training", (), got, {k: expected[k] for k in got}, tol, conditioning, {}, per_output)
     assert diagnose(*args).explained_by == []
     assert diagnose(*args, ruled=(*triple, "rejects")).explained_by == ["+".join(triple)]
+
+
+@pytest.mark.parametrize(("shape", "axes"), LAYOUTS)
+def test_folded_gradients_are_the_reference_gradients_in_float64(shape, axes):
+    """The fold changes rounding only: in float64 its backward pass is the reference's."""
+    p = problem(shape, axes)
+    folded = simulate(p, "gradients", Knobs(normalize_folded=True))
+    for name, value in simulate(p, "gradients").items():
+        np.testing.assert_allclose(folded[name], value, rtol=1e-9, atol=1e-12)
+
+
+def test_folded_gradient_of_gamma_cancels_in_float16():
+    """A float16 channel that rounds to a constant 100: dL/dgamma is 0, but Σ dy·x and mean·Σ dy
+    are about 100·Σ|dy| and round apart; the band derived for it holds the difference."""
+    from conformance.variants import folded_gradient_atol
+
+    p = dataclasses.replace(problem((64, 1), (1,), dtype="float16", epsilon=0.5, loc=100.0, std=1e-3),
+                            gamma=np.ones(1))
+    k = Knobs(normalize_folded=True, compute_dtype="float16")
+    assert simulate(p, "gradients")["gamma"][0] == 0.0
+    got = simulate(p, "gradients", k)["gamma"][0]
+    band = folded_gradient_atol(k, p, "gradients")["gamma"]
+    assert 0.0 < abs(got) <= band
+    assert folded_gradient_atol(k, p, "training") == {}
