@@ -230,7 +230,10 @@ class Worker:
         self.adapters = {i: registry.load(i) for i in ids}
         self.focus = focus_of([a.capabilities.features for a in self.adapters.values()])
         self.rules = load_rules()
-        self.regions = tuple(self.region(r) for r in self.rules.rules if set(r.adapters) & set(ids))
+        # the rules these adapters can meet here (not those of another device or release)
+        self.reachable = [r for r in self.rules.rules
+                          if any(r.reachable_by(a) for a in self.adapters.values())]
+        self.regions = tuple(self.region(r) for r in self.reachable)
         self.seed = seed
         self.progress = progress
         self.found: dict[str, dict[str, Any]] = {}  # signature -> {"doc", "count", "record"}
@@ -388,7 +391,8 @@ def worker_main(args: argparse.Namespace) -> int:
                                 "startup_s": round(worker.started - STARTED, 1),
                                 "seconds": round(time.monotonic() - worker.started, 1),
                                 "explore_seconds": round(explored, 1), "groups": groups,
-                                "rules_reached": worker.rules_reached})
+                                "rules_reached": worker.rules_reached,
+                                "rules_reachable": [r.source for r in worker.reachable]})
     return 0
 
 
@@ -460,6 +464,7 @@ def main(args: argparse.Namespace) -> int:
     summary: dict[str, Any] = {"seed": args.seed, "budget_s": args.budget, "jobs": jobs, "families": {},
                                "groups": []}
     reached: dict[str, int] = {}
+    reachable: set[str] = set()
     records = []
     for g in groups:
         try:
@@ -470,6 +475,7 @@ def main(args: argparse.Namespace) -> int:
             continue
         for source, n in data["rules_reached"].items():
             reached[source] = reached.get(source, 0) + n
+        reachable.update(data["rules_reachable"])
         explore_s = max(data["explore_seconds"], 1e-9)
         summary["families"][g.name] = {
             "cases": data["cases"], "checks": data["checks"], "checks_run": data["checks_run"],
@@ -492,7 +498,7 @@ def main(args: argparse.Namespace) -> int:
             summary["groups"].append({"signature": sig, "family": g.name, "count": group["count"],
                                       "shrunk": group["shrunk"], "case": f"{name}.yaml"})
     summary["groups"].sort(key=lambda s: ("unexplained" not in s["signature"], -s["count"]))
-    summary["rules"] = rules_summary(reached, {a for g in groups for a in g.adapter_ids})
+    summary["rules"] = rules_summary(reached, {a for g in groups for a in g.adapter_ids}, reachable)
     write_atomically(out / "summary.json", summary)
     write_atomically(out / "results.json", Results({"selection": "fuzz", "adapters": {}}, records))
     subprocess.run([sys.executable, "-m", "reports", str(out / "results.json"), "-o",
@@ -506,21 +512,29 @@ def main(args: argparse.Namespace) -> int:
                              else f"failed: {fam['problem']}"))
     rules = summary["rules"]
     total = len(rules["reached"]) + len(rules["not_reached"])
-    print(f"known rules reached: {len(rules['reached'])} of the selected adapters' {total}"
-          + "".join(f"\n  not reached: {r}" for r in rules["not_reached"]))
+    print(f"known rules reached: {len(rules['reached'])} of the selected adapters' {total} reachable here"
+          + "".join(f"\n  not reached: {r}" for r in rules["not_reached"])
+          + (f"\n  ({len(rules['elsewhere'])} more for another device or release)"
+             if rules["elsewhere"] else ""))
     print(f"{len(summary['groups'])} groups -> {out} (wall {time.monotonic() - STARTED:.0f} s)")
     return 1 if any("problem" in f for f in summary["families"].values()) else 0
 
 
-def rules_summary(reached: dict[str, int], adapter_ids: set[str]) -> dict[str, Any]:
-    """Which rules of adapters/known/ the run's cases were known by (cases each), and which rules
-    of the selected adapters none was."""
+def rules_summary(reached: dict[str, int], adapter_ids: set[str],
+                  reachable: set[str]) -> dict[str, Any]:
+    """Which rules of adapters/known/ the run's cases were known by (cases each), which rules of
+    the selected adapters none was, and which no case of this machine can be (`reachable`: what the
+    workers' adapters can meet; a CUDA rule on a CPU run, a rule for another release)."""
     from conformance.known import load as load_rules
 
     rules = [r for r in load_rules().rules if adapter_ids & set(r.adapters)]
+
+    def line(r: Any) -> str:
+        return f"{r.source} {r.explained_by} {','.join(r.adapters)}"
+
     return {"reached": {r.source: reached[r.source] for r in rules if r.source in reached},
-            "not_reached": [f"{r.source} {r.explained_by} {','.join(r.adapters)}" for r in rules
-                            if r.source not in reached]}
+            "not_reached": [line(r) for r in rules if r.source not in reached and r.source in reachable],
+            "elsewhere": [line(r) for r in rules if r.source not in reachable]}
 
 
 def slug(sig: str) -> str:

@@ -151,8 +151,12 @@ class Rule(BaseModel):
         return names
 
     def covers(self, adapter: Adapter, case: Case, check: str) -> bool:
-        return (adapter.id in self.adapters and check in self.checks and self.when.holds(case)
-                and self.when.suits(*_runtime(adapter)))
+        return self.reachable_by(adapter) and check in self.checks and self.when.holds(case)
+
+    def reachable_by(self, adapter: Adapter) -> bool:
+        """The rule names this adapter and its device and versions (a CUDA rule on a CPU run, a
+        rule for another release: never)."""
+        return adapter.id in self.adapters and self.when.suits(*runtime(adapter))
 
 
 @dataclass
@@ -171,7 +175,7 @@ def _version_in(version: str | None, spec: str) -> bool:
 
 
 @functools.cache
-def _runtime(adapter: Adapter) -> tuple[str, dict[str, str]]:
+def runtime(adapter: Adapter) -> tuple[str, dict[str, str]]:
     """The adapter's device and versions, asked once (versions() can start a compiler)."""
     return adapter.device(), adapter.versions()
 
