@@ -22,7 +22,8 @@ import adapters as registry
 from conformance import ROOT
 
 # started first, so the last process to start is a short one
-LONG_FAMILIES = ("tf", "jax", "keras", "torch-compile", "torch-export", "tf-export", "keras-export")
+LONG_FAMILIES = ("tf", "jax", "keras", "keras-jax", "torch-compile", "torch-export", "tf-export",
+                 "keras-export")
 
 
 @dataclass
