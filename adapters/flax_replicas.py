@@ -172,7 +172,8 @@ class FlaxReplicas(Adapter):
     def sharded(self, problem: Problem, x: np.ndarray) -> jax.Array:
         """(count, N / count, ...): replica r's rows at index r, as pmap maps them."""
         assert problem.replicas is not None
-        return on_device(x.reshape(problem.replicas.count, -1, *x.shape[1:]), problem.dtype)
+        count = problem.replicas.count  # rows per replica spelt out: -1 is ambiguous for an empty input
+        return on_device(x.reshape(count, x.shape[0] // count, *x.shape[1:]), problem.dtype)
 
     def train_linen(self, problem: Problem) -> TrainingRun:
         bn, variables = self.linen(problem)
