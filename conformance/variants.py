@@ -47,6 +47,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "moving_variance_estimator": ("biased", "unbiased"),
     "batch_variance_estimator": ("biased", "unbiased"),
     "replica_stats": (None, "replica-0", "mean"),
+    "flush_denormals": (None, "float32", "float64"),
 }
 
 
@@ -73,6 +74,9 @@ class Knobs:
     # replicas normalize unsynchronized (each its shard's statistics, whatever the case asks) and
     # the statistics read back are replica 0's ("replica-0") or the mean over replicas ("mean")
     replica_stats: str | None = None
+    # flush-to-zero / denormals-are-zero in this dtype: a subnormal momentum, product or moving
+    # statistic is 0 (TF's and XLA's CPU kernels)
+    flush_denormals: str | None = None
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -165,15 +169,24 @@ def _update(moving: np.ndarray, batch: np.ndarray, m: float, k: Knobs) -> np.nda
     is set (Keras keeps float16 layers' statistics in float32 and updates a float64 layer's in
     float32 off tensorflow)."""
     rs = _rounder("float32" if _lower(k) else None)
+    f = _flusher(k.flush_denormals)
     if k.momentum_form == "complement":
         m = 1.0 - m
     if k.momentum_float32 == "complement":  # tf_keras unfused: moving -= (moving - batch) * decay
-        decay = _f32(1.0 - m)
-        return rs(moving - rs(rs(moving - batch) * decay))
+        decay = f(_f32(1.0 - m))
+        return f(rs(moving - f(rs(rs(moving - batch) * decay))))
     if k.momentum_float32 == "momentum":  # ONNX: m32 * moving + (1 - m32) * batch
         m = _f32(m)
-    m = rs(m)
-    return rs(rs(m * moving) + rs(rs(1.0 - m) * batch))
+    m = f(rs(m))
+    return f(rs(f(rs(m * moving)) + f(rs(rs(1.0 - m) * batch))))
+
+
+def _flusher(dtype: str | None) -> Callable[[Any], Any]:
+    """Flush-to-zero in `dtype`: values below its smallest normal become 0; None: no flushing."""
+    if dtype is None:
+        return lambda v: v
+    tiny = float(np.finfo(np.dtype(dtype)).tiny)
+    return lambda v: np.where(np.abs(v) < tiny, 0.0, v)
 
 
 def _unbiased(var: np.ndarray, count: int, k: Knobs) -> np.ndarray:
@@ -584,6 +597,12 @@ VARIANTS = [
     # Flax use_fast_variance=True (the default); Keras 3 ops.moments on torch.
     Variant("variance-sum-of-squares", "batch variance as E[x²] - E[x]² (clamped at 0) in the compute dtype",
             _batch_stats, {"variance": "sum-of-squares"}),
+    # TF's kernels and XLA's CPU code run with flush-to-zero and denormals-are-zero
+    # (tensorflow/core/platform/denormal.h, ScopedFlushDenormal; measured: tf and jax.jit give 0 for
+    # 2.2250738585e-313 * 0.01 in float64 where NumPy and torch give 2.2e-315): a subnormal momentum
+    # or moving statistic is 0, so with eps 0 a moving variance that should be subnormal gives 0/0.
+    Variant("denormals-flushed", "a subnormal momentum or moving statistic taken as 0 (flush-to-zero)",
+            _updates, lambda p: [{"flush_denormals": "float64" if p.dtype == "float64" else "float32"}]),
     # TF1 tf.compat.v1.layers run without the UPDATE_OPS dependency.
     Variant("stats-frozen", "training leaves the moving statistics unchanged",
             _updates, {"stats_frozen": True}),

@@ -29,7 +29,7 @@ NAMES = {
     "epsilon-1e-5", "rejects", "accepts", "batch-variance-unbiased", "normalize-folded", "epsilon-float32",
     "empty-gamma-gradient-nan", "bessel-one-value", "variance-sum-of-squares-unclamped", "reduce-all-axes",
     "ghost-interleaved",
-    "replica-0-stats", "replica-mean-stats",
+    "replica-0-stats", "replica-mean-stats", "denormals-flushed",
 }
 CHECKS = ("training", "inference", "gradients")
 LAYOUTS = [((6, 3), (1,)), ((3, 6), (0,)), ((2, 4, 3), (-1,)), ((2, 3, 4, 5), (1, 2)),
@@ -442,3 +442,16 @@ def test_folded_gradient_of_gamma_cancels_in_float16():
     band = folded_gradient_atol(k, p, "gradients")["gamma"]
     assert 0.0 < abs(got) <= band
     assert folded_gradient_atol(k, p, "training") == {}
+
+
+def test_denormals_flushed_zeroes_a_subnormal_momentum_and_moving_statistic():
+    """m = 1e-45 is a float32 subnormal: flushed, the moving variance of a batch of one value per
+    channel is 0 (0/0 after training with eps 0), where the reference keeps m·1 = 1e-45."""
+    p = dataclasses.replace(hand(momentum=1e-45, epsilon=0.0, dtype="float32"),
+                            batches=(np.array([[2.0]]),), upstream=np.array([[1.0]]))
+    canonical = simulate(p, "training")
+    flushed = simulate(p, "training", knobs("denormals-flushed", p))
+    assert canonical["moving_variance"][0] == 1e-45 and flushed["moving_variance"][0] == 0.0
+    assert canonical["inference_output"][0, 0] == 0.0 and np.isnan(flushed["inference_output"][0, 0])
+    assert simulate(hand(), "training", knobs("denormals-flushed", hand()))["moving_variance"] == \
+        simulate(hand(), "training")["moving_variance"]  # nothing subnormal: nothing changes
