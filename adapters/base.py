@@ -343,6 +343,11 @@ class Adapter(ABC):
         return "cpu"
 
 
+# Capabilities.why entries every data-parallel replica adapter shares (params.replicas cases only)
+REPLICA_WHY = {"gradients": "gradients across replicas are not part of the case format",
+               "rank": "axis 0 is split across replicas and another axis holds the channels"}
+
+
 def no_such_argument(api: str, features: tuple[str, ...] = ("renorm", "ghost-batches", "adjustment",
                                                             "no-running-stats")) -> dict[str, str]:
     """`Capabilities.why` entries for features an API has no argument for."""

@@ -44,6 +44,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from adapters.base import (
+    REPLICA_WHY,
     Adapter,
     Capabilities,
     Check,
@@ -80,8 +81,7 @@ class FlaxReplicas(Adapter):
         features=frozenset({"replicas"}),
         why={"multi-axis": "this adapter passes one feature axis",
              "momentum-null": "Flax's BatchNorm.momentum is a fixed decay rate",
-             "gradients": "gradients across replicas are not part of the case format",
-             "rank": "axis 0 is split across replicas and another axis holds the channels"},
+             **REPLICA_WHY},
     )
 
     def __init__(self, adapter_id: str):

@@ -35,6 +35,7 @@ import numpy as np
 import tensorflow as tf
 
 from adapters.base import (
+    REPLICA_WHY,
     Adapter,
     Capabilities,
     Check,
@@ -76,8 +77,7 @@ class TFMirrored(Adapter):
         features=frozenset({"replicas"}),
         why={"multi-axis": "this adapter passes one int axis",
              "momentum-null": "BatchNormalization.momentum is a fixed decay rate",
-             "gradients": "gradients across replicas are not part of the case format",
-             "rank": "axis 0 is split across replicas and another axis holds the channels"},
+             **REPLICA_WHY},
     )
 
     def __init__(self, adapter_id: str):

@@ -41,6 +41,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from adapters.base import (
+    REPLICA_WHY,
     Adapter,
     Capabilities,
     Check,
@@ -178,8 +179,7 @@ class TorchSync(Adapter):
         checks=frozenset({"training", "inference"}),
         min_rank=2, max_rank=5,
         features=frozenset({"replicas", "momentum-null"}),
-        why={"multi-axis": "torch BatchNorm normalizes over one channel dim (dim 1)",
-             "gradients": "gradients across replicas are not part of the case format",
+        why={**REPLICA_WHY, "multi-axis": "torch BatchNorm normalizes over one channel dim (dim 1)",
              "rank": "BatchNorm1d takes 2-D/3-D input, BatchNorm2d 4-D, BatchNorm3d 5-D"},
     )
 

@@ -111,12 +111,13 @@ def evaluate(adapter: Adapter, case: Case, check: Check, outcome: Outcome | None
             outcome.status = Status.PASS
             return outcome
         outcome.status = Status.FAIL
-        ruled = tuple(rule.explained_by for rule in rules.for_check(adapter, case, check))
+    covering = rules.for_check(adapter, case, check)
+    if raised is None:
         found = diagnose(problem, check, outcome.conventions, {name: value for name, _, value, _ in compared},
                          {name: held for name, held, _, _ in compared}, tol, conditioning, scales, per_output,
-                         ruled)
+                         tuple(rule.explained_by for rule in covering))
         outcome.explained_by, outcome.closest = found.explained_by, found.closest
-    apply_rules(outcome, rules.for_check(adapter, case, check))
+    apply_rules(outcome, covering)
     return outcome
 
 
