@@ -50,6 +50,12 @@ DEVICE_VARIABLE = "BNCONFORM_DEVICE"
 DEVICES = ("cpu", "cuda", "gpu")  # gpu: the same as cuda
 
 
+# What a process spent inside its frameworks, beside its wall time: the setup of a framework adds
+# its own figures (adapters/jax_setup.py: XLA compilations and cache loads), and the results file
+# records them, so a slow family shows whether compiling or computing took its time.
+PROCESS_COSTS: dict[str, float] = {}
+
+
 def requested_device() -> str:
     """The device the run asked for: "cpu" (the default) or "cuda" ("gpu" is read as "cuda")."""
     device = os.environ.get(DEVICE_VARIABLE, "cpu").strip().lower() or "cpu"

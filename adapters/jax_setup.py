@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adapters.base import requested_device
+from adapters.base import PROCESS_COSTS, requested_device
 
 jax.config.update("jax_platforms", requested_device())
 jax.config.update("jax_enable_x64", True)
@@ -28,6 +28,31 @@ if not jax.config.jax_compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir",
                       str(Path(__file__).resolve().parent.parent / "results" / ".jax-cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+# JAX's own monitoring events (jax/_src/dispatch.py, compiler.py), summed for the results file:
+# the XLA backend's time (compiling, or loading from the persistent cache), and how often each.
+COSTS = {"/jax/core/compile/backend_compile_duration": "xla_backend_s",
+         "/jax/core/compile/jaxpr_trace_duration": "jax_trace_s",
+         "/jax/core/compile/jaxpr_to_mlir_module_duration": "jax_lower_s",
+         "/jax/compilation_cache/cache_retrieval_time_sec": "xla_cache_load_s"}
+COUNTS = {"/jax/core/compile/backend_compile_duration": "xla_programs",
+          "/jax/compilation_cache/cache_hits": "xla_cache_hits"}
+
+
+def _add_duration(event: str, seconds: float, **_: object) -> None:
+    if event in COSTS:
+        PROCESS_COSTS[COSTS[event]] = PROCESS_COSTS.get(COSTS[event], 0.0) + seconds
+    _add_event(event)
+
+
+def _add_event(event: str, **_: object) -> None:
+    if event in COUNTS:
+        PROCESS_COSTS[COUNTS[event]] = PROCESS_COSTS.get(COUNTS[event], 0) + 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_add_duration)
+jax.monitoring.register_event_listener(_add_event)
 
 
 def device_name() -> str:

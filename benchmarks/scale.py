@@ -9,7 +9,9 @@ matrix, and the harness's cost per item beside pytest's own floor and bare frame
 2. Matrix: `python -m conformance run --cases CORPUS --no-report`, as users type it, twice: with an
    empty JAX compilation cache (cold, as in a fresh clone) and again with the cache that run filled
    (warm, as a second run finds it). Per process group: wall seconds, items, items per second and
-   peak RSS (the process's own `ru_maxrss`, which its results file records), from the run's
+   peak RSS (the process's own `ru_maxrss`, which its results file records), CPU seconds (on 2
+   cores the matrix cannot take less wall time than half their sum) and, for JAX processes, XLA's
+   compile and cache-load seconds (`costs`, from JAX's monitoring events), from the run's
    `run.json`.
 3. Per item in pytest mode, for each adapter of `--ratio-for`, three processes one after another
    on the training and inference items of the corpus (gradients have no bare counterpart):
@@ -58,11 +60,13 @@ def matrix(corpus: Path, out_dir: Path, framework: str, jax_cache: Path) -> dict
     summary = json.loads((out_dir / "run.json").read_text(encoding="utf-8"))
     groups = {name: {"wall_s": g["wall_s"], "items": g["items"],
                      "items_per_s": round(g["items"] / g["wall_s"], 1) if g["wall_s"] else None,
-                     "peak_rss_mb": g["peak_rss_mb"], "counts": g["counts"],
+                     "peak_rss_mb": g["peak_rss_mb"], "cpu_s": g.get("cpu_s"), "costs": g.get("costs", {}),
+                     "counts": g["counts"],
                      **({"problem": g["problem"]} if g["problem"] else {})}
               for name, g in summary["groups"].items()}
-    return {"wall_s": round(wall, 2), "exit_code": done.returncode, "closing_line": done.stdout.strip()
-            .splitlines()[-1] if done.stdout.strip() else "", "groups": groups}
+    closing = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+    return {"wall_s": round(wall, 2), "cpu_s": summary.get("cpu_s"), "exit_code": done.returncode,
+            "closing_line": closing, "groups": groups}
 
 
 FLOOR_TEST = """import pytest

@@ -38,6 +38,8 @@ class Group:
     problem: str = ""  # crashed / timed out, with the log's tail shown by the caller
     counts: dict[str, int] = field(default_factory=dict)
     peak_rss_mb: float | None = None  # the process's own, from its results file
+    cpu_s: float | None = None  # likewise
+    costs: dict[str, float] = field(default_factory=dict)  # its frameworks' (adapters.base.PROCESS_COSTS)
 
 
 def groups_for(selection: str | None) -> list[Group]:

@@ -30,7 +30,7 @@ import pytest
 from _pytest.nodeid import NodeId  # pytest 9 ids keep "[params]" apart: --lf compares them
 
 import adapters as registry
-from adapters.base import DEVICE_VARIABLE, DEVICES, Adapter
+from adapters.base import DEVICE_VARIABLE, DEVICES, PROCESS_COSTS, Adapter
 from conformance import DEFAULT_CASES, RESULTS_DIR, probes
 from conformance import problem as problems
 from conformance.evaluate import Outcome, default_rules, evaluate
@@ -517,6 +517,7 @@ def environment(state: RunState, started: datetime) -> dict[str, Any]:
         except AdapterUnavailable as exc:
             info["load_error"] = str(exc)
         adapters[adapter_id] = info
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     return {
         "selection": state.selection,
         "adapters": adapters,
@@ -532,7 +533,10 @@ def environment(state: RunState, started: datetime) -> dict[str, Any]:
         "started": started.isoformat(timespec="seconds"),
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         # this process's largest resident set so far (kilobytes on Linux): what a family costs
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        # CPU seconds, which on a shared machine say more than wall time, and framework costs
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+        "costs": {name: round(value, 3) for name, value in sorted(PROCESS_COSTS.items())},
     }
 
 

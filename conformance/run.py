@@ -63,6 +63,8 @@ def collect(group: Group, args: argparse.Namespace) -> None:
     results = read(path)
     group.counts = {str(s): n for s, n in results.counts().items()}
     group.peak_rss_mb = results.environment.get("peak_rss_mb")
+    group.cpu_s = results.environment.get("cpu_s")
+    group.costs = results.environment.get("costs", {})
     unavailable = [f"{i}: {a['load_error']}" for i, a in results.environment["adapters"].items()
                    if "load_error" in a]
     if unavailable:
@@ -88,8 +90,10 @@ def write_run_summary(groups: list[Group], seconds: float, path: Path) -> None:
     """What the run cost, per process and in all, for benchmarks/scale.py and anyone comparing runs."""
     path.write_text(json.dumps({
         "wall_s": round(seconds, 2),
+        "cpu_s": round(sum(g.cpu_s or 0.0 for g in groups), 2),
         "groups": {g.name: {"adapters": g.adapter_ids, "wall_s": round(g.seconds, 2), "counts": g.counts,
                             "items": sum(g.counts.values()), "peak_rss_mb": g.peak_rss_mb,
+                            "cpu_s": g.cpu_s, "costs": g.costs,
                             "returncode": g.returncode, "problem": g.problem} for g in groups},
     }, indent=1), encoding="utf-8")
 

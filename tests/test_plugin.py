@@ -101,6 +101,7 @@ def test_results_file_records_environment_and_metrics(run_on_a_foreign_folder):
     env = results["environment"]
     assert env["adapters"]["torch"]["versions"]["torch"].startswith("2.")
     assert env["adapters"]["torch"]["conventions"]["variants"] == ["moving-variance-unbiased"]
+    assert env["cpu_s"] > 0 and env["costs"] == {}  # torch adds no costs of its own (JAX does)
     [record] = [r for r in results["records"]
                 if (r["case"], r["adapter"], r["check"]) == ("external-nhwc", "torch", "training")]
     names = {m["name"] for m in record["metrics"]}
