@@ -65,8 +65,12 @@ def matrix(corpus: Path, out_dir: Path, framework: str, jax_cache: Path) -> dict
                      **({"problem": g["problem"]} if g["problem"] else {})}
               for name, g in summary["groups"].items()}
     closing = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
-    return {"wall_s": round(wall, 2), "cpu_s": summary.get("cpu_s"), "exit_code": done.returncode,
-            "closing_line": closing, "groups": groups}
+    cpu = summary.get("cpu_s") or 0.0
+    return {"wall_s": round(wall, 2), "exit_code": done.returncode, "closing_line": closing,
+            # no schedule on these cores can take less wall time than this
+            "cpu_s": cpu, "wall_floor_s": round(cpu / (os.cpu_count() or 1), 1),
+            "xla_backend_s": round(sum(g["costs"].get("xla_backend_s", 0.0) for g in groups.values()), 1),
+            "groups": groups}
 
 
 FLOOR_TEST = """import pytest
