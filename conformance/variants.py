@@ -417,6 +417,29 @@ def folded_gradient_atol(knobs: Knobs, problem: Problem, check: Check) -> dict[s
         if finite.size else {}
 
 
+def sum_of_squares_atol(knobs: Knobs, problem: Problem, check: Check) -> dict[str, float]:
+    """Per variance output of a training check, the absolute error E[x²] - E[x]² can leave in it:
+    the cancellation's default(d)·(var + mean²) (as `undetermined` takes it), the largest over the
+    channels of the batches fed with more than one value per channel (one value's E[x²] and E[x]² are
+    the same rounded square), times n/(n-1) where the moving update is Bessel-corrected. Absolute,
+    because a channel with var + eps = 0 (a constant channel, eps 0) has no conditioning to scale
+    the relative band default(d)·(1 + c²) with: a constant bfloat16 channel of 100 leaves Flax's
+    float32 variance at 7.5e-5, not 0. Empty outside a sum of squares in training."""
+    if check != "training" or knobs.variance == "two-pass":
+        return {}
+    problem = reference.bn_input(problem)
+    width = DEFAULT_TOLERANCE[stats_dtype(knobs, problem)]
+    worst = 0.0
+    for x in problem.batches:
+        mean, var, count = reference.moments(x, problem.channel_axes)
+        if count < 2 or mean.size == 0:
+            continue
+        bessel = count / (count - 1) if knobs.moving_variance_estimator == "unbiased" and count > 1 else 1.0
+        worst = max(worst, float(np.max(var + mean * mean)) * bessel)
+    band = width * worst
+    return {"batch_variance": band, "moving_variance": band} if band > 0 else {}
+
+
 def undetermined(problem: Problem, check: Check, knobs: Knobs) -> dict[str, np.ndarray]:
     """Per output, the elements a simulation cannot predict: for a sum of squares, those of channels
     where the true variance + eps is within the cancellation error default(d)·(var + mean²), where
@@ -424,10 +447,19 @@ def undetermined(problem: Problem, check: Check, knobs: Knobs) -> dict[str, np.n
     positive value (x - mean over a tiny root: 0 where x equals the mean, any size elsewhere) or,
     unclamped, negative (NaN): which one is a matter of summation order. Clamped, only what is
     normalized with that batch's statistics is undetermined; unclamped, the NaN can also reach the
-    batch and moving variances. Empty where everything is predictable."""
+    batch and moving variances. Clamped, inference after training is undetermined too in a channel
+    whose moving variance + eps is no larger than the error the noise can leave in it
+    (`sum_of_squares_atol`): a constant float16 channel of 1e4 gives Flax a float32 batch variance
+    of about 3 where the moving variance should decay to 0.125. Empty where everything is
+    predictable."""
     if knobs.variance == "two-pass":
         return {}
     clamped = knobs.variance == "sum-of-squares"
+    noisy_moving = None
+    if clamped and check == "training" and problem.track_running_stats:
+        band = sum_of_squares_atol(knobs, problem, check).get("moving_variance", 0.0)
+        with np.errstate(invalid="ignore"):
+            noisy_moving = simulate(problem, check, knobs)["moving_variance"] + problem.epsilon <= band
     problem = reference.bn_input(problem)  # masks are per element, so W mixing them is not tracked
     eps = problem.epsilon if knobs.epsilon is None else knobs.epsilon
     width = DEFAULT_TOLERANCE[stats_dtype(knobs, problem)]
@@ -444,7 +476,7 @@ def undetermined(problem: Problem, check: Check, knobs: Knobs) -> dict[str, np.n
         return np.broadcast_to(reference.broadcastable(channels, x.ndim, problem.channel_axes), x.shape)
 
     if check == "training":
-        after = (last if not problem.track_running_stats else none) if clamped else ever
+        after = (last if noisy_moving is None else ever & noisy_moving) if clamped else ever
         return {"output": like_input(last), "batch_mean": none, "batch_variance": none if clamped else last,
                 "moving_mean": none, "moving_variance": none if clamped else ever,
                 # renorm's moving std follows the batch std as the moving variance does
