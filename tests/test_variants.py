@@ -502,3 +502,21 @@ def test_sum_of_squares_leaves_inference_after_training_undetermined_where_noise
     assert mask["inference_output"].all() and not mask["moving_variance"].any()
     one = dataclasses.replace(p, batches=(np.full((1, 1), 1e4),) * 3)  # one value: no cancellation at all
     assert not undetermined(one, "training", Knobs(variance="sum-of-squares"))["inference_output"].any()
+
+
+def test_folded_gradient_overflow_is_undetermined():
+    """tf-nn on float16 constant channels of 1e4 with 384 values (found by the fuzzer's steered draws):
+    Σ dy·x is about 1e4·Σ dy, near float16's 65504, and whether a partial sum overflows (dL/ds =
+    inf - inf = NaN) depends on the summation order; the simulation sums in float64 and rounds once.
+    Those channels' dL/dx and dL/dgamma are undetermined; a channel of small values is not."""
+    from conformance.variants import undetermined
+
+    rng = np.random.default_rng(1)
+    x = np.ones((384, 2)) * np.array([1e4, 1.0])
+    p = dataclasses.replace(hand(epsilon=1e-3, dtype="float16"), batches=(x,), gamma=np.ones(2),
+                            beta=np.zeros(2), moving_mean=np.zeros(2), moving_variance=np.ones(2),
+                            upstream=round_to(rng.normal(size=x.shape), "float16"))
+    mask = undetermined(p, "gradients", Knobs(normalize_folded=True, compute_dtype="float16"))
+    assert mask["gamma"].tolist() == [True, False]
+    assert mask["input"][:, 0].all() and not mask["input"][:, 1].any()
+    assert undetermined(p, "gradients", Knobs(normalize_folded=True, compute_dtype="float32")) == {}
