@@ -438,7 +438,7 @@ def sum_of_squares_atol(knobs: Knobs, problem: Problem, check: Check) -> dict[st
     problem = reference.bn_input(problem)
     width = DEFAULT_TOLERANCE[stats_dtype(knobs, problem)]
     worst = 0.0
-    for x in problem.batches:
+    for x in (shard for batch in problem.batches for shard in _normalized_apart(problem, batch)):
         mean, var, count = reference.moments(x, problem.channel_axes)
         if count < 2 or mean.size == 0:
             continue
@@ -446,6 +446,13 @@ def sum_of_squares_atol(knobs: Knobs, problem: Problem, check: Check) -> dict[st
         worst = max(worst, float(np.max(var + mean * mean)) * bessel)
     band = width * worst
     return {"batch_variance": band, "moving_variance": band} if band > 0 else {}
+
+
+def _normalized_apart(problem: Problem, batch: np.ndarray) -> list[np.ndarray]:
+    """The parts of a batch whose statistics are computed apart: each replica's shard where replicas
+    do not synchronize, else the whole batch."""
+    r = problem.replicas
+    return r.shards(batch) if r is not None and not r.synchronized else [batch]
 
 
 def undetermined(problem: Problem, check: Check, knobs: Knobs) -> dict[str, np.ndarray]:
@@ -478,9 +485,10 @@ def undetermined(problem: Problem, check: Check, knobs: Knobs) -> dict[str, np.n
     width = DEFAULT_TOLERANCE[stats_dtype(knobs, problem)]
     fed = problem.batches if check == "training" else problem.batches[-1:]
     masks = []
-    for x in fed:
-        mean, var, _ = reference.moments(x, problem.channel_axes)
-        masks.append(var + eps <= width * (var + mean * mean))
+    for batch in fed:  # one value per channel (in every shard normalized apart) cancels nothing
+        noisy = [(var + eps <= width * (var + mean * mean)) & (count > 1) for mean, var, count in
+                 (reference.moments(x, problem.channel_axes) for x in _normalized_apart(problem, batch))]
+        masks.append(np.logical_or.reduce(noisy))
     last, ever = masks[-1], np.logical_or.reduce(masks)
     none = np.zeros_like(last)
 
