@@ -105,7 +105,9 @@ def score(problem: Problem, check: Check, names: tuple[str, ...], got: dict[str,
             continue
         scale = atol_scales or {}
         unknown = variants.undetermined(problem, check, knobs)
-        folded = variants.folded_gradient_atol(knobs, problem, check)
+        # an output's own absolute band, replacing the scaled one: a folded gradient's, a sum of squares'
+        folded = variants.folded_gradient_atol(knobs, problem, check) | variants.sum_of_squares_atol(
+            knobs, problem, check)
         worst = 0.0
         bands: dict[int, tuple] = {}  # per base Tolerance (its rtol may be per channel): outputs share one
         for out, value in got.items():
@@ -114,7 +116,7 @@ def score(problem: Problem, check: Check, names: tuple[str, ...], got: dict[str,
                 bands[id(base)] = variants.tolerance_for(knobs, problem, base.rtol, base.atol, conditioning)
             rtol, atol = bands[id(base)]
             scaled = atol * scale.get(out, 1.0)
-            fold = folded.get(out, 0.0)  # a folded gradient's own band, replacing the scaled one
+            fold = folded.get(out, 0.0)
             worst = max(worst, badness(simulated[out], value, rtol, np.maximum(scaled, fold),
                                        unknown.get(out)))
             wider = bool(np.any(rtol > base.rtol) or np.any(atol > base.atol)
@@ -122,6 +124,10 @@ def score(problem: Problem, check: Check, names: tuple[str, ...], got: dict[str,
             wide = wide or wider
             moves = moves or wider or badness(held_to[out], simulated[out], base.rtol,
                                               base.atol * scale.get(out, 1.0)) > 1
+            # the measurement leaves the case's tolerance where the simulation cannot say (undetermined)
+            unsure = unknown.get(out)
+            moves = moves or (unsure is not None and bool(np.any(unsure)) and badness(
+                held_to[out], value, base.rtol, base.atol * scale.get(out, 1.0), ~np.asarray(unsure)) > 1)
         best = min(best, worst)
     return best, moves, wide
 

@@ -238,6 +238,28 @@ def gradient_scales(problem: Problem) -> dict[str, float]:
     return {k: max(1.0, v) for k, v in scales.items() if np.isfinite(v)}
 
 
+def moving_conditioning(problem: Problem) -> float:
+    """max over channels of |moving mean| / sqrt(moving variance + eps) after training (either
+    estimator's variance): what inference after training cancels. The moving mean is computed, so a
+    framework holds it to about u |moving mean| in the dtype it keeps it in (a float16 layer's
+    float16), and inference after training divides that by sqrt(moving variance + eps): the
+    argument of `input_conditioning` for the batch mean. A constant float16 channel of 100.0625
+    with eps 0 and momentum 0.04 leaves 100.0561 over sqrt(6.4e-5): float16 holds 100.0625, and
+    0.8 becomes 0 (Keras, ONNX Runtime, nnx, TFLite; cases/numerics/
+    float16-inference-after-training-moving-mean-rounds). 0 without moving statistics; a
+    channel with moving variance + eps = 0 is left out, as there."""
+    if not problem.track_running_stats:
+        return 0.0
+    after = reference.train(problem)
+    worst = 0.0
+    for var in (after.moving_variance, after.moving_variance_unbiased):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.abs(after.moving_mean) / np.sqrt(var + problem.epsilon)
+        finite = ratio[np.isfinite(ratio)]
+        worst = max(worst, float(finite.max()) if finite.size else 0.0)
+    return worst
+
+
 def input_conditioning(problem: Problem) -> float:
     """max over channels of |mean| / sqrt(var + eps) of the batches fed: how many digits
     subtracting the mean cancels, relative to what the output is divided by. An element rounded to

@@ -36,7 +36,7 @@ from adapters.base import Check, Problem
 from conformance import reference
 from conformance.compare import DEFAULT_TOLERANCE
 from conformance.dtypes import eps as unit_roundoff_eps
-from conformance.dtypes import round_to
+from conformance.dtypes import finfo, round_to
 from conformance.outputs import CHECKS
 
 _CHOICES: dict[str, tuple[Any, ...]] = {
@@ -116,6 +116,10 @@ def stats_dtype(knobs: Knobs, problem: Problem) -> str:
 
 def _stats(x: np.ndarray, p: Problem, k: Knobs) -> tuple[np.ndarray, np.ndarray, int]:
     """Batch mean and biased variance per channel, as reference.moments but under the knobs."""
+    if k.normalize_folded and k.compute_dtype == "float16":  # tf.nn: float16 statistics in float32,
+        mean, var, count = _stats(x, p, replace(k, compute_dtype="float32"))  # cast back to float16
+        f16 = _rounder("float16")  # (tf.nn.moments, nn_impl.py L1268 and L1283-1285): a variance below
+        return f16(mean), f16(var), count  # 6.1e-5 keeps a subnormal's few digits
     axes = p.channel_axes
     red = tuple(range(x.ndim)) if k.reduce_all_axes else reference.reduce_axes(x.ndim, axes)
     count = int(np.prod([x.shape[a] for a in red]))
@@ -360,8 +364,8 @@ def _folded_gradients(p: Problem, k: Knobs, x: np.ndarray, dy: np.ndarray, group
     """The backward pass of y = x·s + (beta - mean·s), s = gamma·inv, inv = 1/sqrt(var + eps), as
     autodiff takes it through tf.nn.batch_normalization (nn_impl.py L1490-1497), in the compute
     dtype: dL/ds = Σ dy·x - mean·Σ dy, two large sums that cancel for a large |mean| (their exact
-    difference is Σ dy·(x - mean)); dL/dgamma = inv·dL/ds; dL/dvar = gamma·dL/ds·(-inv³/2) (the
-    last factor rounded once);
+    difference is Σ dy·(x - mean)); dL/dgamma = inv·dL/ds; dL/dvar = -inv³/2·gamma·dL/ds in
+    RsqrtGrad's order (0 for a zero dL/ds);
     dL/dmean = -s·Σ dy; dL/dx = dy·s + (dL/dmean + dL/dvar·2(x - mean)) / n."""
     r = _rounder(k.compute_dtype)
     axes = p.channel_axes
@@ -382,10 +386,14 @@ def _folded_gradients(p: Problem, k: Knobs, x: np.ndarray, dy: np.ndarray, group
             sum_dy = total(dy[g])
             ds = r(total(r(dy[g] * x[g])) - r(m * sum_dy))
             gamma_grad = r(gamma_grad + r(ds * inv))
-            # rsqrt's gradient -dy·inv³/2 rounded once: TF's RsqrtGrad gives 0, not 0·inf = NaN, for a
-            # zero dL/ds where inv³ is past float16's range (measured: a float16 constant channel of
-            # 1e4, eps 1e-5, 316³ = 3e7: dL/dx finite where dL/ds is 0, NaN in the other channels)
-            dvar = r(r(b(p.gamma) * ds) * (-0.5 * inv ** 3))
+            # rsqrt's gradient as TF's RsqrtGrad takes it (tensorflow/core/kernels/cwise_ops_gradients.h
+            # L129-L150, packet path): mul_no_nan(-0.5·(inv·inv), mul_no_nan(inv, d)), d = dL/dinv, each
+            # product in the compute dtype. So a zero d gives 0, not 0·inf = NaN, and any other d gives
+            # ±inf once inv·inv passes the range (float16: inv > 256, var + eps < 1.5e-5). Measured: a
+            # float16 constant channel of 1e4, eps 1e-5 (inv 316): dL/dx finite where dL/ds is 0, NaN in
+            # the other channels; std 1e-3, eps 1e-5 (inv 301): ±inf dL/dx
+            inv_d = r(inv * r(b(p.gamma) * ds))
+            dvar = np.where(inv_d == 0, 0.0, r(r(-0.5 * r(inv * inv)) * inv_d))
             dmean = r(-r(s * sum_dy))
             dx[g] = r(r(dy[g] * s) + r(r(dmean + r(r(2.0 * dvar) * r(x[g] - m))) / n))
     gamma = reference.to_channels(np.broadcast_to(gamma_grad, b(p.gamma).shape), axes)
@@ -417,6 +425,36 @@ def folded_gradient_atol(knobs: Knobs, problem: Problem, check: Check) -> dict[s
         if finite.size else {}
 
 
+def sum_of_squares_atol(knobs: Knobs, problem: Problem, check: Check) -> dict[str, float]:
+    """Per variance output of a training check, the absolute error E[x²] - E[x]² can leave in it:
+    the cancellation's default(d)·(var + mean²) (as `undetermined` takes it), the largest over the
+    channels of the batches fed with more than one value per channel (one value's E[x²] and E[x]² are
+    the same rounded square), times n/(n-1) where the moving update is Bessel-corrected. Absolute,
+    because a channel with var + eps = 0 (a constant channel, eps 0) has no conditioning to scale
+    the relative band default(d)·(1 + c²) with: a constant bfloat16 channel of 100 leaves Flax's
+    float32 variance at 7.5e-5, not 0. Empty outside a sum of squares in training."""
+    if check != "training" or knobs.variance == "two-pass":
+        return {}
+    problem = reference.bn_input(problem)
+    width = DEFAULT_TOLERANCE[stats_dtype(knobs, problem)]
+    worst = 0.0
+    for x in (shard for batch in problem.batches for shard in _normalized_apart(problem, batch)):
+        mean, var, count = reference.moments(x, problem.channel_axes)
+        if count < 2 or mean.size == 0:
+            continue
+        bessel = count / (count - 1) if knobs.moving_variance_estimator == "unbiased" and count > 1 else 1.0
+        worst = max(worst, float(np.max(var + mean * mean)) * bessel)
+    band = width * worst
+    return {"batch_variance": band, "moving_variance": band} if band > 0 else {}
+
+
+def _normalized_apart(problem: Problem, batch: np.ndarray) -> list[np.ndarray]:
+    """The parts of a batch whose statistics are computed apart: each replica's shard where replicas
+    do not synchronize, else the whole batch."""
+    r = problem.replicas
+    return r.shards(batch) if r is not None and not r.synchronized else [batch]
+
+
 def undetermined(problem: Problem, check: Check, knobs: Knobs) -> dict[str, np.ndarray]:
     """Per output, the elements a simulation cannot predict: for a sum of squares, those of channels
     where the true variance + eps is within the cancellation error default(d)·(var + mean²), where
@@ -424,18 +462,33 @@ def undetermined(problem: Problem, check: Check, knobs: Knobs) -> dict[str, np.n
     positive value (x - mean over a tiny root: 0 where x equals the mean, any size elsewhere) or,
     unclamped, negative (NaN): which one is a matter of summation order. Clamped, only what is
     normalized with that batch's statistics is undetermined; unclamped, the NaN can also reach the
-    batch and moving variances. Empty where everything is predictable."""
+    batch and moving variances. Clamped, inference after training is undetermined too in a channel
+    whose moving variance + eps is no larger than the error the noise can leave in it
+    (`sum_of_squares_atol`): a constant float16 channel of 1e4 gives Flax a float32 batch variance
+    of about 3 where the moving variance should decay to 0.125. Empty where everything is
+    predictable."""
+    if knobs.normalize_folded and check == "gradients":  # its overflow, with the rest's masks
+        masks = undetermined(problem, check, replace(knobs, normalize_folded=False))
+        for name, mask in _folded_overflow(problem, knobs).items():
+            masks[name] = mask | masks[name] if name in masks else mask
+        return masks
     if knobs.variance == "two-pass":
         return {}
     clamped = knobs.variance == "sum-of-squares"
+    noisy_moving = None
+    if clamped and check == "training" and problem.track_running_stats:
+        band = sum_of_squares_atol(knobs, problem, check).get("moving_variance", 0.0)
+        with np.errstate(invalid="ignore"):
+            noisy_moving = simulate(problem, check, knobs)["moving_variance"] + problem.epsilon <= band
     problem = reference.bn_input(problem)  # masks are per element, so W mixing them is not tracked
     eps = problem.epsilon if knobs.epsilon is None else knobs.epsilon
     width = DEFAULT_TOLERANCE[stats_dtype(knobs, problem)]
     fed = problem.batches if check == "training" else problem.batches[-1:]
     masks = []
-    for x in fed:
-        mean, var, _ = reference.moments(x, problem.channel_axes)
-        masks.append(var + eps <= width * (var + mean * mean))
+    for batch in fed:  # one value per channel (in every shard normalized apart) cancels nothing
+        noisy = [(var + eps <= width * (var + mean * mean)) & (count > 1) for mean, var, count in
+                 (reference.moments(x, problem.channel_axes) for x in _normalized_apart(problem, batch))]
+        masks.append(np.logical_or.reduce(noisy))
     last, ever = masks[-1], np.logical_or.reduce(masks)
     none = np.zeros_like(last)
 
@@ -444,7 +497,7 @@ def undetermined(problem: Problem, check: Check, knobs: Knobs) -> dict[str, np.n
         return np.broadcast_to(reference.broadcastable(channels, x.ndim, problem.channel_axes), x.shape)
 
     if check == "training":
-        after = (last if not problem.track_running_stats else none) if clamped else ever
+        after = (last if noisy_moving is None else ever & noisy_moving) if clamped else ever
         return {"output": like_input(last), "batch_mean": none, "batch_variance": none if clamped else last,
                 "moving_mean": none, "moving_variance": none if clamped else ever,
                 # renorm's moving std follows the batch std as the moving variance does
@@ -452,6 +505,41 @@ def undetermined(problem: Problem, check: Check, knobs: Knobs) -> dict[str, np.n
                 "inference_output": like_input(after)}
     return {name: like_input(last) if name in ("input", "output") else none if clamped and name == "beta"
             else last for name in ("input", "gamma", "beta", "output")}
+
+
+def _folded_overflow(problem: Problem, knobs: Knobs) -> dict[str, np.ndarray]:
+    """A folded backward pass whose overflow depends on rounding: per channel, the sums Σ dy·x and
+    mean·Σ dy (T = Σ|dy·x| + |mean|·Σ|dy| bounds them) may pass the compute dtype's range in a
+    partial sum, and dL/ds = Σ dy·x - mean·Σ dy, exact Σ dy·(x - mean) but off by the rounding
+    noise default(d)·T, times |gamma|·inv³/2 in the variance's gradient may pass it too (then dL/dx
+    is inf or NaN). Where T reaches the range, or (|Σ dy·(x - mean)| + default(d)·T)·|gamma|·inv³/2
+    does, whether and where it overflows is a matter of summation order, which the simulation
+    (float64 sums, rounded once) does not follow: those channels' dL/dx and dL/dgamma are
+    undetermined. Measured: tf-nn on float16 constant channels of 1e4 (NaN in channels whose
+    float64 sums stay finite), and std 1e-3 with eps 1e-5 (inv³ = 2.7e7: ±inf dL/dx). Empty where
+    nothing can overflow."""
+    problem = reference.bn_input(problem)
+    x, dy = problem.batches[-1], problem.upstream
+    if dy is None or x.size == 0:
+        return {}
+    dtype = knobs.compute_dtype or "float64"
+    top = float(finfo(dtype).max)
+    axes = problem.channel_axes
+    red = reference.reduce_axes(x.ndim, axes)
+    eps = problem.epsilon if knobs.epsilon is None else knobs.epsilon
+    mean, var, _ = reference.moments(x, axes)
+
+    def total(a: np.ndarray) -> np.ndarray:
+        return reference.to_channels(a.sum(axis=red, keepdims=True), axes)
+
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        terms = total(np.abs(dy * x)) + np.abs(mean) * total(np.abs(dy))
+        ds = np.abs(total(dy * (x - reference.broadcastable(mean, x.ndim, axes))))
+        dvar = (ds + DEFAULT_TOLERANCE[dtype] * terms) * np.abs(problem.gamma) * 0.5 / (var + eps) ** 1.5
+        over = (terms >= top) | (dvar >= top)
+    if not over.any():
+        return {}
+    return {"input": np.broadcast_to(reference.broadcastable(over, x.ndim, axes), x.shape), "gamma": over}
 
 
 def simulate(problem: Problem, check: Check, knobs: Knobs = CANONICAL) -> dict[str, np.ndarray]:

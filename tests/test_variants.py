@@ -455,3 +455,68 @@ def test_denormals_flushed_zeroes_a_subnormal_momentum_and_moving_statistic():
     assert canonical["inference_output"][0, 0] == 0.0 and np.isnan(flushed["inference_output"][0, 0])
     assert simulate(hand(), "training", knobs("denormals-flushed", hand()))["moving_variance"] == \
         simulate(hand(), "training")["moving_variance"]  # nothing subnormal: nothing changes
+
+
+def test_sum_of_squares_explains_a_constant_channel_alone():
+    """A constant bfloat16 channel of 100 with eps 0 (the 10-minute fuzz run's Flax groups): E[x²] -
+    E[x]² in float32 leaves a variance of noise (Flax: 7.5e-5) where the true one is 0. The output
+    (0/0 canonically) is undetermined there, and the moving variance is off by (1 - m)·noise, within
+    the absolute band default(float32)·mean² (`sum_of_squares_atol`); no conditioning scales a
+    relative band for a channel with var + eps = 0. Before, only pairs with a loose dtype or a swapped
+    statistic matched."""
+    from conformance.compare import tolerance
+    from conformance.diagnose import diagnose
+    from conformance.variants import sum_of_squares_atol
+
+    p = dataclasses.replace(hand(momentum=0.5, epsilon=0.0, dtype="bfloat16"),
+                            batches=(np.full((4, 1), 100.0),),
+                            upstream=np.array([[1.0], [-2.0], [0.5], [3.0]]))
+    k = Knobs(variance="sum-of-squares")
+    band = sum_of_squares_atol(k, p, "training")["moving_variance"]
+    assert band == DEFAULT_TOLERANCE["float32"] * 100.0**2
+    assert sum_of_squares_atol(k, p, "gradients") == {}
+    assert sum_of_squares_atol(CANONICAL, p, "training") == {}
+    tol = tolerance("bfloat16", 0.0, None)
+    expected = simulate(p, "training")
+    noise = 7.45e-5  # Flax's float32 E[x²] - E[x]² of this channel (measured on 54 values of 100)
+    got = {"output": np.zeros((4, 1)), "moving_mean": expected["moving_mean"],
+           "moving_variance": expected["moving_variance"] + 0.5 * noise}
+    found = diagnose(p, "training", (), got, {n: expected[n] for n in got}, tol, 0.0)
+    assert "variance-sum-of-squares" in found.explained_by
+    held = simulate(p, "gradients")
+    assert np.isnan(held["input"]).all()
+    got = {"input": np.array([[37.5], [92.5], [36.0], [-133.0]])}  # finite: x - mean over a noise root
+    found = diagnose(p, "gradients", (), got, {"input": held["input"]}, tol, 0.0, {"input": 1.0})
+    assert "variance-sum-of-squares" in found.explained_by
+
+
+def test_sum_of_squares_leaves_inference_after_training_undetermined_where_noise_swamps_it():
+    """A constant float16 channel of 1e4, eps 0, three steps with momentum 0.5: the moving variance
+    should decay to 0.125, but a float32 sum of squares leaves noise of order u·1e8 in each batch
+    variance (Flax: about 3), so inference after training is not predictable there."""
+    from conformance.variants import undetermined
+
+    p = dataclasses.replace(hand(momentum=0.5, epsilon=0.0, dtype="float16"),
+                            batches=(np.full((3, 1), 1e4),) * 3, upstream=None)
+    mask = undetermined(p, "training", Knobs(variance="sum-of-squares"))
+    assert mask["inference_output"].all() and not mask["moving_variance"].any()
+    one = dataclasses.replace(p, batches=(np.full((1, 1), 1e4),) * 3)  # one value: no cancellation at all
+    assert not undetermined(one, "training", Knobs(variance="sum-of-squares"))["inference_output"].any()
+
+
+def test_folded_gradient_overflow_is_undetermined():
+    """tf-nn on float16 constant channels of 1e4 with 384 values (found by the fuzzer's steered draws):
+    Σ dy·x is about 1e4·Σ dy, near float16's 65504, and whether a partial sum overflows (dL/ds =
+    inf - inf = NaN) depends on the summation order; the simulation sums in float64 and rounds once.
+    Those channels' dL/dx and dL/dgamma are undetermined; a channel of small values is not."""
+    from conformance.variants import undetermined
+
+    rng = np.random.default_rng(1)
+    x = np.ones((384, 2)) * np.array([1e4, 1.0])
+    p = dataclasses.replace(hand(epsilon=1e-3, dtype="float16"), batches=(x,), gamma=np.ones(2),
+                            beta=np.zeros(2), moving_mean=np.zeros(2), moving_variance=np.ones(2),
+                            upstream=round_to(rng.normal(size=x.shape), "float16"))
+    mask = undetermined(p, "gradients", Knobs(normalize_folded=True, compute_dtype="float16"))
+    assert mask["gamma"].tolist() == [True, False]
+    assert mask["input"][:, 0].all() and not mask["input"][:, 1].any()
+    assert undetermined(p, "gradients", Knobs(normalize_folded=True, compute_dtype="float32")) == {}
