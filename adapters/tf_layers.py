@@ -5,7 +5,8 @@ the rest of the process). The graph is built once per input signature and parame
 by the case's three checks, with the case's state assigned into the variables before each run.
 
 - The input is a placeholder (None on a dimension whose size changes from batch to batch); `training`
-  is a boolean placeholder fed True or False.
+  is a boolean placeholder fed True or False. No initializer is run: the case's state is assigned
+  into every variable before each check, as restoring a checkpoint does.
 - Moving statistics: the layer puts its two assign ops in the UPDATE_OPS collection, and they run
   only when the train op depends on them. As the function's docstring prescribes, the collection is
   read after the layer is created and the train op is built under
@@ -70,6 +71,7 @@ from adapters.base import (
     Problem,
     TrainingRun,
     broadcast_to_input,
+    configuration,
     keras_renorm_arguments,
     keras_renorm_translations,
     no_such_argument,
@@ -230,7 +232,10 @@ class TfLayers(Adapter):
     @staticmethod
     def input_shape(problem: Problem) -> tuple[int | None, ...]:
         """The placeholder's shape: None where the batches differ (a batch size that changes from
-        step to step), as TF1 users declare a variable batch dimension."""
+        step to step), as TF1 users declare a variable batch dimension. Not None throughout: the
+        static shape decides what TF folds into the graph, and so the last bit of float64
+        gradients (measured: None for the batch size moved dtype-float64-nchw's input gradient
+        by an ulp)."""
         shapes = {b.shape for b in problem.batches}
         return tuple(dims[0] if len(set(dims)) == 1 else None for dims in zip(*shapes, strict=True))
 
@@ -247,8 +252,7 @@ class TfLayers(Adapter):
 
     def graph(self, problem: Problem) -> BatchNormGraph:
         shape = self.input_shape(problem)
-        key = (shape, problem.dtype, problem.axes, problem.momentum, problem.epsilon,
-               problem.center, problem.scale, *feature_key(problem))
+        key = (shape, configuration(problem))
         if key in self.graphs:
             self.graphs.move_to_end(key)
             return self.graphs[key]
@@ -271,9 +275,9 @@ class TfLayers(Adapter):
                       for name, v in variables.items()}
             load_op = tf.group([tf.compat.v1.assign(v, values[name]) for name, v in variables.items()])
             upstream = tf.compat.v1.placeholder(dtype, shape, name="upstream")
-            init = tf.compat.v1.global_variables_initializer()
+        # no global_variables_initializer run: `load` assigns every variable before each check,
+        # as restoring a checkpoint does
         session = tf.compat.v1.Session(graph=graph)
-        session.run(init)
         built = BatchNormGraph(session, x, training, upstream, y, train_op, variables, values, load_op,
                                graph, inference_output=y_inference)
         self.graphs[key] = built
@@ -336,13 +340,6 @@ class TfLayers(Adapter):
             gamma=self.per_channel(got["gamma"], problem) if "gamma" in got else None,
             beta=self.per_channel(got["beta"], problem) if "beta" in got else None,
         )
-
-
-def feature_key(problem: Problem) -> tuple:
-    """What of renorm, virtual_batch_size and adjustment the graph is built with."""
-    adjustment = problem.adjustment
-    return (problem.renorm, problem.virtual_batch_size,
-            None if adjustment is None else (adjustment.scale.tobytes(), adjustment.bias.tobytes()))
 
 
 def feature_arguments(problem: Problem) -> dict:
