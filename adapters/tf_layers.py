@@ -308,16 +308,12 @@ class TfLayers(Adapter):
         self.load(g, problem)
         for x in problem.batches:
             y = g.session.run(g.train_op, self.feed(g, x, True, problem))
-        moving_mean, moving_variance = g.session.run(
-            [g.variables["moving_mean"], g.variables["moving_variance"]])
-        run = TrainingRun(output=y.astype(np.float64),
-                          moving_mean=self.per_channel(moving_mean, problem),
-                          moving_variance=self.per_channel(moving_variance, problem))
+        read = ["moving_mean", "moving_variance"]
         if problem.renorm is not None:
-            renorm_mean, renorm_stddev = g.session.run(
-                [g.variables[n] for n in ("renorm_mean", "renorm_stddev")])
-            run.renorm_mean = self.per_channel(renorm_mean, problem)
-            run.renorm_stddev = self.per_channel(renorm_stddev, problem)
+            read += ["renorm_mean", "renorm_stddev"]
+        state = g.session.run({name: g.variables[name] for name in read})  # one run reads them all
+        run = TrainingRun(output=y.astype(np.float64),
+                          **{name: self.per_channel(value, problem) for name, value in state.items()})
         if problem.infer_after_training:
             run.inference_output = g.session.run(
                 g.output_in(False), self.feed(g, problem.batches[-1], False, problem)).astype(np.float64)

@@ -75,9 +75,7 @@ def tf_layers(p: Problem, check: str, slim: bool = False) -> Out:
             variables = {v.op.name.split("/")[-1]: v for v in tf.compat.v1.global_variables()}
             values = {n: tf.compat.v1.placeholder(v.dtype.base_dtype, v.shape) for n, v in variables.items()}
             restore = tf.group([v.assign(values[n]) for n, v in variables.items()])
-            init = tf.compat.v1.global_variables_initializer()
-        session = tf.compat.v1.Session(graph=graph)
-        session.run(init)
+        session = tf.compat.v1.Session(graph=graph)  # no initializer: `restore` assigns every variable
         _TF1_GRAPHS[key] = (session, x, training, y, train_op, variables, values, restore)
     session, x, training, y, train_op, variables, values, restore = _TF1_GRAPHS[key]
     state = {"gamma": p.gamma, "beta": p.beta, "moving_mean": p.moving_mean,
