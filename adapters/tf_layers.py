@@ -3,6 +3,10 @@
 Each case runs in its own `tf.compat.v1.Graph` with its own `Session` (eager execution stays on for
 the rest of the process). The graph is built once per input signature and parameter set and reused
 by the case's three checks, with the case's state assigned into the variables before each run.
+Inference also runs in a kept graph of the same parameters whose placeholder takes its batch (one
+built with None for a batch size that changed during training), as one TF1 graph serves batches of
+any size; training and gradients get the static shape of their own batches, since it decides what
+TF folds into the graph (None for the batch size moves float64 gradients by an ulp, measured).
 
 - The input is a placeholder (None on a dimension whose size changes from batch to batch); `training`
   is a boolean placeholder fed True or False. No initializer is run: the case's state is assigned
@@ -232,10 +236,8 @@ class TfLayers(Adapter):
     @staticmethod
     def input_shape(problem: Problem) -> tuple[int | None, ...]:
         """The placeholder's shape: None where the batches differ (a batch size that changes from
-        step to step), as TF1 users declare a variable batch dimension. Not None throughout: the
-        static shape decides what TF folds into the graph, and so the last bit of float64
-        gradients (measured: None for the batch size moved dtype-float64-nchw's input gradient
-        by an ulp)."""
+        step to step), as TF1 users declare a variable batch dimension; not None throughout (see
+        the module docstring: measured on dtype-float64-nchw's input gradient)."""
         shapes = {b.shape for b in problem.batches}
         return tuple(dims[0] if len(set(dims)) == 1 else None for dims in zip(*shapes, strict=True))
 
@@ -250,9 +252,14 @@ class TfLayers(Adapter):
                 center=problem.center, scale=problem.scale, training=training, name="bn", reuse=reuse,
                 **feature_arguments(problem))
 
-    def graph(self, problem: Problem) -> BatchNormGraph:
+    def graph(self, problem: Problem, any_batch: bool = False) -> BatchNormGraph:
+        """The graph for the problem's configuration and batch shapes, built or kept. `any_batch`
+        (inference): also a kept graph of the configuration whose placeholder takes the batch."""
         shape = self.input_shape(problem)
-        key = (shape, configuration(problem))
+        config = configuration(problem)
+        key = (shape, config)
+        if key not in self.graphs and any_batch:
+            key = next((k for k in reversed(self.graphs) if k[1] == config and takes(k[0], shape)), key)
         if key in self.graphs:
             self.graphs.move_to_end(key)
             return self.graphs[key]
@@ -320,7 +327,7 @@ class TfLayers(Adapter):
         return run
 
     def infer(self, problem: Problem) -> np.ndarray:
-        g = self.graph(problem)
+        g = self.graph(problem, any_batch=True)
         self.load(g, problem)
         return g.session.run(g.output_in(False), self.feed(g, problem.batches[-1], False, problem)
                              ).astype(np.float64)
@@ -336,6 +343,12 @@ class TfLayers(Adapter):
             gamma=self.per_channel(got["gamma"], problem) if "gamma" in got else None,
             beta=self.per_channel(got["beta"], problem) if "beta" in got else None,
         )
+
+
+def takes(placeholder: tuple[int | None, ...], shape: tuple[int | None, ...]) -> bool:
+    """Whether a placeholder of this shape can be fed a batch of that shape."""
+    return len(placeholder) == len(shape) and all(
+        p is None or p == s for p, s in zip(placeholder, shape, strict=True))
 
 
 def feature_arguments(problem: Problem) -> dict:
