@@ -99,14 +99,14 @@ def layer_dtype(problem: Problem) -> str:
 class TfKerasLayer(Adapter):
     family = "tf"
     fused: bool | None
-
-    def __init__(self) -> None:
-        self.layers: dict[tuple, tf_keras.layers.BatchNormalization] = {}  # by configuration
     names: ClassVar[dict[str, str]] = {
         "momentum": "momentum", "epsilon": "epsilon", "axis": "axis", "center": "center",
         "scale": "scale", "gamma": "gamma", "beta": "beta", "moving_mean": "moving_mean",
         "moving_variance": "moving_variance", "mode": "training=True / False"
     }
+
+    def __init__(self) -> None:
+        self.layers: dict[tuple, tf_keras.layers.BatchNormalization] = {}  # by configuration
 
     def versions(self) -> dict[str, str]:
         return {"tensorflow": tf.__version__, "tf_keras": tf_keras.__version__}
