@@ -50,6 +50,9 @@ def tf_layers(p: Problem, check: str, slim: bool = False) -> Out:
     # None on a dimension whose size changes from batch to batch, as TF1 users declare it
     shape = tuple(d[0] if len(set(d)) == 1 else None for d in zip(*{b.shape for b in p.batches}, strict=True))
     key = (slim, shape, p.dtype, p.axes, p.momentum, p.epsilon, p.center, p.scale)
+    if check == "inference" and key not in _TF1_GRAPHS:  # a graph whose placeholder takes the batch
+        key = next((k for k in _TF1_GRAPHS if k[0] == slim and k[2:] == key[2:] and len(k[1]) == len(shape)
+                    and all(a is None or a == b for a, b in zip(k[1], shape, strict=True))), key)
     if key not in _TF1_GRAPHS:
         graph = tf.compat.v1.Graph()
         with graph.as_default():
