@@ -362,6 +362,17 @@ def no_such_argument(api: str, features: tuple[str, ...] = ("renorm", "ghost-bat
     return {f: f"{api} has no {names[f]} argument (or an equivalent)" for f in features}
 
 
+def configuration(problem: Problem) -> tuple:
+    """What a layer (or a graph) is built from, not the state loaded into it nor the batches fed:
+    the key under which an adapter keeps a built layer for the checks and cases that share it."""
+    adjustment, preceding = problem.adjustment, problem.preceding
+    return (problem.dtype, problem.param_dtype, problem.rank, problem.axes, problem.gamma.shape,
+            problem.momentum, problem.epsilon, problem.center, problem.scale, problem.renorm,
+            problem.virtual_batch_size, problem.track_running_stats, problem.replicas,
+            None if adjustment is None else (adjustment.scale.tobytes(), adjustment.bias.tobytes()),
+            None if preceding is None else (preceding.weight.tobytes(), preceding.bias.tobytes()))
+
+
 def keras_renorm_arguments(problem: Problem) -> dict[str, Any]:
     """renorm as the Keras family spells it (tf_keras, tf.compat.v1.layers and Keras 3 alike):
     `renorm`, `renorm_momentum`, and `renorm_clipping` with only the clips the case gives."""

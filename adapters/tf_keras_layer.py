@@ -8,8 +8,10 @@ Two adapters: `tf-keras` leaves `fused=None` (the layer picks the fused kernel w
 - epsilon: `epsilon=`. center/scale: `center=` / `scale=`. Channel axes: `axis=` (an int, or a
   list for several axes; the layer validates it and raises ValueError when out of range).
 - gamma/beta/moving statistics: the layer is built for the input shape and its variables assigned,
-  as when porting weights. With several axes the variables have the broadcast shape (channel sizes
-  at the channel axes in ascending order, 1 elsewhere).
+  as when porting weights. With several axes the variables have the broadcast shape (channel
+  sizes at the channel axes in ascending order, 1 elsewhere). A layer is built once per
+  configuration (everything but the state and the batches) and reused by the checks that share
+  it, its variables assigned anew each time.
 - Dtype: `dtype=<case dtype>`; for float16/bfloat16 the layer keeps its parameters and moving
   statistics in float32 (`_param_dtype`).
 - Modes: `layer(x, training=True)` trains and updates the moving statistics at once (eager);
@@ -50,6 +52,7 @@ from typing import ClassVar
 import numpy as np
 import tensorflow as tf
 import tf_keras
+from tf_keras.src.engine import base_layer_v1
 
 from adapters.base import (
     Adapter,
@@ -62,12 +65,14 @@ from adapters.base import (
     Problem,
     TrainingRun,
     broadcast_to_input,
+    configuration,
     keras_renorm_arguments,
     keras_renorm_translations,
     no_such_argument,
 )
 
 FUSED_AXES = {4: (1, 3), 5: (1, 4)}
+LAYERS_KEPT = 4  # built layers kept for reuse; a case's checks share one
 
 
 def to_numpy(t: tf.Tensor) -> np.ndarray:
@@ -99,6 +104,9 @@ class TfKerasLayer(Adapter):
         "scale": "scale", "gamma": "gamma", "beta": "beta", "moving_mean": "moving_mean",
         "moving_variance": "moving_variance", "mode": "training=True / False"
     }
+
+    def __init__(self) -> None:
+        self.layers: dict[tuple, tf_keras.layers.BatchNormalization] = {}  # by configuration
 
     def versions(self) -> dict[str, str]:
         return {"tensorflow": tf.__version__, "tf_keras": tf_keras.__version__}
@@ -149,14 +157,31 @@ class TfKerasLayer(Adapter):
     # -- the layer, built and loaded with the case's state
 
     def layer(self, problem: Problem) -> tf_keras.layers.BatchNormalization:
+        """The layer for the problem's configuration, loaded with its state. A layer is built once
+        per configuration and kept for the checks (and cases) that share it: its variables are
+        assigned before every check, as when porting weights."""
+        key = configuration(problem)
+        bn = self.layers.pop(key, None)
+        if bn is None or isinstance(bn, base_layer_v1.Layer):
+            # A TF1 layer made since (tf-layers, tf-slim: same process) swaps the class's base to
+            # the V1 Layer (version_utils.py:115 rewrites `cls.__bases__`), and an eager layer
+            # made before then raises "invalid state" when called (base_layer_v1.py:920, measured);
+            # making a new layer swaps the base back.
+            bn = self.build(problem)
+        self.layers[key] = bn  # the most recently used last
+        while len(self.layers) > LAYERS_KEPT:
+            del self.layers[next(iter(self.layers))]
+        for name, values in self.state(problem).items():
+            variable = getattr(bn, name)
+            variable.assign(self.ascending(values, problem).reshape(variable.shape))
+        return bn
+
+    def build(self, problem: Problem) -> tf_keras.layers.BatchNormalization:
         axis = problem.axes[0] if len(problem.axes) == 1 else list(problem.axes)
         bn = tf_keras.layers.BatchNormalization(
             axis=axis, momentum=problem.momentum, epsilon=problem.epsilon, center=problem.center,
             scale=problem.scale, fused=self.fused, dtype=layer_dtype(problem), **feature_arguments(problem))
         bn.build(problem.batches[0].shape)  # raises ValueError for an out-of-range axis
-        for name, values in self.state(problem).items():
-            variable = getattr(bn, name)
-            variable.assign(self.ascending(values, problem).reshape(variable.shape))
         return bn
 
     def state(self, problem: Problem) -> dict[str, np.ndarray]:

@@ -3,9 +3,14 @@
 Each case runs in its own `tf.compat.v1.Graph` with its own `Session` (eager execution stays on for
 the rest of the process). The graph is built once per input signature and parameter set and reused
 by the case's three checks, with the case's state assigned into the variables before each run.
+Inference also runs in a kept graph of the same parameters whose placeholder takes its batch (one
+built with None for a batch size that changed during training), as one TF1 graph serves batches of
+any size; training and gradients get the static shape of their own batches, since it decides what
+TF folds into the graph (None for the batch size moves float64 gradients by an ulp, measured).
 
 - The input is a placeholder (None on a dimension whose size changes from batch to batch); `training`
-  is a boolean placeholder fed True or False.
+  is a boolean placeholder fed True or False. No initializer is run: the case's state is assigned
+  into every variable before each check, as restoring a checkpoint does.
 - Moving statistics: the layer puts its two assign ops in the UPDATE_OPS collection, and they run
   only when the train op depends on them. As the function's docstring prescribes, the collection is
   read after the layer is created and the train op is built under
@@ -70,6 +75,7 @@ from adapters.base import (
     Problem,
     TrainingRun,
     broadcast_to_input,
+    configuration,
     keras_renorm_arguments,
     keras_renorm_translations,
     no_such_argument,
@@ -230,7 +236,8 @@ class TfLayers(Adapter):
     @staticmethod
     def input_shape(problem: Problem) -> tuple[int | None, ...]:
         """The placeholder's shape: None where the batches differ (a batch size that changes from
-        step to step), as TF1 users declare a variable batch dimension."""
+        step to step), as TF1 users declare a variable batch dimension; not None throughout (see
+        the module docstring: measured on dtype-float64-nchw's input gradient)."""
         shapes = {b.shape for b in problem.batches}
         return tuple(dims[0] if len(set(dims)) == 1 else None for dims in zip(*shapes, strict=True))
 
@@ -245,10 +252,14 @@ class TfLayers(Adapter):
                 center=problem.center, scale=problem.scale, training=training, name="bn", reuse=reuse,
                 **feature_arguments(problem))
 
-    def graph(self, problem: Problem) -> BatchNormGraph:
+    def graph(self, problem: Problem, any_batch: bool = False) -> BatchNormGraph:
+        """The graph for the problem's configuration and batch shapes, built or kept. `any_batch`
+        (inference): also a kept graph of the configuration whose placeholder takes the batch."""
         shape = self.input_shape(problem)
-        key = (shape, problem.dtype, problem.axes, problem.momentum, problem.epsilon,
-               problem.center, problem.scale, *feature_key(problem))
+        config = configuration(problem)
+        key = (shape, config)
+        if key not in self.graphs and any_batch:
+            key = next((k for k in reversed(self.graphs) if k[1] == config and takes(k[0], shape)), key)
         if key in self.graphs:
             self.graphs.move_to_end(key)
             return self.graphs[key]
@@ -271,9 +282,9 @@ class TfLayers(Adapter):
                       for name, v in variables.items()}
             load_op = tf.group([tf.compat.v1.assign(v, values[name]) for name, v in variables.items()])
             upstream = tf.compat.v1.placeholder(dtype, shape, name="upstream")
-            init = tf.compat.v1.global_variables_initializer()
+        # no global_variables_initializer run: `load` assigns every variable before each check,
+        # as restoring a checkpoint does
         session = tf.compat.v1.Session(graph=graph)
-        session.run(init)
         built = BatchNormGraph(session, x, training, upstream, y, train_op, variables, values, load_op,
                                graph, inference_output=y_inference)
         self.graphs[key] = built
@@ -304,23 +315,19 @@ class TfLayers(Adapter):
         self.load(g, problem)
         for x in problem.batches:
             y = g.session.run(g.train_op, self.feed(g, x, True, problem))
-        moving_mean, moving_variance = g.session.run(
-            [g.variables["moving_mean"], g.variables["moving_variance"]])
-        run = TrainingRun(output=y.astype(np.float64),
-                          moving_mean=self.per_channel(moving_mean, problem),
-                          moving_variance=self.per_channel(moving_variance, problem))
+        read = ["moving_mean", "moving_variance"]
         if problem.renorm is not None:
-            renorm_mean, renorm_stddev = g.session.run(
-                [g.variables[n] for n in ("renorm_mean", "renorm_stddev")])
-            run.renorm_mean = self.per_channel(renorm_mean, problem)
-            run.renorm_stddev = self.per_channel(renorm_stddev, problem)
+            read += ["renorm_mean", "renorm_stddev"]
+        state = g.session.run({name: g.variables[name] for name in read})  # one run reads them all
+        run = TrainingRun(output=y.astype(np.float64),
+                          **{name: self.per_channel(value, problem) for name, value in state.items()})
         if problem.infer_after_training:
             run.inference_output = g.session.run(
                 g.output_in(False), self.feed(g, problem.batches[-1], False, problem)).astype(np.float64)
         return run
 
     def infer(self, problem: Problem) -> np.ndarray:
-        g = self.graph(problem)
+        g = self.graph(problem, any_batch=True)
         self.load(g, problem)
         return g.session.run(g.output_in(False), self.feed(g, problem.batches[-1], False, problem)
                              ).astype(np.float64)
@@ -338,11 +345,10 @@ class TfLayers(Adapter):
         )
 
 
-def feature_key(problem: Problem) -> tuple:
-    """What of renorm, virtual_batch_size and adjustment the graph is built with."""
-    adjustment = problem.adjustment
-    return (problem.renorm, problem.virtual_batch_size,
-            None if adjustment is None else (adjustment.scale.tobytes(), adjustment.bias.tobytes()))
+def takes(placeholder: tuple[int | None, ...], shape: tuple[int | None, ...]) -> bool:
+    """Whether a placeholder of this shape can be fed a batch of that shape."""
+    return len(placeholder) == len(shape) and all(
+        p is None or p == s for p, s in zip(placeholder, shape, strict=True))
 
 
 def feature_arguments(problem: Problem) -> dict:

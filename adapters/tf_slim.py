@@ -159,13 +159,13 @@ class TfSlim(TfLayers):
         # batch_norm has renorm arguments of its own, which this adapter does not state yet.
         raise NotExpressible(f"{self.id} states no optional feature ({', '.join(arguments)})")
 
-    def graph(self, problem: Problem) -> BatchNormGraph:
+    def graph(self, problem: Problem, any_batch: bool = False) -> BatchNormGraph:
         """The graph, for a problem Slim can state (callers that skip `why_not_expressible`, the
         probes, get NotExpressible rather than an IndexError of the adapter's own)."""
         reason = self.not_expressible(problem, "training")
         if reason:
             raise NotExpressible(reason)
-        return super().graph(problem)
+        return super().graph(problem, any_batch)
 
     def batch_norm(self, x: tf.Tensor, training: tf.Tensor, problem: Problem) -> tf.Tensor:
         """Slim's call; its own `smart_cond` (2-D input) is built outputting every intermediate,

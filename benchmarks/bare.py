@@ -50,6 +50,9 @@ def tf_layers(p: Problem, check: str, slim: bool = False) -> Out:
     # None on a dimension whose size changes from batch to batch, as TF1 users declare it
     shape = tuple(d[0] if len(set(d)) == 1 else None for d in zip(*{b.shape for b in p.batches}, strict=True))
     key = (slim, shape, p.dtype, p.axes, p.momentum, p.epsilon, p.center, p.scale)
+    if check == "inference" and key not in _TF1_GRAPHS:  # a graph whose placeholder takes the batch
+        key = next((k for k in _TF1_GRAPHS if k[0] == slim and k[2:] == key[2:] and len(k[1]) == len(shape)
+                    and all(a is None or a == b for a, b in zip(k[1], shape, strict=True))), key)
     if key not in _TF1_GRAPHS:
         graph = tf.compat.v1.Graph()
         with graph.as_default():
@@ -75,9 +78,7 @@ def tf_layers(p: Problem, check: str, slim: bool = False) -> Out:
             variables = {v.op.name.split("/")[-1]: v for v in tf.compat.v1.global_variables()}
             values = {n: tf.compat.v1.placeholder(v.dtype.base_dtype, v.shape) for n, v in variables.items()}
             restore = tf.group([v.assign(values[n]) for n, v in variables.items()])
-            init = tf.compat.v1.global_variables_initializer()
-        session = tf.compat.v1.Session(graph=graph)
-        session.run(init)
+        session = tf.compat.v1.Session(graph=graph)  # no initializer: `restore` assigns every variable
         _TF1_GRAPHS[key] = (session, x, training, y, train_op, variables, values, restore)
     session, x, training, y, train_op, variables, values, restore = _TF1_GRAPHS[key]
     state = {"gamma": p.gamma, "beta": p.beta, "moving_mean": p.moving_mean,

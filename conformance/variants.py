@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -542,11 +543,35 @@ def _folded_overflow(problem: Problem, knobs: Knobs) -> dict[str, np.ndarray]:
     return {"input": np.broadcast_to(reference.broadcastable(over, x.ndim, axes), x.shape), "gamma": over}
 
 
+# simulations of the last few problems, by the problem's identity (the problem itself is kept with
+# them, so its id is not reused): the harness builds one problem per case and check and every
+# adapter's diagnosis of it simulates largely the same knobs (measured on the tf family over 150
+# generated cases: 3,327 simulations, 839 distinct)
+_SIMULATED: OrderedDict[int, tuple[Problem, dict[tuple[Check, Knobs], dict[str, np.ndarray]]]] = OrderedDict()
+PROBLEMS_KEPT = 8  # a case's checks, several cases back
+
+
 def simulate(problem: Problem, check: Check, knobs: Knobs = CANONICAL) -> dict[str, np.ndarray]:
     """The check's outputs (float64) under `knobs`; with CANONICAL they are reference.train / infer /
     gradients. training: output, batch_mean, batch_variance (last step), moving_mean,
     moving_variance (after all steps), inference_output; inference: output; gradients: input,
-    gamma, beta."""
+    gamma, beta. Computed once per problem object, check and knobs (read-only arrays)."""
+    kept = _SIMULATED.pop(id(problem), None)
+    if kept is None or kept[0] is not problem:
+        kept = (problem, {})
+    _SIMULATED[id(problem)] = kept
+    while len(_SIMULATED) > PROBLEMS_KEPT:
+        _SIMULATED.popitem(last=False)
+    if (check, knobs) not in kept[1]:
+        out = _simulate(problem, check, knobs)
+        for array in out.values():
+            if isinstance(array, np.ndarray):
+                array.setflags(write=False)
+        kept[1][check, knobs] = out
+    return dict(kept[1][check, knobs])
+
+
+def _simulate(problem: Problem, check: Check, knobs: Knobs) -> dict[str, np.ndarray]:
     run = {"train": _train, "infer": _infer, "gradients": _gradients}[CHECKS[check].method]
     bn = reference.bn_input(problem)  # a preceding layer: in float64, before BN
     if knobs.epsilon is not None:  # every formula, renorm's too, takes the variant's epsilon

@@ -88,6 +88,19 @@ def test_canonical_knobs_are_the_reference(shape, axes, momentum):
         np.testing.assert_array_equal(got, reference.gradients(p)[name])
 
 
+def test_simulate_is_computed_once_per_problem_object_check_and_knobs():
+    """Every adapter's diagnosis of one problem asks for largely the same simulations: they are
+    kept, read-only, for the problem object (an equal problem built anew is simulated anew)."""
+    p = problem(steps=2)
+    first, again = simulate(p, "training"), simulate(p, "training")
+    assert first is not again and all(again[name] is value for name, value in first.items())
+    assert not first["output"].flags.writeable
+    assert simulate(p, "training", Knobs(stats_frozen=True))["moving_mean"] is not first["moving_mean"]
+    fresh = simulate(dataclasses.replace(p), "training")
+    assert fresh["output"] is not first["output"]
+    np.testing.assert_array_equal(fresh["output"], first["output"])
+
+
 def test_declared_variants_change_only_their_outputs():
     p = problem((2, 3, 4, 5), (3, 1), steps=3)
     ref = reference.train(p)
