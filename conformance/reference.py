@@ -115,11 +115,13 @@ def average(parts: list[np.ndarray]) -> np.ndarray:
 
 
 def renorm_correction(p: Problem, mean: np.ndarray, var: np.ndarray, renorm_mean: np.ndarray,
-                      renorm_stddev: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(r, d) of batch renormalization, clipped (see the module docstring)."""
+                      renorm_stddev: np.ndarray, floor_epsilon: float | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """(r, d) of batch renormalization, clipped (see the module docstring); `floor_epsilon`, where
+    a variant says so, replaces eps in the floor sqrt(eps) of the renorm standard deviation."""
     assert p.renorm is not None
     with np.errstate(divide="ignore", invalid="ignore"):
-        s = np.maximum(renorm_stddev, np.sqrt(p.epsilon))
+        s = np.maximum(renorm_stddev, np.sqrt(p.epsilon if floor_epsilon is None else floor_epsilon))
         r = np.sqrt(var + p.epsilon) / s
         d = (mean - renorm_mean) / s
     c = p.renorm

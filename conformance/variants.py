@@ -78,6 +78,7 @@ class Knobs:
     # flush-to-zero / denormals-are-zero in this dtype: a subnormal momentum, product or moving
     # statistic is 0 (TF's and XLA's CPU kernels)
     flush_denormals: str | None = None
+    renorm_floor_epsilon_float32: bool = False  # renorm's floor sqrt(eps) of its std takes float32(eps)
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -96,6 +97,11 @@ def _rounder(dtype: str | None) -> Callable[[Any], Any]:
     if dtype in (None, "float64"):
         return lambda a: a
     return lambda a: round_to(a, dtype)
+
+
+def _renorm_floor(p: Problem, k: Knobs) -> float | None:
+    """The eps of renorm's floor sqrt(eps) where a variant replaces it (None: the case's)."""
+    return _f32(p.epsilon) if k.renorm_floor_epsilon_float32 else None
 
 
 def _f32(value: float) -> float:
@@ -246,7 +252,7 @@ def _train(p: Problem, k: Knobs) -> dict[str, np.ndarray]:
             rd = None
             if p.renorm is not None:
                 rd = tuple(_rounder(k.compute_dtype)(c) for c in reference.renorm_correction(
-                    p, mean, var, renorm_mean, renorm_std))
+                    p, mean, var, renorm_mean, renorm_std, _renorm_floor(p, k)))
             affine = reference.training_affine(p, rd)  # type: ignore[arg-type]
             output = np.empty_like(shard)
             for g, (gm, gv, _) in zip(groups, parts, strict=True):
@@ -318,7 +324,7 @@ def _gradients(p: Problem, k: Knobs) -> dict[str, np.ndarray]:
     if p.renorm is not None:
         mean, var = reference.average([a for a, _ in parts]), reference.average([v for _, v in parts])
         rd = tuple(r(c) for c in reference.renorm_correction(p, mean, var, p.moving_mean,
-                                                             np.sqrt(p.moving_variance)))
+                                                             np.sqrt(p.moving_variance), _renorm_floor(p, k)))
     affine = reference.training_affine(p, rd)  # type: ignore[arg-type]
     gamma = p.gamma if affine is None else affine[0]
 
@@ -750,12 +756,20 @@ VARIANTS = [
             lambda p, c: _batch_stats(p, c) and p.rank > 0 and p.gamma.size > 1, {"reduce_all_axes": True}),
     # TF's fused kernel (FusedBatchNormV3 CPU): rest_size_minus_one = rest_size > 1 ? rest_size - 1 : 1.
     Variant("bessel-one-value", "n/(n-1) taken as 1 for one value per channel (unbiased variance 0, not NaN)",
-            lambda p, c: c == "training" and any(_count(p, x) == 1 for x in p.batches),
+            lambda p, c: c == "training" and any(_count(p, part) == 1 for x in p.batches
+                                                 for part in _normalized_apart(p, x)),
             {"bessel_one_value": True}),
     # ONNX attributes are 32-bit floats: a double model runs with float32(epsilon).
     Variant("epsilon-float32", "epsilon held in float32",
             lambda p, c: p.dtype == "float64" and _f32(p.epsilon) != p.epsilon,
             lambda p: [{"epsilon": _f32(p.epsilon)}]),
+    # Keras 3 on tensorflow: _renorm_correction_and_moments floors the renorm std at
+    # ops.sqrt(ops.cast(self.epsilon, mean.dtype)), and casting the Python float converts it to a
+    # float32 tensor first, so a float64 layer's floor is sqrt(float32(eps)) (measured: d off by
+    # 2.4e-8 relative with eps 1e-3); the renorm std's own update adds the exact eps.
+    Variant("renorm-floor-epsilon-float32", "renorm's floor sqrt(eps) of its std takes eps in float32",
+            lambda p, c: c == "training" and p.renorm is not None and p.dtype == "float64"
+            and _f32(p.epsilon) != p.epsilon, {"renorm_floor_epsilon_float32": True}),
     Variant("epsilon-outside-sqrt", "y = (x - mean) / (sqrt(var) + eps)",
             lambda p, c: p.epsilon != 0.0, {"epsilon_outside_sqrt": True}),
     Variant("epsilon-1e-3", "epsilon 1e-3 (the TF/Keras default) instead of the case's",

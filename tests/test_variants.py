@@ -29,7 +29,7 @@ NAMES = {
     "epsilon-1e-5", "rejects", "accepts", "batch-variance-unbiased", "normalize-folded", "epsilon-float32",
     "empty-gamma-gradient-nan", "bessel-one-value", "variance-sum-of-squares-unclamped", "reduce-all-axes",
     "ghost-interleaved",
-    "replica-0-stats", "replica-mean-stats", "denormals-flushed",
+    "replica-0-stats", "replica-mean-stats", "denormals-flushed", "renorm-floor-epsilon-float32",
 }
 CHECKS = ("training", "inference", "gradients")
 LAYOUTS = [((6, 3), (1,)), ((3, 6), (0,)), ((2, 4, 3), (-1,)), ((2, 3, 4, 5), (1, 2)),
@@ -533,3 +533,16 @@ def test_folded_gradient_overflow_is_undetermined():
     assert mask["gamma"].tolist() == [True, False]
     assert mask["input"][:, 0].all() and not mask["input"][:, 1].any()
     assert undetermined(p, "gradients", Knobs(normalize_folded=True, compute_dtype="float32")) == {}
+
+
+def test_renorm_floor_epsilon_float32_moves_d_only_where_the_floor_is_taken():
+    """Keras 3 on tensorflow floors the renorm std at sqrt(float32(eps)): d = (mean - renorm_mean)/s
+    moves by the floor's relative change (2.4e-8 for eps 1e-3), the renorm std's update does not."""
+    p = dataclasses.replace(hand(), batches=(np.array([[-1.0]]),), moving_mean=np.array([-1.5]),
+                            moving_variance=np.array([1e-3]), renorm=Renorm(momentum=0.99))
+    canonical = simulate(p, "training")
+    floored = simulate(p, "training", knobs("renorm-floor-epsilon-float32", p))
+    s32 = np.sqrt(np.float64(np.float32(1e-3)))
+    assert floored["output"][0] == pytest.approx(0.5 / s32, rel=1e-15)
+    assert canonical["output"][0] == pytest.approx(0.5 / np.sqrt(1e-3), rel=1e-15)
+    assert floored["renorm_stddev"][0] == canonical["renorm_stddev"][0]
