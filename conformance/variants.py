@@ -180,7 +180,9 @@ def _update(moving: np.ndarray, batch: np.ndarray, m: float, k: Knobs) -> np.nda
     is set (Keras keeps float16 layers' statistics in float32 and updates a float64 layer's in
     float32 off tensorflow)."""
     rs = _rounder("float32" if _lower(k) else None)
-    f = _flusher(k.flush_denormals)
+    # flushed in the dtype the statistics are kept in: float32 where a lower compute dtype is set
+    # (Keras 3 on jax computes a float64 layer in float32: a float32-subnormal momentum is 0)
+    f = _flusher("float32" if k.flush_denormals and _lower(k) else k.flush_denormals)
     if k.momentum_form == "complement":
         m = 1.0 - m
     if k.momentum_float32 == "complement":  # tf_keras unfused: moving -= (moving - batch) * decay

@@ -546,3 +546,36 @@ def test_renorm_floor_epsilon_float32_moves_d_only_where_the_floor_is_taken():
     assert floored["output"][0] == pytest.approx(0.5 / s32, rel=1e-15)
     assert canonical["output"][0] == pytest.approx(0.5 / np.sqrt(1e-3), rel=1e-15)
     assert floored["renorm_stddev"][0] == canonical["renorm_stddev"][0]
+
+
+def test_ruled_variants_together_are_tried_where_only_an_unruled_one_matches():
+    """cases/numerics/vector-large-mean-float64-gradients (found by fuzzing): epsilon-outside-sqrt,
+    which no rule names, matches Keras-on-torch's NaN dL/dx in its wide band; the three ruled variants
+    together are tried as well and listed after it, so the rules can know the failure."""
+    from conformance import ROOT
+    from conformance import problem as problems
+    from conformance.diagnose import diagnose
+    from conformance.evaluate import tolerances
+    from conformance.loader import load_file
+
+    [loaded], _ = load_file(ROOT / "cases/numerics/vector-large-mean-float64-gradients.yaml")
+    case = loaded.case
+    p = problems.build(case, "gradients")
+    conditioning = problems.conditioning(case, "gradients", p)
+    tol, per_output = tolerances(p, "gradients", conditioning, case)
+    triple = ("compute-float32", "variance-sum-of-squares-unclamped", "reduce-all-axes")
+    got = {"input": simulate_named(p, "gradients", triple)["input"]}  # scale and center are off
+    expected = simulate(p, "gradients")
+    args = (p, "gradients", (), got, {k: expected[k] for k in got}, tol, conditioning, {}, per_output)
+    alone = diagnose(*args).explained_by
+    assert alone and "+".join(triple) not in alone  # an unruled variant matches alone
+    assert diagnose(*args, ruled=triple).explained_by[-1] == "+".join(triple)
+
+
+def test_denormals_flush_in_float32_where_a_float64_case_computes_in_float32():
+    """A float64 layer that computes in float32 (Keras 3 on jax) keeps float32 statistics, so a
+    momentum subnormal in float32 (1.4e-45) is flushed to 0, not only one subnormal in float64."""
+    p = dataclasses.replace(hand(momentum=1.401298464324817e-45), batches=(np.array([[2.0], [2.0]]),))
+    flushed = simulate(p, "training", Knobs(flush_denormals="float64", compute_dtype="float32"))
+    assert flushed["moving_variance"][0] == 0.0  # m·1 + (1 - m)·0 with m flushed
+    assert simulate(p, "training", Knobs(flush_denormals="float64"))["moving_variance"][0] > 0.0
