@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -410,27 +411,37 @@ def test_replica_variants():
     assert not CATALOGUE["replica-0-stats"].applies(dataclasses.replace(unsync, replicas=None), "training")
 
 
-def test_three_ruled_variants_together_explain_what_no_pair_does():
-    """Keras 3 on torch with a 1-D input (cases/numerics/vector-large-mean-eps-0-float64, found by
-    fuzzing): float32, sums of squares and every axis at once. The diagnosis finds the triple only
-    among the variants that rules name."""
+KERAS_TORCH_1D = ("compute-float32", "variance-sum-of-squares-unclamped", "reduce-all-axes")
+
+
+def diagnosis_of(case_file: str, check: str, outputs: tuple[str, ...] | None = None) -> Callable:
+    """diagnose(..., ruled=) on a case of cases/ whose framework result is simulated as Keras 3 on
+    torch computes a 1-D input (KERAS_TORCH_1D); `outputs`: the compared ones (all if None)."""
     from conformance import ROOT
     from conformance import problem as problems
     from conformance.diagnose import diagnose
     from conformance.evaluate import tolerances
     from conformance.loader import load_file
 
-    [loaded], _ = load_file(ROOT / "cases/numerics/vector-large-mean-eps-0-float64.yaml")
+    [loaded], _ = load_file(ROOT / case_file)
     case = loaded.case
-    p = problems.build(case, "training")
-    conditioning = problems.conditioning(case, "training", p)
-    tol, per_output = tolerances(p, "training", conditioning, case)
-    triple = ("compute-float32", "variance-sum-of-squares-unclamped", "reduce-all-axes")
-    got = simulate_named(p, "training", triple)
-    expected = simulate(p, "training")
-    args = (p, "training", (), got, {k: expected[k] for k in got}, tol, conditioning, {}, per_output)
-    assert diagnose(*args).explained_by == []
-    assert diagnose(*args, ruled=(*triple, "rejects")).explained_by == ["+".join(triple)]
+    p = problems.build(case, check)
+    conditioning = problems.conditioning(case, check, p)
+    tol, per_output = tolerances(p, check, conditioning, case)
+    got = {k: v for k, v in simulate_named(p, check, KERAS_TORCH_1D).items()
+           if outputs is None or k in outputs}
+    expected = simulate(p, check)
+    args = (p, check, (), got, {k: expected[k] for k in got}, tol, conditioning, {}, per_output)
+    return lambda ruled=(): diagnose(*args, ruled=ruled).explained_by
+
+
+def test_three_ruled_variants_together_explain_what_no_pair_does():
+    """Keras 3 on torch with a 1-D input (cases/numerics/vector-large-mean-eps-0-float64, found by
+    fuzzing): float32, sums of squares and every axis at once. The diagnosis finds the triple only
+    among the variants that rules name."""
+    explained = diagnosis_of("cases/numerics/vector-large-mean-eps-0-float64.yaml", "training")
+    assert explained() == []
+    assert explained((*KERAS_TORCH_1D, "rejects")) == ["+".join(KERAS_TORCH_1D)]
 
 
 @pytest.mark.parametrize(("shape", "axes"), LAYOUTS)
@@ -552,24 +563,11 @@ def test_ruled_variants_together_are_tried_where_only_an_unruled_one_matches():
     """cases/numerics/vector-large-mean-float64-gradients (found by fuzzing): epsilon-outside-sqrt,
     which no rule names, matches Keras-on-torch's NaN dL/dx in its wide band; the three ruled variants
     together are tried as well and listed after it, so the rules can know the failure."""
-    from conformance import ROOT
-    from conformance import problem as problems
-    from conformance.diagnose import diagnose
-    from conformance.evaluate import tolerances
-    from conformance.loader import load_file
-
-    [loaded], _ = load_file(ROOT / "cases/numerics/vector-large-mean-float64-gradients.yaml")
-    case = loaded.case
-    p = problems.build(case, "gradients")
-    conditioning = problems.conditioning(case, "gradients", p)
-    tol, per_output = tolerances(p, "gradients", conditioning, case)
-    triple = ("compute-float32", "variance-sum-of-squares-unclamped", "reduce-all-axes")
-    got = {"input": simulate_named(p, "gradients", triple)["input"]}  # scale and center are off
-    expected = simulate(p, "gradients")
-    args = (p, "gradients", (), got, {k: expected[k] for k in got}, tol, conditioning, {}, per_output)
-    alone = diagnose(*args).explained_by
-    assert alone and "+".join(triple) not in alone  # an unruled variant matches alone
-    assert diagnose(*args, ruled=triple).explained_by[-1] == "+".join(triple)
+    explained = diagnosis_of("cases/numerics/vector-large-mean-float64-gradients.yaml", "gradients",
+                             ("input",))  # scale and center are off
+    alone = explained()
+    assert alone and "+".join(KERAS_TORCH_1D) not in alone  # an unruled variant matches alone
+    assert explained(KERAS_TORCH_1D)[-1] == "+".join(KERAS_TORCH_1D)
 
 
 def test_denormals_flush_in_float32_where_a_float64_case_computes_in_float32():
