@@ -79,6 +79,8 @@ class Knobs:
     # statistic is 0 (TF's and XLA's CPU kernels)
     flush_denormals: str | None = None
     renorm_floor_epsilon_float32: bool = False  # renorm's floor sqrt(eps) of its std takes float32(eps)
+    # folded s and beta - mean·s stored in float16, saturated at ±65504 (TFLite's float16 weights)
+    folded_float16_weights: bool = False
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -168,7 +170,10 @@ def _normalize(x: np.ndarray, p: Problem, k: Knobs, mean: np.ndarray, var: np.nd
     if k.normalize_folded:  # tf.nn.batch_normalization, Keras 3's jax backend: x·s + (beta - mean·s)
         with np.errstate(divide="ignore", invalid="ignore"):
             s = r(r(1.0 / r(np.sqrt(r(b(var) + eps)))) * b(gamma))
-            return r(r(r(x) * s) + r(b(beta) - r(b(mean) * s)))
+            shift = r(b(beta) - r(b(mean) * s))
+            if k.folded_float16_weights:
+                s, shift = _float16_saturated(s), _float16_saturated(shift)
+            return r(r(r(x) * s) + shift)
     with np.errstate(divide="ignore", invalid="ignore"):
         outside = k.epsilon_outside_sqrt
         denom = r(r(np.sqrt(b(var))) + eps) if outside else r(np.sqrt(r(b(var) + eps)))
@@ -686,6 +691,13 @@ def _interleaving_differs(p: Problem) -> bool:
     return v is not None and any(v < x.shape[0] and v > 1 for x in p.batches)
 
 
+def _float16_saturated(v: np.ndarray) -> np.ndarray:
+    """v stored as float16 weights by TFLite's float16 quantization: past ±65504 it saturates."""
+    top = float(np.finfo(np.float16).max)
+    with np.errstate(invalid="ignore"):
+        return round_to(np.clip(v, -top, top), "float16")
+
+
 def _folded(p: Problem) -> list[dict[str, Any]]:
     """Folded in float64 for float64 cases, in float32 for float32, and for float16/bfloat16 in
     float32 (Keras upcasts) or in the input dtype (tf.nn on a float16 tensor)."""
@@ -740,6 +752,13 @@ VARIANTS = [
     Variant("normalize-folded", "y = x·s + (beta - mean·s), s = gamma/sqrt(var + eps), in the compute dtype",
             lambda p, c: c in ("training", "inference")
             or (c == "gradients" and p.renorm is None and p.adjustment is None), _folded),
+    # TFLite's post-training float16 quantization: the folded scale and shift become float16 weights,
+    # saturated at ±65504 where they pass it, and the model computes in float32. Measured on
+    # cases/export/conv-bn-float16-large-mean-folded-overflow: mean·s = 95346 is stored as 65504.
+    Variant("folded-float16-weights", "y = x·s + (beta - mean·s) in float32, s and the shift stored as "
+            "float16 weights saturated at ±65504", lambda p, c: c in ("training", "inference")
+            or (c == "gradients" and p.renorm is None and p.adjustment is None),  # as normalize-folded
+            {"normalize_folded": True, "compute_dtype": "float32", "folded_float16_weights": True}),
     # Every framework here but torch: with no samples the statistics are NaN and dL/dgamma, computed
     # through them, is NaN; the reference's sum over no elements is 0 (torch returns early, 0).
     Variant("empty-gamma-gradient-nan", "dL/dgamma of an empty batch is NaN (through NaN statistics)",

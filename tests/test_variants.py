@@ -31,6 +31,7 @@ NAMES = {
     "empty-gamma-gradient-nan", "bessel-one-value", "variance-sum-of-squares-unclamped", "reduce-all-axes",
     "ghost-interleaved",
     "replica-0-stats", "replica-mean-stats", "denormals-flushed", "renorm-floor-epsilon-float32",
+    "folded-float16-weights",
 }
 CHECKS = ("training", "inference", "gradients")
 LAYOUTS = [((6, 3), (1,)), ((3, 6), (0,)), ((2, 4, 3), (-1,)), ((2, 3, 4, 5), (1, 2)),
@@ -577,3 +578,13 @@ def test_denormals_flush_in_float32_where_a_float64_case_computes_in_float32():
     flushed = simulate(p, "training", Knobs(flush_denormals="float64", compute_dtype="float32"))
     assert flushed["moving_variance"][0] == 0.0  # m·1 + (1 - m)·0 with m flushed
     assert simulate(p, "training", Knobs(flush_denormals="float64"))["moving_variance"][0] > 0.0
+
+
+def test_folded_float16_weights_saturate_the_shift_at_float16_max():
+    """TFLite's float16 weights: a folded shift of -1e5 is stored as -65504, so x·s + shift is off
+    by 34496 where the float32 fold is exact."""
+    p = dataclasses.replace(hand(epsilon=0.0, dtype="float16"), batches=(np.array([[1e4], [1e4]]),),
+                            moving_mean=np.array([1e4]), moving_variance=np.array([0.01]))
+    y = simulate(p, "inference", knobs("folded-float16-weights", p))["output"]
+    assert y[0, 0] == pytest.approx(1e4 * 10 - 65504, rel=1e-6)
+    assert simulate(p, "inference")["output"][0, 0] == 0.0
