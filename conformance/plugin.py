@@ -34,6 +34,7 @@ from adapters.base import DEVICE_VARIABLE, DEVICES, PROCESS_COSTS, Adapter
 from conformance import DEFAULT_CASES, RESULTS_DIR, probes
 from conformance import problem as problems
 from conformance.evaluate import Outcome, default_rules, evaluate
+from conformance.known import runtime
 from conformance.loader import (
     CaseErrors,
     LoadedCase,
@@ -140,7 +141,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     lines = [f"bnconform: cases from {', '.join(_shown(d) for d in state.case_dirs)}"]
     for adapter_id in state.adapter_ids:
         try:
-            versions = state.adapter(adapter_id).versions()
+            _, versions = runtime(state.adapter(adapter_id))
             shown = ", ".join(f"{k} {v}" for k, v in versions.items())
         except AdapterUnavailable as exc:
             shown = f"UNAVAILABLE ({exc})"
@@ -323,7 +324,7 @@ class CaseItem(pytest.Item):
             evaluate(adapter, case, self.check, outcome)
         finally:
             outcome.fill(record)
-            record.device = adapter.device()
+            record.device = runtime(adapter)[0]  # asked once per adapter (known.runtime)
             record.duration_s = round(time.perf_counter() - started, 6)
         self.verdict = outcome.status
         if outcome.status == Status.NOT_EXPRESSIBLE:
@@ -510,7 +511,8 @@ def environment(state: RunState, started: datetime) -> dict[str, Any]:
         info: dict[str, Any] = {"family": registry.ADAPTERS[adapter_id].family}
         try:
             adapter = state.adapter(adapter_id)
-            info.update(versions=adapter.versions(), device=adapter.device(),
+            device, versions = runtime(adapter)
+            info.update(versions=versions, device=device,
                         conventions={"variants": list(adapter.conventions.variants),
                                      "notes": list(adapter.conventions.notes)},
                         capabilities=capabilities_of(adapter), names=dict(adapter.names))

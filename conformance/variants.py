@@ -203,7 +203,7 @@ def _flusher(dtype: str | None) -> Callable[[Any], Any]:
     """Flush-to-zero in `dtype`: values below its smallest normal become 0; None: no flushing."""
     if dtype is None:
         return lambda v: v
-    tiny = float(np.finfo(np.dtype(dtype)).tiny)
+    tiny = float(finfo(dtype).tiny)
     return lambda v: np.where(np.abs(v) < tiny, 0.0, v)
 
 
@@ -452,7 +452,7 @@ def sum_of_squares_atol(knobs: Knobs, problem: Problem, check: Check) -> dict[st
     problem = reference.bn_input(problem)
     width = DEFAULT_TOLERANCE[stats_dtype(knobs, problem)]
     worst = 0.0
-    for x in (shard for batch in problem.batches for shard in _normalized_apart(problem, batch)):
+    for x in (shard for batch in problem.batches for shard in _shards(problem, CANONICAL, batch)):
         mean, var, count = reference.moments(x, problem.channel_axes)
         if count < 2 or mean.size == 0:
             continue
@@ -460,13 +460,6 @@ def sum_of_squares_atol(knobs: Knobs, problem: Problem, check: Check) -> dict[st
         worst = max(worst, float(np.max(var + mean * mean)) * bessel)
     band = width * worst
     return {"batch_variance": band, "moving_variance": band} if band > 0 else {}
-
-
-def _normalized_apart(problem: Problem, batch: np.ndarray) -> list[np.ndarray]:
-    """The parts of a batch whose statistics are computed apart: each replica's shard where replicas
-    do not synchronize, else the whole batch."""
-    r = problem.replicas
-    return r.shards(batch) if r is not None and not r.synchronized else [batch]
 
 
 def undetermined(problem: Problem, check: Check, knobs: Knobs) -> dict[str, np.ndarray]:
@@ -501,7 +494,7 @@ def undetermined(problem: Problem, check: Check, knobs: Knobs) -> dict[str, np.n
     masks = []
     for batch in fed:  # one value per channel (in every shard normalized apart) cancels nothing
         noisy = [(var + eps <= width * (var + mean * mean)) & (count > 1) for mean, var, count in
-                 (reference.moments(x, problem.channel_axes) for x in _normalized_apart(problem, batch))]
+                 (reference.moments(x, problem.channel_axes) for x in _shards(problem, CANONICAL, batch))]
         masks.append(np.logical_or.reduce(noisy))
     last, ever = masks[-1], np.logical_or.reduce(masks)
     none = np.zeros_like(last)
@@ -693,7 +686,7 @@ def _interleaving_differs(p: Problem) -> bool:
 
 def _float16_saturated(v: np.ndarray) -> np.ndarray:
     """v stored as float16 weights by TFLite's float16 quantization: past ±65504 it saturates."""
-    top = float(np.finfo(np.float16).max)
+    top = float(finfo("float16").max)
     with np.errstate(invalid="ignore"):
         return round_to(np.clip(v, -top, top), "float16")
 
@@ -779,7 +772,7 @@ VARIANTS = [
     # TF's fused kernel (FusedBatchNormV3 CPU): rest_size_minus_one = rest_size > 1 ? rest_size - 1 : 1.
     Variant("bessel-one-value", "n/(n-1) taken as 1 for one value per channel (unbiased variance 0, not NaN)",
             lambda p, c: c == "training" and any(_count(p, part) == 1 for x in p.batches
-                                                 for part in _normalized_apart(p, x)),
+                                                 for part in _shards(p, CANONICAL, x)),
             {"bessel_one_value": True}),
     # ONNX attributes are 32-bit floats: a double model runs with float32(epsilon).
     Variant("epsilon-float32", "epsilon held in float32",
