@@ -13,10 +13,12 @@ rendezvous, rank r fed shard r of the batch.
   `broadcast_buffers=True`: rank 0's buffers are broadcast to every rank before each forward), the
   running statistics read back from rank 0's `state_dict()` (the checkpoint a DDP script saves).
   Runs on the CPU with gloo.
-- Backend: gloo on the CPU; on `--device cuda` nccl with rank r on `cuda:r`, so a case needs a GPU
-  per replica (fewer is not expressible: nccl refuses two ranks on one GPU, and gloo has no CUDA
-  all_gather). Processes are forked on the CPU (torch is already imported), spawned on CUDA (a
-  forked child cannot use CUDA). The CUDA path has not run yet: no GPU host was available.
+- Backend: gloo on the CPU; on `--device cuda` nccl with rank r on `cuda:r` where there is a GPU
+  per rank, else gloo with rank r on `cuda:(r mod GPUs)`: nccl refuses two ranks on one GPU
+  ("Duplicate GPU detected"), gloo takes CUDA tensors (SyncBatchNorm all-gathers through
+  `dist.all_gather` on gloo, torch/nn/modules/_functions.py L64-83), and the statistics are
+  combined by the same CUDA kernels either way. Processes are forked on the CPU (torch is already
+  imported), spawned on CUDA (a forked child cannot use CUDA).
 - momentum m -> `momentum=1 - m` (torch weighs the batch); null -> `momentum=None`; epsilon ->
   `eps=`; center/scale -> `affine=` (both or neither; one alone as adapters/torch_module.py does it:
   weight 1 or bias 0 frozen); channel axis moved to dim 1 and back.
@@ -89,11 +91,11 @@ def rank_main(rank: int, problem: Problem, folder: str) -> None:
     assert problem.replicas is not None
     count, synchronized = problem.replicas.count, problem.replicas.synchronized
     cuda = DEVICE.type == "cuda"
-    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
-    backend = "nccl" if cuda else "gloo"  # nccl: a GPU per rank (not_expressible checks)
+    device = torch.device("cuda", rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
+    backend = backend_for(count)
     try:
         if cuda:
-            torch.cuda.set_device(device)  # nccl: one device per rank
+            torch.cuda.set_device(device)
         dist.init_process_group(backend, init_method=f"file://{folder}/rendezvous", rank=rank,
                                 world_size=count)
         bn = build(problem, synchronized, device)
@@ -110,6 +112,11 @@ def rank_main(rank: int, problem: Problem, folder: str) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()  # gloo's teardown sometimes hangs: `run_ranks` reaps
+
+
+def backend_for(count: int) -> str:
+    """nccl where every rank has a GPU of its own, gloo where ranks share one (or on the CPU)."""
+    return "nccl" if DEVICE.type == "cuda" and torch.cuda.device_count() >= count else "gloo"
 
 
 def run_ranks(problem: Problem, folder: str) -> list[dict[str, np.ndarray]]:
@@ -205,9 +212,6 @@ class TorchSync(Adapter):
                     "gradient (RuntimeError: DistributedDataParallel is not needed when a module "
                     "doesn't have any parameter that requires a gradient), and a lone BatchNorm with "
                     "center and scale off has none")
-        if DEVICE.type == "cuda" and check == "training" and torch.cuda.device_count() < r.count:
-            return (f"{r.count} ranks on {torch.cuda.device_count()} GPU(s): nccl takes one GPU per rank, "
-                    "and gloo has no CUDA all_gather")
         return None
 
     def translations(self, problem: Problem) -> list[str]:
@@ -216,7 +220,9 @@ class TorchSync(Adapter):
         layer = ("SyncBatchNorm" if r.synchronized
                  else f"{MODULES[problem.rank].__name__} in DistributedDataParallel")
         momentum = "None" if problem.momentum is None else f"{1 - problem.momentum:g}"
-        return [f"replicas {r.count} -> {r.count} torch.distributed ranks, rank r fed shard r",
+        where = (f"{backend_for(r.count)}, rank r on cuda:(r mod {torch.cuda.device_count()})"
+                 if DEVICE.type == "cuda" else "gloo on the CPU")
+        return [f"replicas {r.count} -> {r.count} torch.distributed ranks ({where}), rank r fed shard r",
                 f"synchronized {r.synchronized} -> {layer}",
                 f"momentum {problem.momentum} -> momentum={momentum} (1 - m)",
                 f"epsilon {problem.epsilon:g} -> eps={problem.epsilon:g}",
