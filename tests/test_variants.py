@@ -415,9 +415,11 @@ def test_replica_variants():
 KERAS_TORCH_1D = ("compute-float32", "variance-sum-of-squares-unclamped", "reduce-all-axes")
 
 
-def diagnosis_of(case_file: str, check: str, outputs: tuple[str, ...] | None = None) -> Callable:
+def diagnosis_of(case_file: str, check: str, outputs: tuple[str, ...] | None = None,
+                 measured: dict[str, list[float]] | None = None) -> Callable:
     """diagnose(..., ruled=) on a case of cases/ whose framework result is simulated as Keras 3 on
-    torch computes a 1-D input (KERAS_TORCH_1D); `outputs`: the compared ones (all if None)."""
+    torch computes a 1-D input (KERAS_TORCH_1D), or `measured`; `outputs`: the compared ones (all
+    if None)."""
     from conformance import ROOT
     from conformance import problem as problems
     from conformance.diagnose import diagnose
@@ -429,8 +431,9 @@ def diagnosis_of(case_file: str, check: str, outputs: tuple[str, ...] | None = N
     p = problems.build(case, check)
     conditioning = problems.conditioning(case, check, p)
     tol, per_output = tolerances(p, check, conditioning, case)
-    got = {k: v for k, v in simulate_named(p, check, KERAS_TORCH_1D).items()
-           if outputs is None or k in outputs}
+    got = ({k: np.array(v) for k, v in measured.items()} if measured is not None else
+           simulate_named(p, check, KERAS_TORCH_1D))
+    got = {k: v for k, v in got.items() if outputs is None or k in outputs}
     expected = simulate(p, check)
     args = (p, check, (), got, {k: expected[k] for k in got}, tol, conditioning, {}, per_output)
     return lambda ruled=(): diagnose(*args, ruled=ruled).explained_by
@@ -558,6 +561,26 @@ def test_renorm_floor_epsilon_float32_moves_d_only_where_the_floor_is_taken():
     assert floored["output"][0] == pytest.approx(0.5 / s32, rel=1e-15)
     assert canonical["output"][0] == pytest.approx(0.5 / np.sqrt(1e-3), rel=1e-15)
     assert floored["renorm_stddev"][0] == canonical["renorm_stddev"][0]
+
+
+def test_a_1d_sum_of_squares_is_noise_in_any_summation_order():
+    """What Keras 3 on torch measured on an H200 (torch 2.11 CUDA) on
+    cases/numerics/vector-large-mean-eps-0-float64: the float32 E[x²] - E[x]² over every axis of
+    four values near 1e4 is noise of a few units either way (the CPU's order gives 0, so ±inf;
+    CUDA's a variance whose moving average is 4.12, so finite outputs). The undetermined outputs
+    and the variance's absolute band are taken over the axes the variants reduce (all of them),
+    not per channel of one value, where nothing cancels."""
+    cuda = {"output": [0.038669899106025696, -0.02658555470407009, -0.010358008556067944,
+                       -0.0006905338959768414],
+            "moving_mean": [4456.26171875] * 4, "moving_variance": [4.1193718910217285] * 4,
+            "inference_output": [2731.484130859375, 2731.393310546875, 2731.415771484375,
+                                 2731.42919921875]}
+    explained = diagnosis_of("cases/numerics/vector-large-mean-eps-0-float64.yaml", "training",
+                             measured=cuda)
+    assert "+".join(KERAS_TORCH_1D) in explained(KERAS_TORCH_1D)
+    wrong = {**cuda, "moving_mean": [4466.26171875] * 4}  # the mean is not noise: 10 off still fails
+    assert diagnosis_of("cases/numerics/vector-large-mean-eps-0-float64.yaml", "training",
+                        measured=wrong)(KERAS_TORCH_1D) == []
 
 
 def test_ruled_variants_together_are_tried_where_only_an_unruled_one_matches():
