@@ -262,7 +262,10 @@ class ProbeItem(pytest.Item):
         documented = state.documented().get(self.adapter_id, {}).get(self.probe)
         self.measured = record = {"adapter": self.adapter_id, "probe": self.probe}
         self.user_properties.append(("bnconform-probe", record))
-        record.update(probes.measure(state.adapter(self.adapter_id), self.probe))
+        adapter = state.adapter(self.adapter_id)
+        record.update(probes.measure(adapter, self.probe))
+        if documented is not None:
+            documented = probes.on_device(documented, adapter.device())
         if documented is None:
             record.update(documented=None, source="", agrees=None)
             pytest.skip(f"no documented value in {self.path.name} for {self.adapter_id}; "

@@ -28,7 +28,7 @@ import numpy as np
 import yaml
 
 import adapters as registry
-from adapters.base import Adapter, NotExpressible, Observed, Problem
+from adapters.base import Adapter, NotExpressible, Observed, Problem, requested_device
 from conformance import ROOT, reference
 from conformance.dtypes import round_to
 from conformance.results import write_atomically
@@ -418,6 +418,13 @@ def documented() -> dict[str, dict[str, dict[str, Any]]]:
     return out
 
 
+def on_device(doc: dict[str, Any], device: str) -> dict[str, Any]:
+    """A probe's documented entry where the adapter ran: the entry under the device's name (`cuda:`,
+    a whole entry with its own source) where the source says the device's kernel differs, else the
+    entry itself (what the CPU kernels do)."""
+    return doc.get(device, doc)
+
+
 def agrees(measured: Value, doc: dict[str, Any]) -> bool:
     """Numbers within the documented rtol (default 2%: 0.9 and 0.99 must differ), or within
     `min`/`max` bounds; anything else equal."""
@@ -480,6 +487,7 @@ def table(measured: dict[str, dict[str, dict[str, Value]]]) -> str:
         value = entry["value"]
         text = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
         doc = docs.get(adapter_id, {}).get(name)
+        doc = None if doc is None else on_device(doc, requested_device())
         mark = "" if doc is None or agrees(value, doc) else "*"
         return (text[: width[adapter_id] - 1] + mark)
 
