@@ -170,8 +170,8 @@ def case_strategy(focus: frozenset[str] = frozenset(), regions: tuple[dict[str, 
             # training holds them (the rules of torch, torch-compile and flax-nnx need that region)
             amp = dtype in ("float16", "bfloat16") and d(st.integers(0, 3)) > 0
             params["param_dtype"] = "float32" if amp else d(st.sampled_from(DTYPES))
-        mean = d(st.sampled_from((0.0, 3.0, -1.0)) | st.sampled_from((1e2, 1e4)))
-        std = d(st.sampled_from((1.0, 0.1, 1e-3)))
+        mean = choose("mean", st.sampled_from((0.0, 3.0, -1.0)) | st.sampled_from((1e2, 1e4)))
+        std = choose("std", st.sampled_from((1.0, 0.1, 1e-3)))
         doc: dict[str, Any] = {"id": "fuzz", "dtype": dtype, "params": params,
                                "input": {"shape": shape, "random": {"seed": d(st.integers(0, 2**16)),
                                                                     "mean": mean, "std": std}}}
@@ -236,6 +236,12 @@ def explaining_rules(explained_by: list[str], covering: list[Any]) -> list[str]:
 # for denormals-flushed, whose rules name no parameter (a 10-minute run reached none of its three).
 VARIANT_PARAMS = {"denormals-flushed": {"momentum": [5e-324, 1.401298464324817e-45, 1e-310],
                                         "epsilon": [0.0]}}
+# The input a variant shows on, likewise: a folded z·s + (beta - mean·s) overflows float16 or cancels
+# only where the mean is large against the std (|mean|·s past 65504: 1e4 at s = 10 or more). Drawn
+# from the general mix, one draw in six of a normalize-folded region had it, and a 10-minute run
+# missed torch-onnx-dynamo-training's rule (torch-export.yaml) and, in the same region of tf-nn's
+# float16 gradients, compute-input-dtype's overflow (var + eps below 4e-4, tf.yaml).
+VARIANT_INPUT = {"normalize-folded": {"mean": [1e4], "std": [0.1, 1e-3]}}
 
 
 def rule_region(rule: Any) -> dict[str, Any]:
@@ -248,6 +254,7 @@ def rule_region(rule: Any) -> dict[str, Any]:
             region[key] = when[key] if isinstance(when[key], list) else [when[key]]
     if rule.explained_by in VARIANT_PARAMS and "params" not in when:
         region["params"] = dict(VARIANT_PARAMS[rule.explained_by])
+    region.update(VARIANT_INPUT.get(rule.explained_by, {}))
     if "params" in when:
         region["params"] = {k: v if isinstance(v, list) else [v] for k, v in when["params"].items()}
     for key in ("multi_step", "features"):
