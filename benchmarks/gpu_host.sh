@@ -16,9 +16,9 @@
 #
 # What to look at: torch-sync's synchronized cases run there (SyncBatchNorm refuses CPU tensors);
 # flax-linen-pmap / flax-nnx-shard with count above the number of GPUs are not expressible (JAX
-# sees that many devices), and run on as many GPUs as the host has; torch-sync likewise needs a GPU
-# per replica (nccl). On a one-GPU host only count-1 cases would run there: write some
-# (params.replicas.count 1) or use a host with 4 GPUs for cases/replicas/.
+# sees that many devices), and run on as many GPUs as the host has (a host with 4 GPUs runs every
+# case of cases/replicas/ there). torch-sync runs every replica case on any number of GPUs: nccl
+# where each rank has a GPU of its own, gloo where ranks share one (measured on one H200, stop 23).
 #
 # Variables: PY (the Python, default .venv/bin/python), OUT (results folder), FRAMEWORKS (default
 # torch,jax,torch-compile,keras-jax,keras-torch: every adapter that honours --device), TIMEOUT
