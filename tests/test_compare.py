@@ -206,3 +206,13 @@ def test_a_float16_moving_variance_below_the_subnormal_range_leaves_inference_af
         "inference_output"]
     assert not _measured(case, "training", {"inference_output": rows({2: 1.5})})["inference_output"]
     assert not problems.stored_variance(dataclasses.replace(p, dtype="float32"))[0].any()
+
+
+def test_a_rule_can_name_a_zero_variance_channel():
+    """`when: {zero_variance: true}` holds where some check normalizes a 0/0 channel (the folded rules
+    of cases/numerics/constant-channel-eps-0-mean-rounds), not for an empty batch or eps > 0."""
+    from conformance.known import When
+
+    assert When(zero_variance=True).holds(_case("cases/numerics/constant-channel-eps-0-mean-rounds.yaml"))
+    other = _case("cases/numerics/float16-inference-after-training-moving-variance-below-subnormal.yaml")
+    assert not When(zero_variance=True).holds(other) and When(zero_variance=False).holds(other)
