@@ -172,6 +172,9 @@ def case_strategy(focus: frozenset[str] = frozenset(), regions: tuple[dict[str, 
             params["param_dtype"] = "float32" if amp else d(st.sampled_from(DTYPES))
         mean = d(st.sampled_from((0.0, 3.0, -1.0)) | st.sampled_from((1e2, 1e4)))
         std = d(st.sampled_from((1.0, 0.1, 1e-3)))
+        if "input" in region:  # the region's input: drawn after the others, which stay as they were
+            mean = d(st.sampled_from(region["input"]["mean"]))
+            std = d(st.sampled_from(region["input"]["std"]))
         doc: dict[str, Any] = {"id": "fuzz", "dtype": dtype, "params": params,
                                "input": {"shape": shape, "random": {"seed": d(st.integers(0, 2**16)),
                                                                     "mean": mean, "std": std}}}
@@ -236,6 +239,11 @@ def explaining_rules(explained_by: list[str], covering: list[Any]) -> list[str]:
 # for denormals-flushed, whose rules name no parameter (a 10-minute run reached none of its three).
 VARIANT_PARAMS = {"denormals-flushed": {"momentum": [5e-324, 1.401298464324817e-45, 1e-310],
                                         "epsilon": [0.0]}}
+# The input of a region whose rule names a zero-variance channel (When.zero_variance): every channel
+# constant at one of these, with eps 0. A value with a full mantissa, so that a float32 or float16
+# mean of its copies may round (3.2: TF's mean of 48 copies is 6 ulps off); the draws never give a
+# constant channel otherwise.
+ZERO_VARIANCE_MEANS = (3.2, -0.7, 1e4 + 0.1)
 
 
 def rule_region(rule: Any) -> dict[str, Any]:
@@ -253,6 +261,9 @@ def rule_region(rule: Any) -> dict[str, Any]:
     for key in ("multi_step", "features"):
         if key in when:
             region[key] = when[key]
+    if when.get("zero_variance"):  # constant channels (std 0) of a value whose sum of copies rounds
+        region["params"] = {**region.get("params", {}), "epsilon": [0.0]}
+        region["input"] = {"std": [0.0], "mean": list(ZERO_VARIANCE_MEANS)}
     return region
 
 

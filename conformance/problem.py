@@ -364,8 +364,9 @@ def input_conditioning(problem: Problem) -> float:
     subtracting the mean cancels, relative to what the output is divided by. An element rounded to
     one ulp of its own magnitude (and a mean rounded likewise) leaves (x - mean) off by about
     u |mean|, which the normalization scales by 1 / sqrt(var + eps): for a constant channel that is
-    1 / sqrt(eps), not 0 (a float32 mean of equal values need not equal them). A channel with
-    var + eps = 0 (eps 0, constant) is left out: its output is undefined (NaN) anyway.
+    1 / sqrt(eps), not 0 (a float32 mean of equal values need not equal them). A constant channel
+    with eps 0 is left out: 0/0, its output is undetermined (`undetermined`), even where the float64
+    mean of its copies rounds and leaves a residue variance (10000.1: c = 5.5e15 otherwise).
 
     With a preceding layer the statistics are those of its output z = W·x + b, and z itself, held
     in the case dtype, is off by about u·(|W|·|x| + |b|) per element (every product rounds, however
@@ -379,6 +380,8 @@ def input_conditioning(problem: Problem) -> float:
             mean, var, _ = reference.moments(x[g], problem.channel_axes)
             with np.errstate(divide="ignore", invalid="ignore"):
                 ratio = np.abs(mean) / np.sqrt(var + problem.epsilon)
+                if problem.epsilon == 0.0:  # constant: 0/0, whatever residue the float64 mean leaves
+                    ratio = np.where(reference.constant_channels(x[g], problem.channel_axes), np.nan, ratio)
                 if problem.preceding is not None and x[g].size:
                     axis = problem.channel_axes[0]
                     size = Preceding(np.abs(problem.preceding.weight), np.abs(problem.preceding.bias))

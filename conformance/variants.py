@@ -525,22 +525,22 @@ def undetermined(problem: Problem, check: Check, knobs: Knobs) -> dict[str, np.n
 
 def zero_variance(problem: Problem, check: Check, epsilon: float | None = None) -> np.ndarray | None:
     """Per channel, where the check normalizes a batch with its own statistics and var + eps is 0
-    there (a constant channel with more than one value, eps 0; `epsilon` replaces the case's):
-    exact arithmetic gives 0/0, and a rounded mean of equal values need not equal them
-    (`problem.undetermined`). None where no channel is, or renorm or an adjustment is on (their
-    affine terms) or a preceding layer mixes channels."""
+    there in exact arithmetic (a constant channel with more than one value, eps 0; `epsilon`
+    replaces the case's): 0/0, and a rounded mean of equal values need not equal them
+    (`problem.undetermined`), the reference's float64 one included (copies of 10000.1: ±1, not
+    NaN). None where no channel is, or renorm or an adjustment is on (their affine terms) or a
+    preceding layer mixes channels."""
     eps = problem.epsilon if epsilon is None else epsilon
     x = problem.batches[-1]
     if (check == "inference" and problem.track_running_stats) or x.size == 0 or eps != 0.0 \
             or problem.renorm is not None or problem.adjustment is not None or problem.preceding is not None:
         return None
-    _, var, _ = reference.moments(x, problem.channel_axes)
     # one value in some part normalized apart (a shard, a virtual batch): its mean is exact, 0/0 is NaN
     parts = [shard[g] for shard in _shards(problem, CANONICAL, x)
              for g in reference.virtual_batches(shard.shape[0], problem.virtual_batch_size)]
     if min(_count(problem, part) for part in parts) < 2:
         return None
-    zero = var == 0.0
+    zero = reference.constant_channels(x, problem.channel_axes)  # the reference's own mean may round
     return zero if zero.any() else None
 
 
