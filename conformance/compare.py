@@ -10,7 +10,8 @@ held to one ulp of its own magnitude is off by c ulps of sqrt(var + eps) once th
 so a correct two-pass implementation is off by about eps * c, and both tolerances are multiplied by
 (1 + c). An E[x^2] - E[x]^2 implementation is off by about eps * c^2 and still fails. A case may
 override rtol/atol only with a written reason. Where the reference is NaN (undefined), any
-non-finite result matches.
+non-finite result matches; where rounding leaves an output undetermined (`Undetermined`, built by
+`problem.undetermined`), the finite values derived for it match too, and the metric counts them.
 
 Folded outputs (`folded_tolerance`): with a preceding layer, y of the training and inference
 checks is held per channel to base x (1 + T_i), T_i the size of the terms channel i's folded
@@ -108,6 +109,7 @@ class Metric:
     atol: float
     derived: bool = False  # the expected value came from the reference, not the case
     note: str = ""
+    undetermined: int = 0  # elements rounding leaves undetermined (`Undetermined`), judged by its set
 
     def as_dict(self) -> dict:
         # field by field: dataclasses.asdict deep-copies every value
@@ -124,6 +126,31 @@ def _json_float(v):
     return v
 
 
+@dataclass(frozen=True)
+class Undetermined:
+    """Elements of one output whose value exact arithmetic does not fix under rounding
+    (`problem.undetermined`): there a result is accepted when it is non-finite, or within the
+    tolerance of one of `accepted` (arrays that broadcast over the output), or anything at all with
+    `anything`. The reference there is NaN (0/0) or a quotient by a statistic the stored dtype
+    cannot resolve; a wrong finite value still fails."""
+
+    mask: np.ndarray  # bool, broadcasts over the output
+    accepted: tuple[np.ndarray, ...] = ()
+    anything: bool = False
+    why: str = ""
+
+    def settles(self, got: np.ndarray, tol: Tolerance) -> np.ndarray:
+        """Per element: inside the mask and a member of the accepted set."""
+        mask = np.broadcast_to(self.mask, got.shape)
+        if self.anything:
+            return mask
+        ok = ~np.isfinite(got)
+        with np.errstate(invalid="ignore", over="ignore"):
+            for value in self.accepted:
+                ok = ok | (np.abs(got - value) <= tol.atol + tol.rtol * np.abs(value))
+        return mask & ok
+
+
 def undefined_or_equal(expected: np.ndarray, got: np.ndarray) -> np.ndarray:
     """Where no error is counted: equal values (infinities included), and where the reference is
     NaN, an undefined value (0/0 on a constant channel with eps 0, the statistics of an empty
@@ -132,9 +159,11 @@ def undefined_or_equal(expected: np.ndarray, got: np.ndarray) -> np.ndarray:
 
 
 def compare(name: str, expected: np.ndarray, got: np.ndarray, dtype: str, tol: Tolerance,
-            derived: bool = False, in_dtype: bool = False) -> Metric:
+            derived: bool = False, in_dtype: bool = False,
+            undetermined: Undetermined | None = None) -> Metric:
     """`in_dtype`: the output is held in the case dtype (y, dL/dx), so an expected value beyond the
-    dtype's range is the infinity the dtype holds for it (a float16 output of 8e4 is inf)."""
+    dtype's range is the infinity the dtype holds for it (a float16 output of 8e4 is inf).
+    `undetermined`: elements judged by its accepted set instead (counted in the metric, with why)."""
     expected = np.asarray(expected, dtype=np.float64)
     if in_dtype:
         largest = float(finfo(dtype).max)
@@ -148,6 +177,11 @@ def compare(name: str, expected: np.ndarray, got: np.ndarray, dtype: str, tol: T
                           widest(tol.atol), derived,
                           f"shape {list(got.shape)}, expected {list(expected.shape)}")
     exact = undefined_or_equal(expected, got)
+    unsure, note = 0, ""
+    if undetermined is not None:
+        exact = exact | undetermined.settles(got, tol)
+        unsure = int(np.broadcast_to(undetermined.mask, expected.shape).sum())
+        note = f"{unsure} undetermined: {undetermined.why}" if unsure else ""
     with np.errstate(invalid="ignore", over="ignore"):
         abs_err = np.where(exact, 0.0, np.abs(got - expected))
     abs_err = np.where(np.isnan(abs_err), np.inf, abs_err)  # NaN on one side only
@@ -157,7 +191,8 @@ def compare(name: str, expected: np.ndarray, got: np.ndarray, dtype: str, tol: T
         ulps = np.where(exact, 0.0, abs_err / ulp(np.where(np.isfinite(expected), expected, 0), dtype))
         badness = np.where(allowed > 0, abs_err / allowed, np.where(abs_err > 0, np.inf, 0.0))
     if expected.size == 0:
-        return Metric(name, True, 0.0, 0.0, 0.0, [], 0.0, 0.0, widest(tol.rtol), widest(tol.atol), derived)
+        return Metric(name, True, 0.0, 0.0, 0.0, [], 0.0, 0.0, widest(tol.rtol), widest(tol.atol), derived,
+                      note, unsure)
     worst = np.unravel_index(int(np.argmax(badness)), expected.shape)
     finite_rel = rel[np.isfinite(rel)] if np.any(expected != 0) else np.zeros(1)
     return Metric(
@@ -172,6 +207,8 @@ def compare(name: str, expected: np.ndarray, got: np.ndarray, dtype: str, tol: T
         rtol=float(np.broadcast_to(tol.rtol, expected.shape)[worst]),  # the worst element's own
         atol=float(np.broadcast_to(tol.atol, expected.shape)[worst]),
         derived=derived,
+        note=note,
+        undetermined=unsure,
     )
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from adapters.base import Check, Problem
 from conformance import variants
-from conformance.compare import Tolerance, undefined_or_equal
+from conformance.compare import Tolerance, Undetermined, undefined_or_equal
 
 
 @dataclass
@@ -52,11 +52,13 @@ def badness(expected: np.ndarray, got: np.ndarray, rtol: float, atol: float,
 def diagnose(problem: Problem, check: Check, declared: tuple[str, ...], got: dict[str, np.ndarray],
              held_to: dict[str, np.ndarray], tol: Tolerance, conditioning: float,
              atol_scales: dict[str, float] | None = None,
-             per_output: dict[str, Tolerance] | None = None, ruled: tuple[str, ...] = ()) -> Diagnosis:
+             per_output: dict[str, Tolerance] | None = None, ruled: tuple[str, ...] = (),
+             settled: dict[str, Undetermined] | None = None) -> Diagnosis:
     """`got`: the framework's compared outputs by name; `held_to`: what they were compared with;
     `atol_scales`: per output, the factor its atol was scaled by (gradients); `per_output`: the
     outputs held to a tolerance of their own (mixed precision), judged from it; `ruled`: the
-    variants the known rules covering this check name.
+    variants the known rules covering this check name; `settled`: the elements rounding leaves
+    undetermined for every convention (`problem.undetermined`), not judged under any variant.
     Single variants, then pairs of variants neither of which explains it alone (ONNX's float32
     momentum *and* epsilon attributes, say), named "a+b"; then, where neither does, three or more of
     the ruled variants together ("a+b+c": Keras 3 on torch computes a 1-D input in float32, by sums
@@ -64,13 +66,13 @@ def diagnose(problem: Problem, check: Check, declared: tuple[str, ...], got: dic
     names = [n for n, v in variants.CATALOGUE.items()
              if n not in declared and not v.raises and v.applies(problem, check)]
     scored = [(score(problem, check, (*declared, n), got, held_to, tol, conditioning, atol_scales,
-                      per_output), n) for n in names]
+                      per_output, settled), n) for n in names]
     # sharpest first: a variant judged at the case's own tolerance before one judged in a wider band
     matched = [n for (worst, moves, _), n in sorted(scored, key=lambda s: s[0][2]) if worst <= 1 and moves]
     for a, b in itertools.combinations(names, 2):  # a pair only where neither explains it alone
         if a not in matched and b not in matched:
             worst, moves, _ = score(problem, check, (*declared, a, b), got, held_to, tol, conditioning,
-                                    atol_scales, per_output)
+                                    atol_scales, per_output, settled)
             if worst <= 1 and moves:
                 matched.append(f"{a}+{b}")
     if any(set(m.split("+")) <= set(ruled) for m in matched):
@@ -81,7 +83,7 @@ def diagnose(problem: Problem, check: Check, declared: tuple[str, ...], got: dic
     for size in range(3, len(together) + 1):
         combo = next((c for c in itertools.combinations(together, size) if _explains(
             score(problem, check, (*declared, *c), got, held_to, tol, conditioning, atol_scales,
-                  per_output))), None)
+                  per_output, settled))), None)
         if combo is not None:
             return Diagnosis([*matched, "+".join(combo)])
     if matched:
@@ -101,7 +103,8 @@ def _explains(scored: tuple[float, bool, bool]) -> bool:
 def score(problem: Problem, check: Check, names: tuple[str, ...], got: dict[str, np.ndarray],
           held_to: dict[str, np.ndarray], tol: Tolerance, conditioning: float,
           atol_scales: dict[str, float] | None = None,
-          per_output: dict[str, Tolerance] | None = None) -> tuple[float, bool, bool]:
+          per_output: dict[str, Tolerance] | None = None,
+          settled: dict[str, Undetermined] | None = None) -> tuple[float, bool, bool]:
     """(the best form's worst badness, whether the variants move the result at all, whether they
     are judged in a band wider than the case's tolerance). A variant
     moves it when its simulation leaves the case's tolerance, or, for one that only predicts the
@@ -126,17 +129,24 @@ def score(problem: Problem, check: Check, names: tuple[str, ...], got: dict[str,
             rtol, atol = bands[id(base)]
             scaled = atol * scale.get(out, 1.0)
             fold = folded.get(out, 0.0)
-            worst = max(worst, badness(simulated[out], value, rtol, np.maximum(scaled, fold),
-                                       unknown.get(out)))
+            ignore, mask, accepted = unknown.get(out), None, None
+            if settled and out in settled:  # undetermined by rounding under every convention
+                mask = np.broadcast_to(settled[out].mask, np.shape(value))
+                accepted = settled[out].settles(np.asarray(value, np.float64), base)
+                ignore = mask if ignore is None else ignore | mask
+            worst = max(worst, badness(simulated[out], value, rtol, np.maximum(scaled, fold), ignore))
             wider = bool(np.any(rtol > base.rtol) or np.any(atol > base.atol)
                          or np.any(fold > base.atol * scale.get(out, 1.0)))
             wide = wide or wider
             moves = moves or wider or badness(held_to[out], simulated[out], base.rtol,
-                                              base.atol * scale.get(out, 1.0)) > 1
-            # the measurement leaves the case's tolerance where the simulation cannot say (undetermined)
+                                              base.atol * scale.get(out, 1.0), mask) > 1
+            # the measurement leaves the case's tolerance where the simulation cannot say (undetermined),
+            # not counting what the rounding-undetermined set accepts
             unsure = unknown.get(out)
-            moves = moves or (unsure is not None and bool(np.any(unsure)) and badness(
-                held_to[out], value, base.rtol, base.atol * scale.get(out, 1.0), ~np.asarray(unsure)) > 1)
+            if unsure is not None and bool(np.any(unsure)):
+                outside = ~np.asarray(unsure) if accepted is None else ~np.asarray(unsure) | accepted
+                moves = moves or badness(held_to[out], value, base.rtol, base.atol * scale.get(out, 1.0),
+                                         outside) > 1
         best = min(best, worst)
     return best, moves, wide
 

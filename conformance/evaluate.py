@@ -13,11 +13,12 @@ from typing import Any
 import numpy as np
 
 from adapters.base import Adapter, Check, NotExpressible, Problem
-from conformance import ROOT, known
+from conformance import ROOT, known, reference
 from conformance import problem as problems
 from conformance.compare import (
     Metric,
     Tolerance,
+    Undetermined,
     coarser,
     compare,
     folded_tolerance,
@@ -105,7 +106,8 @@ def evaluate(adapter: Adapter, case: Case, check: Check, outcome: Outcome | None
         expected = problems.expected(case, check, problem, outcome.conventions)
         scales = case.memo(("gradient-scales",), lambda: problems.gradient_scales(problem)) \
             if check == "gradients" and case.tolerance is None else {}
-        compared = measure(check, expected, got, case.dtype, tol, scales, per_output)
+        unsure = problems.undetermined(case, check, problem)
+        compared = measure(check, expected, got, case.dtype, tol, scales, per_output, unsure)
         outcome.metrics = [m for _, _, _, m in compared]
         if all(m.passed for m in outcome.metrics):
             outcome.status = Status.PASS
@@ -115,7 +117,7 @@ def evaluate(adapter: Adapter, case: Case, check: Check, outcome: Outcome | None
     if raised is None:
         found = diagnose(problem, check, outcome.conventions, {name: value for name, _, value, _ in compared},
                          {name: held for name, held, _, _ in compared}, tol, conditioning, scales, per_output,
-                         tuple(rule.explained_by for rule in covering))
+                         tuple(rule.explained_by for rule in covering), unsure)
         outcome.explained_by, outcome.closest = found.explained_by, found.closest
     apply_rules(outcome, covering)
     return outcome
@@ -181,6 +183,9 @@ def tolerances(problem: Problem, check: Check, conditioning: float, case: Case,
         after = case.memo(("moving-conditioning",), lambda: problems.moving_conditioning(problem))
         if after > conditioning:
             per_output["inference_output"] = tolerance(held["inference_output"], after, None)
+        stored = stored_variance_tolerance(case, problem, per_output.get("inference_output", check_tol))
+        if stored is not None:
+            per_output["inference_output"] = stored
     magnitude = problems.folded_magnitude(case, check, problem)
     if magnitude is not None:
         axis, ndim = problem.channel_axes[0], problem.batches[-1].ndim
@@ -193,14 +198,37 @@ def tolerances(problem: Problem, check: Check, conditioning: float, case: Case,
     return check_tol, per_output
 
 
+def stored_variance_tolerance(case: Case, problem: Problem, base: Tolerance) -> Tolerance | None:
+    """`base` for inference after training, its atol widened per channel by rho_i · max|y_i - beta_i|
+    (the reference's), where the moving variance is stored in a dtype whose resolution moves the
+    output by a factor of up to 1 + rho_i (`problem.stored_variance`); None where no channel's is."""
+    _, rho = case.memo(("stored-variance",), lambda: problems.stored_variance(problem))
+    if not rho.any():
+        return None
+    bn = reference.bn_input(problem)
+    y = case.memo(("reference", "training"),
+                  lambda: reference.outputs(problem, "training"))["inference_output"]
+    axes, x = bn.channel_axes, bn.batches[-1]
+    beta = reference.broadcastable(bn.beta if bn.center else np.zeros_like(bn.beta), x.ndim, axes)
+    red = reference.reduce_axes(x.ndim, axes)
+    with np.errstate(invalid="ignore"):
+        spread = reference.to_channels(np.nanmax(np.abs(y - beta), axis=red, keepdims=True), axes)
+    widen = reference.broadcastable(rho * np.where(np.isfinite(spread), spread, 0.0), x.ndim, axes)
+    return replace(base, atol=base.atol + widen, rule=f"{base.rule}; inference_output's atol + rho_i x "
+                   f"max|y_i - beta_i|, rho up to {float(rho.max()):.3g} (moving variance near "
+                   f"{problem.param_dtype or problem.dtype}'s resolution)")
+
+
 def measure(check: str, expected: problems.Expected, got: dict[str, np.ndarray | None], dtype: str,
             tol: Tolerance, atol_scales: dict[str, float] | None = None,
             per_output: dict[str, Tolerance] | None = None,
+            undetermined: dict[str, Undetermined] | None = None,
             ) -> list[tuple[str, np.ndarray, np.ndarray, Metric]]:
     """Compare every output the case asks for and the framework exposes, in table order:
     (output name, the expected array it was held to, the framework's, the metric). An output
     in `atol_scales` has its atol multiplied by that scale (`problem.gradient_scales`); one in
-    `per_output` is held to that tolerance instead of `tol` (mixed precision)."""
+    `per_output` is held to that tolerance instead of `tol` (mixed precision); one in `undetermined`
+    is judged by its accepted set where rounding leaves it undetermined (`problem.undetermined`)."""
     compared = []
     for output in outputs_of(check):
         value = got.get(output.name)
@@ -213,7 +241,8 @@ def measure(check: str, expected: problems.Expected, got: dict[str, np.ndarray |
             held = base if scale == 1.0 else replace(
                 base, atol=base.atol * scale,
                 rule=f"{base.rule}; atol x {scale:.3g} (size of the summed terms)")
-            metric = compare(shown_as, array, value, dtype, held, derived, in_dtype=output.shape == "input")
+            metric = compare(shown_as, array, value, dtype, held, derived, in_dtype=output.shape == "input",
+                             undetermined=(undetermined or {}).get(output.name))
             compared.append((output.name, array, value, metric))
     return compared
 

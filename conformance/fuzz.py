@@ -170,8 +170,11 @@ def case_strategy(focus: frozenset[str] = frozenset(), regions: tuple[dict[str, 
             # training holds them (the rules of torch, torch-compile and flax-nnx need that region)
             amp = dtype in ("float16", "bfloat16") and d(st.integers(0, 3)) > 0
             params["param_dtype"] = "float32" if amp else d(st.sampled_from(DTYPES))
-        mean = choose("mean", st.sampled_from((0.0, 3.0, -1.0)) | st.sampled_from((1e2, 1e4)))
-        std = choose("std", st.sampled_from((1.0, 0.1, 1e-3)))
+        mean = d(st.sampled_from((0.0, 3.0, -1.0)) | st.sampled_from((1e2, 1e4)))
+        std = d(st.sampled_from((1.0, 0.1, 1e-3)))
+        if "input" in region:  # the region's input: drawn after the others, which stay as they were
+            mean = d(st.sampled_from(region["input"]["mean"]))
+            std = d(st.sampled_from(region["input"]["std"]))
         doc: dict[str, Any] = {"id": "fuzz", "dtype": dtype, "params": params,
                                "input": {"shape": shape, "random": {"seed": d(st.integers(0, 2**16)),
                                                                     "mean": mean, "std": std}}}
@@ -242,6 +245,11 @@ VARIANT_PARAMS = {"denormals-flushed": {"momentum": [5e-324, 1.401298464324817e-
 # missed torch-onnx-dynamo-training's rule (torch-export.yaml) and, in the same region of tf-nn's
 # float16 gradients, compute-input-dtype's overflow (var + eps below 4e-4, tf.yaml).
 VARIANT_INPUT = {"normalize-folded": {"mean": [1e4], "std": [0.1, 1e-3]}}
+# The input of a region whose rule names a zero-variance channel (When.zero_variance): every channel
+# constant at one of these, with eps 0. A value with a full mantissa, so that a float32 or float16
+# mean of its copies may round (3.2: TF's mean of 48 copies is 6 ulps off); the draws never give a
+# constant channel otherwise.
+ZERO_VARIANCE_MEANS = (3.2, -0.7, 1e4 + 0.1)
 
 
 def rule_region(rule: Any) -> dict[str, Any]:
@@ -254,12 +262,16 @@ def rule_region(rule: Any) -> dict[str, Any]:
             region[key] = when[key] if isinstance(when[key], list) else [when[key]]
     if rule.explained_by in VARIANT_PARAMS and "params" not in when:
         region["params"] = dict(VARIANT_PARAMS[rule.explained_by])
-    region.update(VARIANT_INPUT.get(rule.explained_by, {}))
+    if rule.explained_by in VARIANT_INPUT:
+        region["input"] = VARIANT_INPUT[rule.explained_by]
     if "params" in when:
         region["params"] = {k: v if isinstance(v, list) else [v] for k, v in when["params"].items()}
     for key in ("multi_step", "features"):
         if key in when:
             region[key] = when[key]
+    if when.get("zero_variance"):  # constant channels (std 0) of a value whose sum of copies rounds
+        region["params"] = {**region.get("params", {}), "epsilon": [0.0]}
+        region["input"] = {"std": [0.0], "mean": list(ZERO_VARIANCE_MEANS)}
     return region
 
 

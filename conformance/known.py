@@ -26,7 +26,7 @@ from conformance import ROOT
 from conformance.outputs import CHECKS
 from conformance.problem import build
 from conformance.schema import Case, Params
-from conformance.variants import CATALOGUE
+from conformance.variants import CATALOGUE, zero_variance
 
 KNOWN_DIR = ROOT / "adapters" / "known"
 
@@ -50,6 +50,9 @@ class When(BaseModel):
     values_per_channel: int | list[int] | None = None  # of the smallest batch (or shard) fed: 1 = one row
     channels: int | list[int] | None = None  # how many channels (the product of the channel dims)
     features: list[str] | None = None  # the case uses every one of these optional features (FEATURES)
+    # a check normalizes a channel whose var + eps is 0 with more than one value: 0/0 under rounding
+    # (variants.zero_variance; problem.undetermined says what is accepted there)
+    zero_variance: bool | None = None
     # where the adapter ran, as its results' environment records it: a device ("cpu", "cuda") and
     # package versions as PEP 440 specifiers ({torch: "<2.13"}), for a divergence of one platform
     # or release (as PyTorch's DecorateInfo keys a known failure by device and dtype)
@@ -120,6 +123,8 @@ class When(BaseModel):
             self.channels is None or self.channel_count(case) in _listed(self.channels),
             self.params is None or all(params.get(k) in _listed(v) for k, v in self.params.items()),
             self.features is None or set(self.features) <= set(build(case, case.checks[0]).features()),
+            self.zero_variance is None or self.zero_variance == any(
+                zero_variance(build(case, check), check) is not None for check in case.checks),
         ]
         return all(checks)
 

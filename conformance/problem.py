@@ -10,7 +10,9 @@ import numpy as np
 
 from adapters.base import Adjustment, Check, Preceding, Problem, Renorm, Replicas
 from conformance import reference, variants
-from conformance.dtypes import round_to
+from conformance.compare import Undetermined
+from conformance.dtypes import eps as unit_roundoff_eps
+from conformance.dtypes import finfo, round_to
 from conformance.outputs import CHECKS, alternatives, outputs_of
 from conformance.schema import Case, Params, Values
 from conformance.validate import flat_numbers
@@ -238,6 +240,48 @@ def gradient_scales(problem: Problem) -> dict[str, float]:
     return {k: max(1.0, v) for k, v in scales.items() if np.isfinite(v)}
 
 
+def stored_resolution(problem: Problem) -> float:
+    """Delta: the absolute error rounding into the dtype the moving statistics are stored in (a
+    float16 layer's float16; `param_dtype` under mixed precision) can leave in them after training,
+    beyond the relative u·|value| every rounding leaves. Round to nearest puts a value below the
+    smallest normal within half the smallest subnormal s of it (IEEE 754: the subnormal spacing is
+    s), and an update stores at most three such roundings per step (the batch statistic cast to the
+    dtype, its product with 1 - m, the sum; Keras computes in float32 and rounds once on assign,
+    tf.nn's assign_moving_average in the variable's dtype), each carried on with a weight m <= 1:
+    Delta = 3·steps·s/2. float16: 8.9e-8 per step; float32 2.1e-45; float64 7.4e-324. A framework
+    that flushes subnormals to zero is off by up to the smallest normal instead: that is the
+    `denormals-flushed` variant, judged by rules, not this tolerance."""
+    dtype = problem.param_dtype or problem.dtype
+    return 3.0 * len(problem.batches) * float(finfo(dtype).smallest_subnormal) / 2.0
+
+
+def stored_variance(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel, what the moving variance's storage resolution (`stored_resolution`, Delta)
+    does to inference after training, y - beta = gamma (x - mean) / sqrt(v + eps):
+    (undetermined, rho). A stored v' within Delta of v scales y - beta by sqrt((v + eps) /
+    (v' + eps)), at worst 1 + rho with rho = sqrt((v + eps) / (v + eps - Delta)) - 1. Where
+    0 < v + eps <= Delta the stored variance may be 0 (with eps 0: (x - mean)/0 = ±inf, NaN where
+    x = mean) or anything up to 2 Delta: the output is undetermined. (v + eps = 0 is the exact 0 of
+    a zero batch variance and momentum or moving variance, which a framework stores as well.) rho
+    counts only where Delta exceeds the u·(v + eps) the dtype's default tolerance already covers;
+    elsewhere 0. Measured:
+    Keras 3 on jax, a float16 layer, eps 0, momentum 5e-324, std 1e-3: moving variances 1.66e-8
+    and 3.18e-8 stored as 0 and 5.96e-8 (the float16 subnormal), inference after training inf and
+    0.73 where the reference gives 1 (cases/numerics/float16-inference-after-training-moving-
+    variance-below-subnormal). Either estimator's moving variance: the smaller."""
+    none = np.zeros(problem.gamma.shape, bool)
+    if not problem.track_running_stats or not problem.infer_after_training:
+        return none, np.zeros(problem.gamma.shape)
+    after = reference.train(problem)
+    delta = stored_resolution(problem)
+    u = unit_roundoff_eps(problem.param_dtype or problem.dtype) / 2.0
+    v = np.fmin(after.moving_variance, after.moving_variance_unbiased) + problem.epsilon
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lost = (v > 0) & (v <= delta)  # v + eps = 0: the exact 0 a framework stores as well
+        rho = np.where((v > delta) & (v * u < delta), np.sqrt(v / (v - delta)) - 1.0, 0.0)
+    return lost, np.where(np.isfinite(rho), rho, 0.0)
+
+
 def moving_conditioning(problem: Problem) -> float:
     """max over channels of |moving mean| / sqrt(moving variance + eps) after training (either
     estimator's variance): what inference after training cancels. The moving mean is computed, so a
@@ -246,18 +290,73 @@ def moving_conditioning(problem: Problem) -> float:
     argument of `input_conditioning` for the batch mean. A constant float16 channel of 100.0625
     with eps 0 and momentum 0.04 leaves 100.0561 over sqrt(6.4e-5): float16 holds 100.0625, and
     0.8 becomes 0 (Keras, ONNX Runtime, nnx, TFLite; cases/numerics/
-    float16-inference-after-training-moving-mean-rounds). 0 without moving statistics; a
-    channel with moving variance + eps = 0 is left out, as there."""
+    float16-inference-after-training-moving-mean-rounds). Below the smallest normal the stored mean
+    is off by up to Delta (`stored_resolution`) instead: |moving mean| counts as at least Delta/u.
+    0 without moving statistics; a channel whose moving variance + eps is within Delta
+    (`stored_variance`: undetermined, 0/0 included) is left out."""
     if not problem.track_running_stats:
         return 0.0
     after = reference.train(problem)
+    lost, _ = stored_variance(problem)
+    delta = stored_resolution(problem)
+    floor = delta / (unit_roundoff_eps(problem.param_dtype or problem.dtype) / 2.0)
     worst = 0.0
     for var in (after.moving_variance, after.moving_variance_unbiased):
         with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.abs(after.moving_mean) / np.sqrt(var + problem.epsilon)
-        finite = ratio[np.isfinite(ratio)]
+            ratio = np.maximum(np.abs(after.moving_mean), floor) / np.sqrt(var + problem.epsilon)
+        finite = ratio[np.isfinite(ratio) & ~lost]
         worst = max(worst, float(finite.max()) if finite.size else 0.0)
     return worst
+
+
+def undetermined(case: Case, check: Check, problem: Problem) -> dict[str, Undetermined]:
+    """Per output, the elements rounding leaves undetermined and what is accepted there (compare.
+    Undetermined), once per case and check:
+
+    - A channel of the batch the check normalizes with its own statistics whose var + eps is 0
+      (a constant channel, eps 0): exact arithmetic gives 0/0 (the reference's NaN), but a rounded
+      mean of n equal values need not equal them (TF's float32 mean of 48 copies of 3.2 is 6 ulps
+      below it), and then x - mean is one nonzero residue d for every element and var = d²: y =
+      beta ± gamma exactly, or ±inf where d² underflows, or NaN where the mean is exact. Accepted:
+      non-finite, or beta + gamma or beta - gamma within tolerance (gen-0-0218 of the scale corpus;
+      cases/numerics/constant-channel-eps-0-mean-rounds). Gradients: dL/dgamma = Σ dy·xhat is
+      ±Σ dy; dL/dx = gamma/|d|·(...) is scaled by 1/|d|, a rounding residue: any value.
+      Not with renorm, an adjustment or a preceding layer (`variants.zero_variance`).
+    - inference after training, channels whose moving variance + eps is within the storage
+      dtype's resolution (`stored_variance`): any value."""
+    return case.memo(("undetermined", check), lambda: _undetermined(check, problem))
+
+
+def _undetermined(check: Check, problem: Problem) -> dict[str, Undetermined]:
+    out: dict[str, Undetermined] = {}
+    bn = reference.bn_input(problem)
+    x = bn.batches[-1]
+    axes = bn.channel_axes
+
+    def like_x(channels: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(reference.broadcastable(channels, x.ndim, axes), x.shape)
+
+    if check == "training":
+        lost, _ = stored_variance(problem)
+        if lost.any():
+            out["inference_output"] = Undetermined(like_x(lost), anything=True, why=(
+                f"moving variance + eps within {stored_resolution(problem):.3g}, the resolution of "
+                f"{problem.param_dtype or problem.dtype} storage"))
+    zero = variants.zero_variance(problem, check)
+    if zero is None:
+        return out
+    why = "var + eps = 0 (0/0): a rounded mean leaves x - mean one residue d, so beta ± gamma, ±inf or NaN"
+    if check in ("training", "inference"):
+        gamma = bn.gamma if bn.scale else np.ones_like(bn.gamma)
+        beta = bn.beta if bn.center else np.zeros_like(bn.beta)
+        out["output"] = Undetermined(like_x(zero), (like_x(beta + gamma), like_x(beta - gamma)), why=why)
+    else:
+        if bn.upstream is not None:
+            red = reference.reduce_axes(x.ndim, axes)
+            total = reference.to_channels(bn.upstream.sum(axis=red, keepdims=True), axes)
+            out["gamma"] = Undetermined(zero, (total, -total), why=why)
+        out["input"] = Undetermined(like_x(zero), anything=True, why=f"{why}; dL/dx scales with 1/|d|")
+    return out
 
 
 def input_conditioning(problem: Problem) -> float:
@@ -265,8 +364,9 @@ def input_conditioning(problem: Problem) -> float:
     subtracting the mean cancels, relative to what the output is divided by. An element rounded to
     one ulp of its own magnitude (and a mean rounded likewise) leaves (x - mean) off by about
     u |mean|, which the normalization scales by 1 / sqrt(var + eps): for a constant channel that is
-    1 / sqrt(eps), not 0 (a float32 mean of equal values need not equal them). A channel with
-    var + eps = 0 (eps 0, constant) is left out: its output is undefined (NaN) anyway.
+    1 / sqrt(eps), not 0 (a float32 mean of equal values need not equal them). A constant channel
+    with eps 0 is left out: 0/0, its output is undetermined (`undetermined`), even where the float64
+    mean of its copies rounds and leaves a residue variance (10000.1: c = 5.5e15 otherwise).
 
     With a preceding layer the statistics are those of its output z = W·x + b, and z itself, held
     in the case dtype, is off by about u·(|W|·|x| + |b|) per element (every product rounds, however
@@ -280,6 +380,8 @@ def input_conditioning(problem: Problem) -> float:
             mean, var, _ = reference.moments(x[g], problem.channel_axes)
             with np.errstate(divide="ignore", invalid="ignore"):
                 ratio = np.abs(mean) / np.sqrt(var + problem.epsilon)
+                if problem.epsilon == 0.0:  # constant: 0/0, whatever residue the float64 mean leaves
+                    ratio = np.where(reference.constant_channels(x[g], problem.channel_axes), np.nan, ratio)
                 if problem.preceding is not None and x[g].size:
                     axis = problem.channel_axes[0]
                     size = Preceding(np.abs(problem.preceding.weight), np.abs(problem.preceding.bias))

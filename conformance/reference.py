@@ -71,6 +71,16 @@ def moments(x: np.ndarray, channel_axes: tuple[int, ...]) -> tuple[np.ndarray, n
     return to_channels(mean, channel_axes), to_channels(var, channel_axes), count
 
 
+def constant_channels(x: np.ndarray, channel_axes: tuple[int, ...]) -> np.ndarray:
+    """Per channel: more than one value, all equal. Not `var == 0`: the float64 mean of copies of
+    10000.1 is not 10000.1 either, so the variance computed here may be a rounding residue too."""
+    red = reduce_axes(x.ndim, channel_axes)
+    count = int(np.prod([x.shape[a] for a in red]))
+    if count < 2:
+        return np.zeros([x.shape[a] for a in channel_axes], bool)
+    return to_channels(x.max(axis=red, keepdims=True) == x.min(axis=red, keepdims=True), channel_axes)
+
+
 def unbiased(var: np.ndarray, count: int) -> np.ndarray:
     """Bessel's correction n/(n-1); undefined (NaN) for a single element per channel."""
     if count < 2:

@@ -480,11 +480,20 @@ def undetermined(problem: Problem, check: Check, knobs: Knobs) -> dict[str, np.n
     batch and moving variances. Clamped, inference after training is undetermined too in a channel
     whose moving variance + eps is no larger than the error the noise can leave in it
     (`sum_of_squares_atol`): a constant float16 channel of 1e4 gives Flax a float32 batch variance
-    of about 3 where the moving variance should decay to 0.125. Empty where everything is
-    predictable."""
-    if knobs.normalize_folded and check == "gradients":  # its overflow, with the rest's masks
+    of about 3 where the moving variance should decay to 0.125. Folded (`normalize_folded`): a 0/0
+    channel (`zero_variance`) rounds x·s and mean·s by about u·|x·gamma|/|d|, up to 4|gamma|, so its
+    output and dL/dgamma are undetermined too (where the reference accepts beta ± gamma), as is a
+    folded backward pass's overflow (`_folded_overflow`). Empty where everything is predictable."""
+    if knobs.normalize_folded:  # its overflow and its 0/0 channels, with the rest's masks
         masks = undetermined(problem, check, replace(knobs, normalize_folded=False))
-        for name, mask in _folded_overflow(problem, knobs).items():
+        extra = _folded_overflow(problem, knobs) if check == "gradients" else {}
+        zero = zero_variance(problem, check, knobs.epsilon)
+        if zero is not None:  # x·s and mean·s each round by u|x|·|gamma|/|d|, up to about 4|gamma|
+            x = problem.batches[-1]
+            like = np.broadcast_to(reference.broadcastable(zero, x.ndim, problem.channel_axes), x.shape)
+            extra = {name: extra[name] | mask if name in extra else mask for name, mask in (
+                {"input": like, "gamma": zero} if check == "gradients" else {"output": like}).items()}
+        for name, mask in extra.items():
             masks[name] = mask | masks[name] if name in masks else mask
         return masks
     if knobs.variance == "two-pass":
@@ -520,6 +529,27 @@ def undetermined(problem: Problem, check: Check, knobs: Knobs) -> dict[str, np.n
                 "inference_output": like_input(after)}
     return {name: like_input(last) if name in ("input", "output") else none if clamped and name == "beta"
             else last for name in ("input", "gamma", "beta", "output")}
+
+
+def zero_variance(problem: Problem, check: Check, epsilon: float | None = None) -> np.ndarray | None:
+    """Per channel, where the check normalizes a batch with its own statistics and var + eps is 0
+    there in exact arithmetic (a constant channel with more than one value, eps 0; `epsilon`
+    replaces the case's): 0/0, and a rounded mean of equal values need not equal them
+    (`problem.undetermined`), the reference's float64 one included (copies of 10000.1: ±1, not
+    NaN). None where no channel is, or renorm or an adjustment is on (their affine terms) or a
+    preceding layer mixes channels."""
+    eps = problem.epsilon if epsilon is None else epsilon
+    x = problem.batches[-1]
+    if (check == "inference" and problem.track_running_stats) or x.size == 0 or eps != 0.0 \
+            or problem.renorm is not None or problem.adjustment is not None or problem.preceding is not None:
+        return None
+    # one value in some part normalized apart (a shard, a virtual batch): its mean is exact, 0/0 is NaN
+    parts = [shard[g] for shard in _shards(problem, CANONICAL, x)
+             for g in reference.virtual_batches(shard.shape[0], problem.virtual_batch_size)]
+    if min(_count(problem, part) for part in parts) < 2:
+        return None
+    zero = reference.constant_channels(x, problem.channel_axes)  # the reference's own mean may round
+    return zero if zero.any() else None
 
 
 def _folded_overflow(problem: Problem, knobs: Knobs) -> dict[str, np.ndarray]:

@@ -44,7 +44,7 @@ def metric(rng: random.Random, name: str, dtype: str, passed: bool, shape: list[
             "max_ulp": "inf" if not passed and rng.random() < 0.05 else ulps,
             "worst_index": [rng.randrange(n) for n in shape], "worst_expected": expected,
             "worst_got": expected + abs_err, "rtol": tol, "atol": tol,
-            "derived": name.endswith("_unbiased") and rng.random() < 0.5, "note": ""}
+            "derived": name.endswith("_unbiased") and rng.random() < 0.5, "note": "", "undetermined": 0}
 
 
 def case_info(rng: random.Random, index: int) -> dict[str, Any]:

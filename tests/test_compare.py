@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 
 import ml_dtypes
 import numpy as np
@@ -85,3 +87,132 @@ def test_mixed_precision_holds_each_output_to_the_dtype_it_is_kept_in():
     assert held_dtype("params", "float32", "float16") == "float16"
     plain = case({})
     assert tolerances(build(plain, "training"), "training", 0.0, plain)[1] == {}
+
+
+def test_undetermined_accepts_non_finite_or_beta_plus_minus_gamma_and_nothing_else():
+    """A 0/0 channel (constant, eps 0): NaN, ±inf or beta ± gamma within tolerance pass and are
+    counted as undetermined; a wrong finite value (0, beta + 2·gamma) still fails, as it does
+    without the set."""
+    from conformance.compare import Undetermined
+
+    beta, gamma = 0.25, -1.78
+    expected = np.full(4, np.nan)
+    tol = tolerance("float32", 0.0, None)
+    zero_over_zero = Undetermined(np.ones(4, bool), (np.full(4, beta + gamma), np.full(4, beta - gamma)),
+                                  why="var + eps = 0 (0/0)")
+    got = np.array([beta - gamma, beta + gamma + 1e-6, np.nan, -np.inf])
+    m = compare("output", expected, got, "float32", tol, undetermined=zero_over_zero)
+    assert m.passed and m.undetermined == 4 and "0/0" in m.note
+    assert not compare("output", expected, got, "float32", tol).passed  # the set is what accepts it
+    for wrong in (0.0, beta + 2 * gamma, beta - gamma + 1e-3):
+        m = compare("output", expected, np.full(4, wrong), "float32", tol, undetermined=zero_over_zero)
+        assert not m.passed and m.undetermined == 4
+    anything = Undetermined(np.array([True, False, False, False]), anything=True, why="stored")
+    first, second = np.array([np.inf, 1, 1, 1]), np.array([1, np.inf, 1, 1])
+    assert compare("o", np.ones(4), first, "float32", tol, undetermined=anything).passed
+    assert not compare("o", np.ones(4), second, "float32", tol, undetermined=anything).passed
+
+
+def _case(path: str):
+    from pathlib import Path
+
+    from conformance.loader import load_one
+
+    return load_one(Path(__file__).parent.parent / path)[0].case
+
+
+def _measured(case, check: str, changes: dict[str, Callable[[np.ndarray], np.ndarray]]) -> dict[str, bool]:
+    """Each output's pass/fail when a framework returns the reference's values with `changes`
+    applied, judged as evaluate judges them (tolerances, undetermined sets)."""
+    from conformance import problem as problems
+    from conformance.evaluate import measure, tolerances
+
+    p = problems.build(case, check)
+    tol, per_output = tolerances(p, check, problems.conditioning(case, check, p), case)
+    expected = problems.expected(case, check, p)
+    got = {name: changes.get(name, lambda a: a)(np.array(a, np.float64))
+           for name, a in expected.canonical().items()}
+    return {name: m.passed for name, _, _, m in measure(check, expected, got, case.dtype, tol, {}, per_output,
+                                                       problems.undetermined(case, check, p))}
+
+
+def test_a_constant_channel_with_eps_0_is_undetermined_but_a_wrong_value_fails():
+    """cases/numerics/constant-channel-eps-0-mean-rounds: channel 0 is 3.2 throughout, eps 0. The
+    fused TF kernel's beta - gamma passes; 0 and beta + 2·gamma fail; dL/dgamma accepts ±Σ dy only."""
+    from conformance import problem as problems
+
+    case = _case("cases/numerics/constant-channel-eps-0-mean-rounds.yaml")
+    beta, gamma = 0.25, float(np.float32(-1.78))
+    p = problems.build(case, "training")
+    unsure = problems.undetermined(case, "training", p)
+    assert set(unsure) == {"output"} and int(np.sum(unsure["output"].mask)) == 48
+    assert np.all(unsure["output"].mask[:, 0]) and not np.any(unsure["output"].mask[:, 1])
+
+    def channel_0(value: float) -> Callable[[np.ndarray], np.ndarray]:
+        def change(a: np.ndarray) -> np.ndarray:
+            a[:, 0] = value
+            return a
+        return change
+
+    assert all(_measured(case, "training", {"output": channel_0(beta - gamma)}).values())
+    assert all(_measured(case, "training", {"output": channel_0(beta + gamma)}).values())
+    for wrong in (0.0, beta + 2 * gamma):
+        assert not _measured(case, "training", {"output": channel_0(wrong)})["output"]
+    grads = problems.undetermined(case, "gradients", problems.build(case, "gradients"))
+    assert set(grads) == {"gamma", "input"} and grads["input"].anything
+    sum_dy = float(problems.build(case, "gradients").upstream[:, 0].sum())
+
+    def gamma_0(value: float) -> Callable[[np.ndarray], np.ndarray]:
+        def change(a: np.ndarray) -> np.ndarray:
+            a[0] = value
+            return a
+        return change
+
+    assert _measured(case, "gradients", {"gamma": gamma_0(-sum_dy)})["gamma"]
+    assert not _measured(case, "gradients", {"gamma": gamma_0(0.0)})["gamma"]
+    from conformance.variants import zero_variance
+
+    assert zero_variance(p, "training") is not None
+    assert zero_variance(dataclasses.replace(p, epsilon=1e-3), "training") is None
+    one_row = dataclasses.replace(p, batches=(p.batches[-1][:1, :, :1, :1],))  # one value: its mean is exact
+    assert zero_variance(one_row, "training") is None
+
+
+def test_a_float16_moving_variance_below_the_subnormal_range_leaves_inference_after_training_undetermined():
+    """cases/numerics/float16-inference-after-training-moving-variance-below-subnormal: moving
+    variances 1.66e-8, 7.17e-8, 2.01e-7, 3.18e-8 stored in float16 (Delta = 3·s/2 = 8.9e-8):
+    channels 0, 1 and 3 undetermined (Keras 3 on jax: inf, and 0.73 for 1), channel 2 held to
+    atol + rho·max|y - beta|, rho = sqrt(v/(v - Delta)) - 1 = 0.34: a stored 1.8e-7 (x 1.06) passes,
+    x 1.5 fails."""
+    from conformance import problem as problems
+
+    case = _case("cases/numerics/float16-inference-after-training-moving-variance-below-subnormal.yaml")
+    p = problems.build(case, "training")
+    delta = problems.stored_resolution(p)
+    assert delta == 3 * float(np.finfo(np.float16).smallest_subnormal) / 2
+    lost, rho = problems.stored_variance(p)
+    assert lost.tolist() == [True, True, False, True]
+    v = 2.0122810440170724e-07
+    assert math.isclose(rho[2], math.sqrt(v / (v - delta)) - 1) and rho[[0, 1, 3]].tolist() == [0, 0, 0]
+
+    def rows(changes: dict[int, float]) -> Callable[[np.ndarray], np.ndarray]:
+        def change(a: np.ndarray) -> np.ndarray:
+            for row, value in changes.items():
+                a[row] = a[row] * value
+            return a
+        return change
+
+    assert _measured(case, "training", {"inference_output": rows({0: np.inf, 3: 0.73, 2: 1.06})})[
+        "inference_output"]
+    assert not _measured(case, "training", {"inference_output": rows({2: 1.5})})["inference_output"]
+    assert not problems.stored_variance(dataclasses.replace(p, dtype="float32"))[0].any()
+
+
+def test_a_rule_can_name_a_zero_variance_channel():
+    """`when: {zero_variance: true}` holds where some check normalizes a 0/0 channel (the folded rules
+    of cases/numerics/constant-channel-eps-0-mean-rounds), not for an empty batch or eps > 0."""
+    from conformance.known import When
+
+    assert When(zero_variance=True).holds(_case("cases/numerics/constant-channel-eps-0-mean-rounds.yaml"))
+    other = _case("cases/numerics/float16-inference-after-training-moving-variance-below-subnormal.yaml")
+    assert not When(zero_variance=True).holds(other) and When(zero_variance=False).holds(other)
