@@ -126,8 +126,9 @@ def stats_dtype(knobs: Knobs, problem: Problem) -> str:
 # results of `_moments` and `_normalized` by their arguments' contents: most forms a diagnosis
 # simulates (pairs of variants) compute the statistics, and many the outputs, as the declared
 # conventions or one variant alone do (measured on the ONNX Runtime and TF items of a generated
-# corpus: 22,335 of 23,772 statistics and 24,176 of 34,649 outputs found here), the most recently
-# used up to a budget of bytes (arguments and results)
+# corpus: 22,335 of 23,772 statistics and 24,176 of 34,649 outputs found here); and the float64
+# moments the bands and undetermined masks of every form start from (`reference.moments`). The
+# most recently used, up to a budget of bytes (arguments and results).
 _KEPT: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()
 KEPT_BYTES = 32 * 2**20
 _kept_bytes = 0
@@ -476,7 +477,7 @@ def folded_gradient_atol(knobs: Knobs, problem: Problem, check: Check) -> dict[s
         return {}
     eps = problem.epsilon if knobs.epsilon is None else knobs.epsilon
     red = reference.reduce_axes(x.ndim, problem.channel_axes)
-    mean, var, _ = reference.moments(x, problem.channel_axes)
+    mean, var, _ = _kept(reference.moments, x, problem.channel_axes)
     with np.errstate(divide="ignore", invalid="ignore"):
         inv = 1.0 / np.sqrt(var + eps)
         terms = (np.abs(dy * x).sum(axis=red) + np.abs(mean) * np.abs(dy).sum(axis=red)) * inv
@@ -499,7 +500,7 @@ def sum_of_squares_atol(knobs: Knobs, problem: Problem, check: Check) -> dict[st
     width = DEFAULT_TOLERANCE[stats_dtype(knobs, problem)]
     worst = 0.0
     for x in (shard for batch in problem.batches for shard in _shards(problem, CANONICAL, batch)):
-        mean, var, count = reference.moments(x, problem.channel_axes)
+        mean, var, count = _kept(reference.moments, x, problem.channel_axes)
         if count < 2 or mean.size == 0:
             continue
         bessel = count / (count - 1) if knobs.moving_variance_estimator == "unbiased" and count > 1 else 1.0
@@ -538,9 +539,10 @@ def undetermined(problem: Problem, check: Check, knobs: Knobs) -> dict[str, np.n
     width = DEFAULT_TOLERANCE[stats_dtype(knobs, problem)]
     fed = problem.batches if check == "training" else problem.batches[-1:]
     masks = []
+    axes = problem.channel_axes
     for batch in fed:  # one value per channel (in every shard normalized apart) cancels nothing
         noisy = [(var + eps <= width * (var + mean * mean)) & (count > 1) for mean, var, count in
-                 (reference.moments(x, problem.channel_axes) for x in _shards(problem, CANONICAL, batch))]
+                 (_kept(reference.moments, x, axes) for x in _shards(problem, CANONICAL, batch))]
         masks.append(np.logical_or.reduce(noisy))
     last, ever = masks[-1], np.logical_or.reduce(masks)
     none = np.zeros_like(last)
@@ -580,7 +582,7 @@ def _folded_overflow(problem: Problem, knobs: Knobs) -> dict[str, np.ndarray]:
     axes = problem.channel_axes
     red = reference.reduce_axes(x.ndim, axes)
     eps = problem.epsilon if knobs.epsilon is None else knobs.epsilon
-    mean, var, _ = reference.moments(x, axes)
+    mean, var, _ = _kept(reference.moments, x, axes)
 
     def total(a: np.ndarray) -> np.ndarray:
         return reference.to_channels(a.sum(axis=red, keepdims=True), axes)
@@ -666,7 +668,7 @@ def folded_error(knobs: Knobs, problem: Problem) -> float:
             x = batch[g]
             if x.size == 0:
                 continue
-            _, var, _ = reference.moments(x, problem.channel_axes)
+            _, var, _ = _kept(reference.moments, x, problem.channel_axes)
             with np.errstate(divide="ignore", invalid="ignore"):
                 s = np.abs(problem.gamma) / np.sqrt(var + eps)
                 xs = np.abs(x) * reference.broadcastable(s, x.ndim, problem.channel_axes)
