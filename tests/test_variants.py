@@ -611,3 +611,24 @@ def test_folded_float16_weights_saturate_the_shift_at_float16_max():
     y = simulate(p, "inference", knobs("folded-float16-weights", p))["output"]
     assert y[0, 0] == pytest.approx(1e4 * 10 - 65504, rel=1e-6)
     assert simulate(p, "inference")["output"][0, 0] == 0.0
+
+
+def test_kept_results_are_keyed_by_contents_layout_and_exact_values():
+    """The simulation's memo (`variants._kept`) gives a computation's own result: equal contents
+    give the kept (read-only) arrays, a strided view or -0.0 in place of 0.0 a result of their own."""
+    from conformance.variants import _kept
+
+    calls = []
+
+    def total(x: np.ndarray, eps: float) -> np.ndarray:
+        calls.append(eps)
+        return x.sum(axis=0) + eps
+
+    x = np.arange(12.0).reshape(4, 3)
+    first = _kept(total, x, 0.0)
+    assert _kept(total, x.copy(), 0.0) is first and not first.flags.writeable
+    _kept(total, x, -0.0)
+    wide = np.empty((4, 6))
+    wide[:, ::2] = x
+    _kept(total, wide[:, ::2], 0.0)  # x's contents in another layout: another order of summation
+    assert calls == [0.0, -0.0, 0.0]
