@@ -501,8 +501,13 @@ def sum_of_squares_atol(knobs: Knobs, problem: Problem, check: Check) -> dict[st
     the same rounded square), times n/(n-1) where the moving update is Bessel-corrected. Absolute,
     because a channel with var + eps = 0 (a constant channel, eps 0) has no conditioning to scale
     the relative band default(d)·(1 + c²) with: a constant bfloat16 channel of 100 leaves Flax's
-    float32 variance at 7.5e-5, not 0. Empty outside a sum of squares in training."""
-    if check != "training" or knobs.variance == "two-pass":
+    float32 variance at 7.5e-5, not 0. In a gradient check, the error that noise leaves in dL/dx
+    and dL/dgamma (`_sum_of_squares_gradient_atol`). Empty outside a sum of squares."""
+    if knobs.variance == "two-pass":
+        return {}
+    if check == "gradients":
+        return _sum_of_squares_gradient_atol(knobs, problem)
+    if check != "training":
         return {}
     problem = reference.bn_input(problem)
     width = DEFAULT_TOLERANCE[stats_dtype(knobs, problem)]
@@ -515,6 +520,76 @@ def sum_of_squares_atol(knobs: Knobs, problem: Problem, check: Check) -> dict[st
         worst = max(worst, float(np.max(var + mean * mean)) * bessel)
     band = width * worst
     return {"batch_variance": band, "moving_variance": band} if band > 0 else {}
+
+
+def _sum_of_squares_gradient_atol(knobs: Knobs, problem: Problem) -> dict[str, float]:
+    """The absolute error a sum-of-squares variance leaves in dL/dx and dL/dgamma (dL/dbeta = Σ dy
+    does not read the variance), the largest over the elements of each group normalized together.
+
+    Forward noise. Per group (n > 1 values over the axes the knobs reduce), the variance is off by up
+    to default(d)·(var + mean²), the band `sum_of_squares_atol` gives it in training, so the
+    framework normalizes with sigma'² = sigma²·(1 + delta), sigma² = var + eps, |delta| <= D =
+    default(d)·(var + mean²)/sigma². Its backward pass reads that sigma': with xhat = (x - mean)/sigma,
+    A = dy - mean(dy) and B = xhat·mean(dy·xhat) (exact), dL/dx = gamma/sigma·(A·(1 + delta)^-1/2 -
+    B·(1 + delta)^-3/2) and dL/dgamma = Σ dy·xhat·(1 + delta)^-1/2. The band is the largest change
+    over |delta| <= D: at ±D or where the derivative vanishes, 1 + delta = 3B/A. Where A = B, as
+    with two values (xhat = ±1), the exact dL/dx is 0 and what comes out is this noise alone:
+    Keras 3 on torch, two float64 values near 3.06 of std 0.024 in float32, variance 5.6744e-4
+    against 5.6652e-4 (delta 1.6e-3), dL/dx -0.0161 and 0.0159 (cases/numerics/
+    vector-two-values-float64-gradients-cancel); D is 0.165 there, the band 2.2 against max|dy|/sigma
+    = 34.5: as wide as the variance's own band, which any gradient within it is consistent with.
+    Where D >= 1 the variance can be 0 or negative: `undetermined` leaves those out.
+
+    Backward noise. Autodiff of E[x²] - E[x]² gives dL/dx the terms 2x/n·dL/dvar and
+    -2·mean/n·dL/dvar apart (through the mean of squares and the squared mean), which cancel to
+    2(x - mean)/n·dL/dvar, |dL/dvar| = |gamma·Σ dy·xhat|/(2 sigma²): each rounds to default(d) of
+    itself, default(d)·|gamma|·(|mean| + |x - mean|)·|mean(dy·xhat)|/sigma² (Keras 3 on torch: 2.6e-4
+    in the same case, where 2x/n·dL/dvar is 1285 in float32). Both are in the statistics' dtype d;
+    with a preceding layer dL/dx is Wᵀ·dL/dz, scaled by max Σ|W| as in problem.gradient_scales. A
+    folded backward's own band (`folded_gradient_atol`) is kept where it is wider."""
+    preceding, problem = problem.preceding, reference.bn_input(problem)
+    x, dy = problem.batches[-1], problem.upstream
+    if dy is None or x.size == 0 or knobs.training_uses_moving_stats:
+        return {}
+    width = DEFAULT_TOLERANCE[stats_dtype(knobs, problem)]
+    eps = problem.epsilon if knobs.epsilon is None else knobs.epsilon
+    axes = problem.channel_axes
+    red = reference.reduce_axes(x.ndim, axes)
+    together = tuple(range(x.ndim)) if knobs.reduce_all_axes else red
+    dx_band, dgamma_band = 0.0, 0.0
+    for g in _groups(x, problem, knobs):
+        xg, dyg = x[g], dy[g]
+        mean, var, count = _exact_moments(xg, problem, knobs)
+        if count < 2:  # one value: E[x²] and E[x]² are the same rounded square
+            continue
+        m, v, gamma = (reference.broadcastable(c, x.ndim, axes) for c in (mean, var, np.abs(problem.gamma)))
+        sigma2 = v + eps
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            d = width * (v + m * m) / sigma2
+            d = np.where(d < 1, d, np.nan)  # noise as large as the variance: undetermined
+            sigma = np.sqrt(sigma2)
+            xhat = (xg - m) / sigma
+            a = dyg - dyg.mean(axis=together, keepdims=True)
+            corr = (dyg * xhat).mean(axis=together, keepdims=True)
+            b = xhat * corr
+            turn = np.clip(np.divide(3 * b, a, out=np.zeros_like(a), where=a != 0) - 1, -d, d)
+            change = np.max([np.abs(gamma / sigma * (a * ((1 + t) ** -0.5 - 1) - b * ((1 + t) ** -1.5 - 1)))
+                             for t in (-d, d, turn)], axis=0)  # dL/dx(delta) - dL/dx(0)
+            backward = width * gamma * (np.abs(m) + np.abs(xg - m)) * np.abs(corr) / sigma2
+            dgamma = np.abs((dyg * xhat).sum(axis=red, keepdims=True)) * ((1 - d) ** -0.5 - 1)
+        dx_band = max(dx_band, _largest(change + backward))
+        dgamma_band = max(dgamma_band, _largest(dgamma))
+    through = 1.0 if preceding is None else float(np.abs(preceding.weight).sum(axis=0).max())  # Wᵀ dz
+    dgamma_band = max(dgamma_band if problem.scale else 0.0,
+                      folded_gradient_atol(knobs, problem, "gradients").get("gamma", 0.0))
+    bands = {"input": dx_band * through, "gamma": dgamma_band}
+    return {name: band for name, band in bands.items() if band > 0}
+
+
+def _largest(a: np.ndarray) -> float:
+    """The largest finite element (0 with none)."""
+    finite = a[np.isfinite(a)]
+    return float(finite.max()) if finite.size else 0.0
 
 
 def undetermined(problem: Problem, check: Check, knobs: Knobs) -> dict[str, np.ndarray]:

@@ -632,3 +632,47 @@ def test_kept_results_are_keyed_by_contents_layout_and_exact_values():
     wide[:, ::2] = x
     _kept(total, wide[:, ::2], 0.0)  # x's contents in another layout: another order of summation
     assert calls == [0.0, -0.0, 0.0]
+
+
+def test_a_gradient_that_cancels_to_0_is_the_sum_of_squares_noise_alone():
+    """Keras 3 on torch (2.13, CPU; found on an H200 by fuzz --framework keras-torch --seed 37) on
+    cases/numerics/vector-two-values-float64-gradients-cancel: two values normalized together are
+    xhat = ±1, so dL/dx cancels to 0 exactly and what comes out, -0.0161 and 0.0159, is the noise of
+    the float32 E[x²] - E[x]² (delta 1.6e-3). It is judged in the band that noise leaves in a
+    gradient, derived from the variance's own band (2.2 here, against max|dy|/sigma = 34.5). Only an
+    unruled variant (normalize-folded) matched before. What leaves that band still fails: the
+    gradient with the statistics' backward left out (dy/sigma), or a residue larger than the band."""
+    case = "cases/numerics/vector-two-values-float64-gradients-cancel.yaml"
+    measured = {"input": [-0.01611328125, 0.015869140625]}
+    triple = "+".join(KERAS_TORCH_1D)
+    assert triple not in diagnosis_of(case, "gradients", measured=measured)()
+    assert triple in diagnosis_of(case, "gradients", measured=measured)(KERAS_TORCH_1D)
+    sigma = (3.082161814350116 - 3.0345584192064785) / 2  # of two values, biased
+    dy = np.array([0.345584192064786, 0.8216181435011584])
+    for wrong in ((dy / sigma).tolist(), [-3.0, 3.0]):
+        assert triple not in diagnosis_of(case, "gradients", measured={"input": wrong})(KERAS_TORCH_1D)
+
+
+def test_sum_of_squares_gradient_band_does_not_hide_a_wrong_gradient_where_nothing_cancels():
+    """Channels of mean 20, std 1 (c = 37, float32): the sum of squares moves the result (its band
+    is wider than the case's), yet the band it leaves in dL/dx, 0.021, is under 1% of the gradient
+    (2.8), so a sign-flipped gradient is not explained by it, while the simulated one is. dL/dbeta
+    does not read the variance and gets no band of its own."""
+    from conformance import problem as problems
+    from conformance.compare import tolerance
+    from conformance.diagnose import diagnose
+    from conformance.variants import sum_of_squares_atol
+
+    p = problem(dtype="float32", loc=20.0, std=1.0)
+    k = Knobs(variance="sum-of-squares")
+    band = sum_of_squares_atol(k, p, "gradients")
+    sim = simulate(p, "gradients", k)
+    assert set(band) == {"input", "gamma"} and band["input"] < 0.01 * np.abs(sim["input"]).max()
+    held = simulate(p, "gradients")
+    c = max(abs(m) / np.sqrt(v + p.epsilon) for m, v in zip(*reference.moments(p.batches[0], p.axes)[:2],
+                                                               strict=True))
+    tol, scales = tolerance("float32", c, None), problems.gradient_scales(p)
+    for got, explained in ((sim["input"], True), (-sim["input"], False)):
+        found = diagnose(p, "gradients", (), {"input": got}, {"input": held["input"]}, tol, c, scales,
+                         ruled=("variance-sum-of-squares",))
+        assert ("variance-sum-of-squares" in found.explained_by) == explained
