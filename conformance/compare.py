@@ -158,16 +158,22 @@ def undefined_or_equal(expected: np.ndarray, got: np.ndarray) -> np.ndarray:
     return (np.isnan(expected) & ~np.isfinite(got)) | (expected == got)
 
 
+def held_in(values: np.ndarray, dtype: str) -> np.ndarray:
+    """`values` as an output held in `dtype` holds them: beyond the dtype's range, the infinity of
+    that sign (a float16 output of 8e4 is inf, whatever the framework computed it in)."""
+    largest = float(finfo(dtype).max)
+    with np.errstate(invalid="ignore"):
+        return np.where(np.abs(values) > largest, np.copysign(np.inf, values), values)
+
+
 def compare(name: str, expected: np.ndarray, got: np.ndarray, dtype: str, tol: Tolerance,
             derived: bool = False, in_dtype: bool = False,
             undetermined: Undetermined | None = None) -> Metric:
     """`in_dtype`: the output is held in the case dtype (y, dL/dx), so an expected value beyond the
     dtype's range is the infinity the dtype holds for it (a float16 output of 8e4 is inf).
     `undetermined`: elements judged by its accepted set instead (counted in the metric, with why)."""
-    expected = np.asarray(expected, dtype=np.float64)
-    if in_dtype:
-        largest = float(finfo(dtype).max)
-        expected = np.where(np.abs(expected) > largest, np.copysign(np.inf, expected), expected)
+    expected = held_in(np.asarray(expected, dtype=np.float64), dtype) if in_dtype else \
+        np.asarray(expected, dtype=np.float64)
     got = np.asarray(got, dtype=np.float64)
     if got.shape != expected.shape:
         if got.size == expected.size:

@@ -19,7 +19,8 @@ import numpy as np
 
 from adapters.base import Check, Problem
 from conformance import variants
-from conformance.compare import Tolerance, Undetermined, undefined_or_equal
+from conformance.compare import Tolerance, Undetermined, held_in, undefined_or_equal
+from conformance.outputs import outputs_of
 
 
 @dataclass
@@ -63,6 +64,8 @@ def diagnose(problem: Problem, check: Check, declared: tuple[str, ...], got: dic
     momentum *and* epsilon attributes, say), named "a+b"; then, where neither does, three or more of
     the ruled variants together ("a+b+c": Keras 3 on torch computes a 1-D input in float32, by sums
     of squares, over every axis). Only ruled ones: every combination of the catalogue is too many."""
+    held_to = {out: _as_measured(problem, check, out, value, got[out]) if out in got else value
+               for out, value in held_to.items()}
     judge = _Judge(problem, check, got, held_to, tol, conditioning, atol_scales or {}, per_output or {},
                    settled or {})
     names = [n for n, v in variants.CATALOGUE.items()
@@ -149,6 +152,8 @@ class _Judge:
         simulated = variants.simulate(problem, check, knobs)
         if not all(out in simulated for out in self.got):
             return None
+        simulated = {out: _as_measured(problem, check, out, simulated[out], value)
+                     for out, value in self.got.items()}
         unknown = variants.undetermined(problem, check, knobs)
         # an output's own absolute band, replacing the scaled one: a folded gradient's, a sum of squares'
         folded = variants.folded_gradient_atol(knobs, problem, check) | variants.sum_of_squares_atol(
@@ -216,6 +221,26 @@ class _Judge:
                 outside = ~np.asarray(unsure) if accepted is None else ~np.asarray(unsure) | accepted
                 moves = moves or badness(self.held_to[out], value, base.rtol, held_atol, outside) > 1
         return worst, moves, wide
+
+
+def _as_measured(problem: Problem, check: Check, out: str, value: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """`value` (expected or simulated) as the measurement holds an output shaped like the input (y,
+    dL/dx): where the framework gave ±inf, a value past the case dtype's range is that dtype's
+    infinity, as `compare` holds it (a float16 y of 1.4e5 is inf: TF's fused kernel computes in
+    float32 and casts y to float16, fused_batch_norm_op.cc), under every variant, not only one that
+    computes in float16. Where the framework gave a finite value it is compared as it is (a
+    float16-quantized TFLite model outputs float32: 1.4e5 stays finite, adapters/known/tf-export.yaml)."""
+    if not _INPUT_SHAPED[check].get(out, False):
+        return value
+    value = np.asarray(value, np.float64)
+    got = np.asarray(got, np.float64)
+    if got.size != value.size:
+        return value
+    return np.where(np.isinf(got.reshape(value.shape)), held_in(value, problem.dtype), value)
+
+
+_INPUT_SHAPED = {check: {o.name: o.shape == "input" for o in outputs_of(check)}
+                 for check in ("training", "inference", "gradients")}
 
 
 def _explains(scored: tuple[float, bool, bool]) -> bool:

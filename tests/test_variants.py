@@ -676,3 +676,34 @@ def test_sum_of_squares_gradient_band_does_not_hide_a_wrong_gradient_where_nothi
         found = diagnose(p, "gradients", (), {"input": got}, {"input": held["input"]}, tol, c, scales,
                          ruled=("variance-sum-of-squares",))
         assert ("variance-sum-of-squares" in found.explained_by) == explained
+
+
+def test_an_output_past_the_dtype_range_is_inf_under_every_variant():
+    """The fuzz run's tf-keras/tf-layers/tf-slim/tf-nn-fused float16 group (seed 11): one value per
+    channel, so the fused kernel's Bessel factor is 1 (bessel-one-value, ruled) and the moving
+    variance decays to m²·0.01; inference after training is then 1.5·(1e4 - 975)/0.095 = 1.4e5, which
+    a float16 y holds as inf. `compare` holds the expected output so; where the framework gave inf the
+    diagnosis must hold every variant's simulation so too, or only a float16 compute dtype
+    (compute-input-dtype) explains the inf. A finite measurement (a float32 output) is compared as is."""
+    from conformance.compare import tolerance
+    from conformance.diagnose import diagnose
+
+    p = dataclasses.replace(hand(momentum=0.95, epsilon=1e-5, dtype="float16"),
+                            batches=(np.array([[1e4]]),) * 2, gamma=np.array([1.5]),
+                            moving_variance=np.array([0.01]), upstream=None)
+    declared = ("moving-variance-unbiased",)
+    tf = simulate(p, "training", Knobs(moving_variance_estimator="unbiased", bessel_one_value=True))
+    assert tf["inference_output"][0, 0] == pytest.approx(1.5 * (1e4 - 975.0) / 0.0950, rel=1e-3)
+    got = {"output": tf["output"], "moving_mean": tf["moving_mean"], "moving_variance": tf["moving_variance"],
+           "inference_output": np.array([[np.inf]])}  # what float16 holds for 1.4e5
+    held = simulate_named(p, "training", declared)
+    assert np.isnan(held["moving_variance"]).all()  # n/(n-1) of one value: undefined
+    tol, ruled = tolerance("float16", 0.0, None), ("bessel-one-value",)
+    found = diagnose(p, "training", declared, got, {n: held[n] for n in got}, tol, 0.0, ruled=ruled)
+    assert "bessel-one-value" in found.explained_by
+    got["inference_output"] = tf["inference_output"]  # a float32 output (TFLite's) stays finite
+    found = diagnose(p, "training", declared, got, {n: held[n] for n in got}, tol, 0.0, ruled=ruled)
+    assert "bessel-one-value" in found.explained_by
+    got["inference_output"] = np.array([[65504.0]])  # a finite float16 output is still wrong
+    found = diagnose(p, "training", declared, got, {n: held[n] for n in got}, tol, 0.0, ruled=ruled)
+    assert "bessel-one-value" not in found.explained_by
