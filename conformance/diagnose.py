@@ -176,10 +176,14 @@ class _Judge:
         return mask, self.settled[out].settles(value, self.per_output.get(out, self.tol))
 
     def _ignored(self, out: str, unknown: dict[str, np.ndarray]) -> np.ndarray | None:
-        """The elements of `out` a form's badness leaves out: its own undetermined, and `settled`'s."""
-        mask, _ = self._settled(out)
+        """The elements of `out` a form's badness leaves out: its own undetermined, and those of
+        `settled` whose value its set accepts. A settled element outside that set is judged like
+        any other: otherwise every variant that explains the rest would explain it (Keras 3 on jax
+        computing a float64 layer in float32 gives 0.25 where the 0/0 set accepts ±0.217, which the
+        fold's rounding explains, normalize-folded, not the compute dtype)."""
+        _, accepted = self._settled(out)
         ignore = unknown.get(out)
-        return mask if ignore is None else ignore if mask is None else ignore | mask
+        return accepted if ignore is None else ignore if accepted is None else ignore | accepted
 
     def _inside(self, knobs: variants.Knobs) -> bool:
         """Every output within the form's band (worst <= 1), stopping at the first that is not."""

@@ -321,9 +321,11 @@ def undetermined(case: Case, check: Check, problem: Problem) -> dict[str, Undete
       non-finite, or beta + gamma or beta - gamma within tolerance (gen-0-0218 of the scale corpus;
       cases/numerics/constant-channel-eps-0-mean-rounds). Gradients: dL/dgamma = Σ dy·xhat is
       ±Σ dy; dL/dx = gamma/|d|·(...) is scaled by 1/|d|, a rounding residue: any value.
-      Not with renorm, an adjustment or a preceding layer (`variants.zero_variance`).
+      Not with renorm or an adjustment; with a preceding layer, the channels of its output z
+      (`variants.zero_variance`), and dL/dx = Wᵀ·dL/dz is undetermined throughout.
     - inference after training, channels whose moving variance + eps is within the storage
-      dtype's resolution (`stored_variance`): any value."""
+      dtype's resolution (`stored_variance`), or exactly 0 after such a 0/0 batch, where a
+      framework stores the residue d² instead (`residue_moving_variance`): any value."""
     return case.memo(("undetermined", check), lambda: _undetermined(check, problem))
 
 
@@ -336,13 +338,16 @@ def _undetermined(check: Check, problem: Problem) -> dict[str, Undetermined]:
     def like_x(channels: np.ndarray) -> np.ndarray:
         return np.broadcast_to(reference.broadcastable(channels, x.ndim, axes), x.shape)
 
+    zero = variants.zero_variance(problem, check)
     if check == "training":
         lost, _ = stored_variance(problem)
-        if lost.any():
-            out["inference_output"] = Undetermined(like_x(lost), anything=True, why=(
-                f"moving variance + eps within {stored_resolution(problem):.3g}, the resolution of "
-                f"{problem.param_dtype or problem.dtype} storage"))
-    zero = variants.zero_variance(problem, check)
+        residue = residue_moving_variance(problem, zero)
+        whys = [f"moving variance + eps within {stored_resolution(problem):.3g}, the resolution of "
+                f"{problem.param_dtype or problem.dtype} storage"] if lost.any() else []
+        if residue.any():
+            whys.append("moving variance 0 after a 0/0 batch: a framework stores its rounding residue d²")
+        if whys:
+            out["inference_output"] = Undetermined(like_x(lost | residue), anything=True, why="; ".join(whys))
     if zero is None:
         return out
     why = "var + eps = 0 (0/0): a rounded mean leaves x - mean one residue d, so beta ± gamma, ±inf or NaN"
@@ -355,8 +360,25 @@ def _undetermined(check: Check, problem: Problem) -> dict[str, Undetermined]:
             red = reference.reduce_axes(x.ndim, axes)
             total = reference.to_channels(bn.upstream.sum(axis=red, keepdims=True), axes)
             out["gamma"] = Undetermined(zero, (total, -total), why=why)
-        out["input"] = Undetermined(like_x(zero), anything=True, why=f"{why}; dL/dx scales with 1/|d|")
+        out["input"] = Undetermined(variants.zero_variance_inputs(problem, zero), anything=True,
+                                    why=f"{why}; dL/dx scales with 1/|d|")
     return out
+
+
+def residue_moving_variance(problem: Problem, zero: np.ndarray | None) -> np.ndarray:
+    """Per channel, where inference after training divides by a moving variance that is exactly 0
+    in exact arithmetic (+ eps 0) after a last batch whose channel is 0/0 (`zero`,
+    `variants.zero_variance`): a framework's batch variance there is d², the rounding residue of its
+    mean (`undetermined`), so it stores (1 - m)·d² (+ m times what it stored before), not 0, and a
+    moving mean off by d: the output is x - mean' over a residue, any value. Measured: Keras 3 on
+    jax, a float64 layer computed in float32 (copies of 10000.1, momentum 0): moving mean
+    10000.1005859375 and moving variance 9.54e-7 = d², inference after training 0.25, -0.25 and 1.0
+    (gamma -0.217, 0.303, -1.286 in the fold x·inv + (-mean·inv)) where the reference gives 0/0."""
+    none = np.zeros(problem.gamma.shape, bool)
+    if zero is None or not problem.track_running_stats or not problem.infer_after_training:
+        return none
+    after = reference.train(problem)
+    return zero & (np.fmin(after.moving_variance, after.moving_variance_unbiased) + problem.epsilon == 0)
 
 
 def input_conditioning(problem: Problem) -> float:

@@ -614,7 +614,8 @@ def undetermined(problem: Problem, check: Check, knobs: Knobs) -> dict[str, np.n
             x = problem.batches[-1]
             like = np.broadcast_to(reference.broadcastable(zero, x.ndim, problem.channel_axes), x.shape)
             extra = {name: extra[name] | mask if name in extra else mask for name, mask in (
-                {"input": like, "gamma": zero} if check == "gradients" else {"output": like}).items()}
+                {"input": zero_variance_inputs(problem, zero), "gamma": zero} if check == "gradients"
+                else {"output": like}).items()}
         for name, mask in extra.items():
             masks[name] = mask | masks[name] if name in masks else mask
         return masks
@@ -658,12 +659,17 @@ def zero_variance(problem: Problem, check: Check, epsilon: float | None = None) 
     there in exact arithmetic (a constant channel with more than one value, eps 0; `epsilon`
     replaces the case's): 0/0, and a rounded mean of equal values need not equal them
     (`problem.undetermined`), the reference's float64 one included (copies of 10000.1: ±1, not
-    NaN). None where no channel is, or renorm or an adjustment is on (their affine terms) or a
-    preceding layer mixes channels."""
+    NaN). None where no channel is, or renorm or an adjustment is on (their affine terms). With a
+    preceding layer, the channels of what BN sees, z = W·x + b: a channel z whose inputs are equal
+    at every position is equal too, each position computing the same sum of the same products
+    (measured: Keras 3 on jax and on tensorflow after a 1x1 Conv, the source models of keras-jax-onnx
+    and keras-tflite, give ±1 = beta ± gamma in z channels of inputs 3.2 and -0.7; on jax a moving
+    variance of 2^-44 = d², d one float32 ulp of z = -3.9757)."""
     eps = problem.epsilon if epsilon is None else epsilon
+    problem = reference.bn_input(problem)
     x = problem.batches[-1]
     if (check == "inference" and problem.track_running_stats) or x.size == 0 or eps != 0.0 \
-            or problem.renorm is not None or problem.adjustment is not None or problem.preceding is not None:
+            or problem.renorm is not None or problem.adjustment is not None:
         return None
     # one value in some part normalized apart (a shard, a virtual batch): its mean is exact, 0/0 is NaN
     parts = [shard[g] for shard in _shards(problem, CANONICAL, x)
@@ -672,6 +678,16 @@ def zero_variance(problem: Problem, check: Check, epsilon: float | None = None) 
         return None
     zero = reference.constant_channels(x, problem.channel_axes)  # the reference's own mean may round
     return zero if zero.any() else None
+
+
+def zero_variance_inputs(problem: Problem, zero: np.ndarray) -> np.ndarray:
+    """The elements of dL/dx a 0/0 channel (`zero_variance`, over BN's channels) leaves
+    undetermined: that channel's, and with a preceding layer every one, dL/dx = Wᵀ·dL/dz mixing
+    each channel's dL/dz into every input channel (the reference's NaN·0 included)."""
+    x = problem.batches[-1]
+    if problem.preceding is not None:
+        return np.ones(x.shape, bool)
+    return np.broadcast_to(reference.broadcastable(zero, x.ndim, problem.channel_axes), x.shape)
 
 
 def _folded_overflow(problem: Problem, knobs: Knobs) -> dict[str, np.ndarray]:

@@ -216,3 +216,66 @@ def test_a_rule_can_name_a_zero_variance_channel():
     assert When(zero_variance=True).holds(_case("cases/numerics/constant-channel-eps-0-mean-rounds.yaml"))
     other = _case("cases/numerics/float16-inference-after-training-moving-variance-below-subnormal.yaml")
     assert not When(zero_variance=True).holds(other) and When(zero_variance=False).holds(other)
+
+
+def test_inference_after_training_divides_by_a_residue_where_the_moving_variance_is_exactly_0():
+    """cases/numerics/constant-channel-eps-0-inference-after-training: channels 0 and 1 are copies of
+    float32(10000.1), eps 0, momentum 0, so the reference's moving variance is exactly 0 and
+    inference after training 0/0; a framework stores its rounded mean's residue d² instead (Keras
+    3 on jax: 3.81e-6, and 0.25, -0.25 out of the fold). Those channels of inference after training
+    accept anything (the training output only beta ± gamma, the fold's 0.25 being ruled); the varied
+    channel 2 is still held to its value; with momentum 0.5 the moving variance keeps half of 0.001
+    and nothing is left undetermined."""
+    from conformance import problem as problems
+    from conformance.variants import zero_variance
+
+    case = _case("cases/numerics/constant-channel-eps-0-inference-after-training.yaml")
+    p = problems.build(case, "training")
+    assert problems.residue_moving_variance(p, zero_variance(p, "training")).tolist() == [True, True, False]
+    after = problems.undetermined(case, "training", p)["inference_output"]
+    assert after.anything and after.mask[..., :2].all() and not after.mask[..., 2].any()
+
+    def channels(values: dict[int, float]) -> Callable[[np.ndarray], np.ndarray]:
+        def change(a: np.ndarray) -> np.ndarray:
+            for c, value in values.items():
+                a[..., c] = value
+            return a
+        return change
+
+    minus_gamma = channels({0: 0.21739848637078518, 1: -0.30254387893013357})  # beta - gamma, beta 0
+    folded = channels({0: 0.25, 1: -0.25})  # accepted after training only: any value
+    assert all(_measured(case, "training", {"output": minus_gamma, "inference_output": folded}).values())
+    assert not _measured(case, "training", {"output": folded})["output"]  # the fold's rounding: rules
+    assert not _measured(case, "training", {"inference_output": channels({2: 0.0})})["inference_output"]
+    kept = dataclasses.replace(p, momentum=0.5)
+    assert not problems.residue_moving_variance(kept, zero_variance(kept, "training")).any()
+
+
+def test_a_preceding_layers_constant_output_channel_is_a_zero_variance_channel():
+    """cases/export/preceding-constant-channel-eps-0: every input channel is 3.2, so every channel
+    of z = W·x + b is constant and BN sees 0/0 (Keras 3 on jax: -1 = beta - gamma in channel 2).
+    The output accepts beta ± gamma there and a wrong value fails; dL/dx = Wᵀ·dL/dz mixes each
+    channel's undetermined dL/dz into every input channel. A varied input leaves z varied."""
+    from conformance import problem as problems
+    from conformance.variants import zero_variance, zero_variance_inputs
+
+    case = _case("cases/export/preceding-constant-channel-eps-0.yaml")
+    p = problems.build(case, "training")
+    zero = zero_variance(p, "training")
+    assert zero is not None and zero.all()
+
+    def channel_2(value: float) -> Callable[[np.ndarray], np.ndarray]:
+        def change(a: np.ndarray) -> np.ndarray:
+            a[:, 2] = value
+            return a
+        return change
+
+    assert _measured(case, "training", {"output": channel_2(-1.0)})["output"]
+    assert not _measured(case, "training", {"output": channel_2(0.0)})["output"]
+    partly = zero.copy()
+    partly[1:] = False
+    assert zero_variance_inputs(p, partly).all()
+    assert zero_variance_inputs(dataclasses.replace(p, preceding=None), partly)[:, 0].all()
+    assert not zero_variance_inputs(dataclasses.replace(p, preceding=None), partly)[:, 1:].any()
+    varied = p.batches[-1] + np.arange(p.batches[-1].size).reshape(p.batches[-1].shape)
+    assert zero_variance(dataclasses.replace(p, batches=(varied,)), "training") is None

@@ -707,3 +707,38 @@ def test_an_output_past_the_dtype_range_is_inf_under_every_variant():
     got["inference_output"] = np.array([[65504.0]])  # a finite float16 output is still wrong
     found = diagnose(p, "training", declared, got, {n: held[n] for n in got}, tol, 0.0, ruled=ruled)
     assert "bessel-one-value" not in found.explained_by
+
+
+def test_a_settled_element_outside_its_accepted_set_is_judged_by_every_variant():
+    """cases/numerics/constant-channel-eps-0-inference-after-training as a float64 layer, which
+    Keras 3 on jax computes in float32 (fuzz --seed 11 found it so): channels 0 and 1 are 0/0, where
+    the harness accepts NaN or beta ± gamma (±0.217, ±0.303). Measured: moving mean 10000.1015625
+    (float32's, 2 ulps up), moving variance 3.81e-6 = d², output 0.25 and -0.25. compute-float32
+    explains the statistics but not 0.25, which lies outside the accepted set: the fold's rounding
+    (normalize-folded) or a sum of squares' residue variance does. Ignoring every settled element
+    whatever its value let compute-float32 alone explain it."""
+    from conformance import ROOT
+    from conformance import problem as problems
+    from conformance.diagnose import diagnose
+    from conformance.evaluate import tolerance
+    from conformance.loader import load_file
+
+    [loaded], _ = load_file(ROOT / "cases/numerics/constant-channel-eps-0-inference-after-training.yaml")
+    case = loaded.case
+    p = dataclasses.replace(problems.build(case, "training"), dtype="float64")
+    tol = tolerance("float64", 0.0, None)
+    held = simulate(p, "training")
+    unsure = problems.undetermined(case, "training", p)
+    got = {name: np.array(held[name]) for name in ("output", "moving_mean", "moving_variance")}
+    got["moving_mean"][:2], got["moving_variance"][:2] = 10000.1015625, 3.814697265625e-06
+    got["output"] = np.array(simulate_named(p, "training", ("compute-float32",))["output"])
+
+    def explained(first: float, second: float) -> list[str]:
+        got["output"][..., 0], got["output"][..., 1] = first, second
+        return diagnose(p, "training", (), got, {k: held[k] for k in got}, tol, 0.0, {}, {},
+                        ("compute-float32", "normalize-folded"), unsure).explained_by
+
+    folded = explained(0.25, -0.25)
+    assert "compute-float32" not in folded and "compute-float32+normalize-folded" in folded
+    assert all("normalize-folded" in e or "sum-of-squares" in e for e in folded)
+    assert "compute-float32" in explained(-p.gamma[0], -p.gamma[1])  # beta - gamma (beta 0): settled
