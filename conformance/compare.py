@@ -50,6 +50,10 @@ class Tolerance:
     rtol: float | np.ndarray
     atol: float | np.ndarray
     rule: str  # how it was chosen, for the report
+    # the c it was widened by, rtol = atol = default(dtype)·(1 + c): the input's, or for inference
+    # after training the moving statistics' (`problem.moving_conditioning`), which a diagnosis
+    # widens a lower compute dtype's band by too (`variants.tolerance_for`)
+    conditioning: float = 0.0
 
 
 def tolerance(dtype: str, conditioning: float, override: ToleranceOverride | None) -> Tolerance:
@@ -61,7 +65,7 @@ def tolerance(dtype: str, conditioning: float, override: ToleranceOverride | Non
         rtol = override.rtol if override.rtol is not None else rtol
         atol = override.atol if override.atol is not None else atol
         rule = f"case override: {override.reason}"
-    return Tolerance(rtol, atol, rule)
+    return Tolerance(rtol, atol, rule, conditioning)
 
 
 def folded_tolerance(dtype: str, magnitude: np.ndarray, axis: int, ndim: int) -> Tolerance:

@@ -163,7 +163,7 @@ class _Judge:
             base = self.per_output.get(out, self.tol)
             if id(base) not in bands:
                 bands[id(base)] = variants.tolerance_for(knobs, problem, base.rtol, base.atol,
-                                                         self.conditioning)
+                                                         self.conditioning, base.conditioning)
         return simulated, unknown, folded, bands
 
     def _settled(self, out: str) -> tuple[np.ndarray | None, np.ndarray | None]:

@@ -56,6 +56,12 @@ STARTUP_S = 8.0  # per process, before its budget starts: interpreter and import
 # adapters (summary.json's startup_s: 0.1 to 4.7 s in that run)
 FINISH_S = 20.0  # the run's end: cases filled and written, summary and report
 MIN_S = 5.0  # the least a process group is given, whatever the budget
+# Cases drawn in each region before the others (Worker.explore), however short the run. Sampled
+# among the other draws alone, a region drawn 8.4 times on average (a 10-minute run's slowest
+# process: torch-export, 251 cases over 10 regions) is drawn 3 times or fewer in 3.1% of runs
+# (binomial, n = 251, p = 1/30), for each of its regions. Drawn first, the regions take 4 cases each
+# (about 40 of those 251), every one of them in every run.
+SWEEP = 4
 
 
 def optional_features(shape: list[int], axes: list[int], count: int,
@@ -81,28 +87,31 @@ def optional_features(shape: list[int], axes: list[int], count: int,
     return st.one_of(st.just({}), *named.values())
 
 
-def case_strategy(focus: frozenset[str] = frozenset(), regions: tuple[dict[str, Any], ...] = ()) -> Any:
+def case_strategy(focus: frozenset[str] = frozenset(), regions: tuple[dict[str, Any], ...] = (),
+                  always: bool = False) -> Any:
     """Case documents over what the format allows; every part shrinks towards a plain float32 case.
 
     `focus` names optional features the process's adapters need (`focus_of`): "replicas" for a
     process of replica adapters only, which find every other case not expressible, so it draws
     replicas wherever they are allowed (rank 2-5, no gradients); "preceding" for export adapters,
     which draw a preceding layer in two cases of five where one fits instead of one.
-    `regions` (`rule_region`: the conditions of the known rules of the process's adapters): one
-    case in three is drawn inside one of them (its dtype, rank, parameters, features, batch sizes
-    and checks), the others everywhere, so a rare region that a rule names comes up in a short run.
+    `regions` (`rule_regions`: the conditions of the known rules of the process's adapters, and
+    where their variants show, VARIANT_REGION): one case in three is drawn inside one of them (its
+    dtype, rank, parameters, input, features, batch sizes and checks), the others everywhere, so a
+    rare region that a rule names comes up in a short run.
     A region drawn also leaves out the optional features none of its rule's adapters states
     (`without`, from their Capabilities: such a case is not expressible for any of them), and, where
     it names no batch size, batches of one row or none (other rules' regions); with replicas the
     channel axis is never axis 0, the axis split. A region only steers the draw; what the case
-    shows is measured as for any other."""
+    shows is measured as for any other.
+    With `always`, every case is drawn in one of the regions (Worker.explore's first draws)."""
     from hypothesis import strategies as st
 
     replicas_only = "replicas" in focus
 
     @st.composite
     def draw(d: Any) -> dict[str, Any]:
-        region = d(st.sampled_from(regions)) if regions and d(st.integers(0, 2)) == 2 else {}
+        region = d(st.sampled_from(regions)) if regions and (always or d(st.integers(0, 2)) == 2) else {}
         replicas = replicas_only or "replicas" in region.get("features", ())
 
         def choose(key: str, default: Any) -> Any:  # the region's value(s), else the default draw
@@ -202,7 +211,9 @@ def case_strategy(focus: frozenset[str] = frozenset(), regions: tuple[dict[str, 
             if name != "axis":
                 params[name] = d(st.sampled_from(values))
         # drawn last, so the draws before it (and the seeds tests rely on) stay as they were
-        fold = 3 if "preceding" in focus else 4  # a layer to fold BN into: in 2 or 1 cases of 5
+        # a layer to fold BN into: in 2 cases of 5 for export adapters, 1 otherwise, 4 in a region
+        # whose adapters all fold or export one (torch-fuse runs no case without it)
+        fold = 1 if "preceding" in region.get("often", ()) else 3 if "preceding" in focus else 4
         if not several and count <= 8 and "preceding" not in without and (
                 "preceding" in features or d(st.integers(0, 4)) >= fold):
             row = st.lists(st.floats(-2, 2), min_size=count, max_size=count)
@@ -213,7 +224,8 @@ def case_strategy(focus: frozenset[str] = frozenset(), regions: tuple[dict[str, 
             counts = [c for c in counts if shape[0] % c == 0]  # engine takes (pmap, shard_map do not)
         if ("gradients" not in doc.get("training", {}) and counts and 0 not in {a % rank for a in axes}
                 and not params.keys() & set(SINGLE_DEVICE_PARAMS) and "replicas" not in without
-                and d(st.integers(0, 3)) >= (1 if replicas else 3)):  # replicas, drawn last
+                and ("replicas" in features or d(st.integers(0, 3)) >= (1 if replicas else 3))):
+            # replicas, drawn last: always in a region of replica adapters (their rules' region)
             params["replicas"] = {"count": d(st.sampled_from(counts)), "synchronized": d(st.booleans())}
         return doc
 
@@ -234,17 +246,40 @@ def explaining_rules(explained_by: list[str], covering: list[Any]) -> list[str]:
     return list(sources)
 
 
-# Parameters without which a variant cannot show, drawn in the region of a rule that names it and
-# states none of them: a subnormal momentum (with eps 0, where the flushed moving variance gives 0/0)
-# for denormals-flushed, whose rules name no parameter (a 10-minute run reached none of its three).
-VARIANT_PARAMS = {"denormals-flushed": {"momentum": [5e-324, 1.401298464324817e-45, 1e-310],
-                                        "epsilon": [0.0]}}
-# The input a variant shows on, likewise: a folded z·s + (beta - mean·s) overflows float16 or cancels
-# only where the mean is large against the std (|mean|·s past 65504: 1e4 at s = 10 or more). Drawn
-# from the general mix, one draw in six of a normalize-folded region had it, and a 10-minute run
-# missed torch-onnx-dynamo-training's rule (torch-export.yaml) and, in the same region of tf-nn's
-# float16 gradients, compute-input-dtype's overflow (var + eps below 4e-4, tf.yaml).
-VARIANT_INPUT = {"normalize-folded": {"mean": [1e4], "std": [0.1, 1e-3]}}
+# Where a variant shows: each entry a region of its own for every rule that names the variant (a
+# rule's own conditions win: its `when` keys, and its parameters name by name), several where the
+# variant shows in ways that exclude each other. Measured on the adapters of the rules a 10-minute
+# run (fuzz --budget 600 --seed 11) left unreached, drawing a rule's region 30 times:
+# - denormals-flushed: one step of a subnormal momentum with eps 0 and one value per channel, where
+#   the flushed moving variance gives 0/0 after training: float64 (2.2e-313, 1e-310; 5e-324 times a
+#   moving variance below 0.5 rounds to 0 anyway) or float32 (1.4e-45, over a moving variance of 2
+#   or more that keeps m·v a float32 subnormal). A second step squares m to 0, float16 and bfloat16
+#   never show it, and with several values per channel the batch variance swamps m·v.
+# - normalize-folded: a folded z·s + (beta - mean·s) overflows float16 or cancels only where the mean
+#   is large against the std (|mean|·s past 65504: 1e4 at s = 10 or more).
+# - compute-input-dtype, two ways: tf-nn's float16 gradient overflows where var + eps is below about
+#   1e-6 (a float16 constant channel of 1e4, or of 1e2 at std 1e-3, with eps 1e-8; at eps 1e-5 only
+#   the normalize-folded rule's overflow shows); torch-compile's and flax-nnx's statistics rounded
+#   to float16/bfloat16 show in dL/dgamma (scale on), torch's bfloat16 kernel in dL/dbeta (center
+#   on), of a channel that does not round to a constant and whose mean is not near 0 (mean -1 at
+#   std 0.1 passes on torch), at an eps torch takes in training (not 0).
+# - variance-sum-of-squares: E[x²] - E[x]² loses about u·mean², which moves the output past its
+#   tolerance default·(1 + c) (c = |mean|/sqrt(var + eps)) for a mean of 1e2 or 1e4 at std 1e-3 and
+#   eps 1e-5 or 1e-3 in float32 (a large eps, 0.2, hides it), 1e4 in float64; float16 and bfloat16
+#   cannot hold such a channel unless it is constant (the replica rules of flax-linen-pmap and
+#   flax-nnx-shard, which a region of theirs also always draws replicas for).
+VARIANT_REGION: dict[str, list[dict[str, Any]]] = {
+    "denormals-flushed": [{"dtype": ["float64", "float32"], "values_per_channel": [1], "steps": [1],
+                           "params": {"momentum": [2.2250738585e-313, 1e-310, 1.401298464324817e-45],
+                                      "epsilon": [0.0]}}],
+    "normalize-folded": [{"input": {"mean": [1e4], "std": [0.1, 1e-3]}}],
+    "compute-input-dtype": [
+        {"params": {"epsilon": [1e-8]}, "input": {"mean": [1e4, 1e2], "std": [1e-3]}},
+        {"params": {"scale": [True], "center": [True], "epsilon": [1e-5, 1e-3]},
+         "input": {"mean": [3.0, -1.0], "std": [1.0]}}],
+    "variance-sum-of-squares": [{"dtype": ["float32", "float64"], "params": {"epsilon": [1e-5, 1e-3]},
+                                 "input": {"mean": [1e4, 1e2], "std": [1e-3]}}],
+}
 # The input of a region whose rule names a zero-variance channel (When.zero_variance): every channel
 # constant at one of these, with eps 0. A value with a full mantissa, so that a float32 or float16
 # mean of its copies may round (3.2: TF's mean of 48 copies is 6 ulps off); the draws never give a
@@ -252,20 +287,24 @@ VARIANT_INPUT = {"normalize-folded": {"mean": [1e4], "std": [0.1, 1e-3]}}
 ZERO_VARIANCE_MEANS = (3.2, -0.7, 1e4 + 0.1)
 
 
-def rule_region(rule: Any) -> dict[str, Any]:
+def rule_regions(rule: Any) -> list[dict[str, Any]]:
+    """`rule_region` for each way the rule's variant shows (VARIANT_REGION), or its conditions alone."""
+    return [rule_region(rule, shows) for shows in VARIANT_REGION.get(rule.explained_by, [{}])]
+
+
+def rule_region(rule: Any, shows: dict[str, Any] | None = None) -> dict[str, Any]:
     """A known rule's conditions as a region case_strategy can draw in: every condition given, as a
-    list of the values it allows, and the checks it covers (`ids` and `tags` are not drawn)."""
+    list of the values it allows, and the checks it covers (`ids` and `tags` are not drawn); with
+    `shows` (a VARIANT_REGION entry), where its variant shows, as far as the conditions leave open."""
     when = rule.when.model_dump(exclude_none=True)
-    region: dict[str, Any] = {"checks": list(rule.checks)}
+    shows = shows or {}
+    region: dict[str, Any] = {"checks": list(rule.checks), **shows}
     for key in ("dtype", "rank", "steps", "values_per_channel", "channels"):
         if key in when:
             region[key] = when[key] if isinstance(when[key], list) else [when[key]]
-    if rule.explained_by in VARIANT_PARAMS and "params" not in when:
-        region["params"] = dict(VARIANT_PARAMS[rule.explained_by])
-    if rule.explained_by in VARIANT_INPUT:
-        region["input"] = VARIANT_INPUT[rule.explained_by]
     if "params" in when:
-        region["params"] = {k: v if isinstance(v, list) else [v] for k, v in when["params"].items()}
+        region["params"] = {**shows.get("params", {}),
+                            **{k: v if isinstance(v, list) else [v] for k, v in when["params"].items()}}
     for key in ("multi_step", "features"):
         if key in when:
             region[key] = when[key]
@@ -298,7 +337,7 @@ class Worker:
         # the rules these adapters can meet here (not those of another device or release)
         self.reachable = [r for r in self.rules.rules
                           if any(r.reachable_by(a) for a in self.adapters.values())]
-        self.regions = tuple(self.region(r) for r in self.reachable)
+        self.regions = tuple(self.region(r, region) for r in self.reachable for region in rule_regions(r))
         self.seed = seed
         self.progress = progress
         self.found: dict[str, dict[str, Any]] = {}  # signature -> {"doc", "count", "record"}
@@ -307,21 +346,30 @@ class Worker:
         self.tried = self.checks = self.checks_run = 0  # checks_run: those not found not expressible
         self.started = time.monotonic()
 
-    def region(self, rule: Any) -> dict[str, Any]:
-        """rule_region, narrowed to what the rule's adapters here can state (Capabilities): their
-        dtypes and ranks where the rule names none, replicas where they run replica cases only."""
-        region = rule_region(rule)
+    def region(self, rule: Any, region: dict[str, Any]) -> dict[str, Any]:
+        """A region of the rule (`rule_regions`), narrowed to what the rule's adapters here can state
+        (Capabilities): their dtypes (VARIANT_REGION's among them) and ranks where the rule names
+        none, the checks they run, replicas where they run replica cases only, a preceding layer
+        more often where they all fold or export one."""
+        region = dict(region)
         caps = [self.adapters[a].capabilities for a in rule.adapters if a in self.adapters]
         if not caps:
             return region
         dtypes = sorted(set.union(*(set(c.dtypes) for c in caps)))
         if "dtype" not in region and len(dtypes) < len(DTYPES):
             region["dtype"] = dtypes
+        elif "dtype" in region and set(region["dtype"]) & set(dtypes):  # VARIANT_REGION's, if stated
+            region["dtype"] = [d for d in region["dtype"] if d in dtypes]
+        # the checks they state (torch-fuse: training and inference of a rule that names none)
+        region["checks"] = [c for c in region["checks"] if any(c in cap.checks for cap in caps)] or \
+            region["checks"]
         low, high = min(c.min_rank for c in caps), max(c.max_rank or 5 for c in caps)
         if "rank" not in region and (low, high) != (1, 5):
             region["rank"] = list(range(low, high + 1))
         if all("replicas" in c.features for c in caps):
             region["features"] = [*region.get("features", []), "replicas"]
+        if all("preceding" in c.features for c in caps):
+            region["often"] = ["preceding"]
         # the optional features none of them states: a case with one is not expressible for any
         region["without"] = sorted(f for f in FEATURES if not any(f in c.features for c in caps))
         return region
@@ -368,27 +416,36 @@ class Worker:
         from hypothesis import seed as hypothesis_seed
 
         deadline = time.monotonic() + seconds
+        limit = max_cases or 10**9
 
         class Enough(Exception):
             pass
 
-        @hypothesis_seed(self.seed)
-        @settings(max_examples=max_cases or 10**9, deadline=None, database=None, phases=[Phase.generate],
-                  suppress_health_check=list(HealthCheck))
-        @given(case_strategy(self.focus, self.regions))
-        def one(doc: dict[str, Any]) -> None:
-            if time.monotonic() > deadline:
-                raise Enough
-            self.tried += 1
-            for sig, record in self.signatures(doc).items():
-                entry = self.found.setdefault(sig, {"doc": doc, "count": 0, "record": record})
-                entry["count"] += 1
-                for source in self.explaining.get(sig, ()):
-                    self.rules_reached[source] = self.rules_reached.get(source, 0) + 1
-            self.report(deadline)
+        def run(strategy: Any, examples: int, seed: int) -> None:
+            @hypothesis_seed(seed)
+            @settings(max_examples=examples, deadline=None, database=None, phases=[Phase.generate],
+                      suppress_health_check=list(HealthCheck))
+            @given(strategy)
+            def one(doc: dict[str, Any]) -> None:
+                if time.monotonic() > deadline or self.tried >= limit:
+                    raise Enough
+                self.tried += 1
+                for sig, record in self.signatures(doc).items():
+                    entry = self.found.setdefault(sig, {"doc": doc, "count": 0, "record": record})
+                    entry["count"] += 1
+                    for source in self.explaining.get(sig, ()):
+                        self.rules_reached[source] = self.rules_reached.get(source, 0) + 1
+                self.report(deadline)
 
-        with contextlib.suppress(Enough):
-            one()
+            with contextlib.suppress(Enough):
+                one()
+
+        # each region first, SWEEP cases in turn (a Hypothesis run of its own, seeded by the region's
+        # place), then the cases everywhere with one in three in a region
+        for i, region in enumerate(self.regions):
+            run(case_strategy(self.focus, (region,), always=True), SWEEP, self.seed * 1000 + i + 1)
+        if self.tried < limit:
+            run(case_strategy(self.focus, self.regions), limit - self.tried, self.seed)
 
     def shrink(self, seconds: float) -> None:
         """A minimal case per signature, by Hypothesis: `find` a case with that signature, each group

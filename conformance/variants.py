@@ -765,17 +765,23 @@ def _simulate(problem: Problem, check: Check, knobs: Knobs) -> dict[str, np.ndar
 
 
 def tolerance_for(knobs: Knobs, problem: Problem, base_rtol: float | np.ndarray,
-                  base_atol: float | np.ndarray, conditioning: float) -> tuple[Any, Any]:
+                  base_atol: float | np.ndarray, conditioning: float,
+                  held_conditioning: float = 0.0) -> tuple[Any, Any]:
     """(rtol, atol) a framework is held to when compared with `simulate(problem, check, knobs)`.
 
-    base_* is the case's tolerance (its dtype's default x (1 + c), or its override); float64
+    base_* is the output's tolerance (its dtype's default x (1 + c), or its override); float64
     conventions keep it. A lower compute dtype d widens it to default(d)·(1 + c): rounding is
-    simulated, summation order is not. E[x²] - E[x]² in dtype d is off by about u_d·c² in an
-    order-dependent way: default(d)·(1 + c²). The widest rule that applies wins."""
+    simulated, summation order is not. There c is the larger of the input's `conditioning` and the
+    one the output's own tolerance was widened by (`held_conditioning`; inference after training:
+    |moving mean| / sqrt(moving variance + eps), `problem.moving_conditioning`): a moving mean one
+    ulp of d off the simulated one (Keras 3 on torch updates it in another order) moves that output
+    by u_d·|moving mean| / sqrt(moving variance + eps) just as it does in the case's dtype.
+    E[x²] - E[x]² in dtype d is off by about u_d·c² (the input's c) in an order-dependent way:
+    default(d)·(1 + c²). The widest rule that applies wins."""
     c = conditioning
     widths = [0.0]
     if _lower(knobs):
-        widths.append(DEFAULT_TOLERANCE[knobs.compute_dtype] * (1.0 + c))  # type: ignore[index]
+        widths.append(DEFAULT_TOLERANCE[knobs.compute_dtype] * (1.0 + max(c, held_conditioning)))  # type: ignore[index]
     if knobs.variance != "two-pass":
         widths.append(DEFAULT_TOLERANCE[stats_dtype(knobs, problem)] * (1.0 + c * c))
     atol_widths = [folded_error(knobs, problem)] if knobs.normalize_folded else []

@@ -107,3 +107,38 @@ def test_a_rule_s_region_steers_the_draws_into_it():
 
     draw()
     assert 10 <= sum(inside) < len(inside)
+
+
+def test_a_region_is_drawn_where_its_variant_shows():
+    """A rule's region adds where its variant shows (VARIANT_REGION), one region for each way it
+    shows, the rule's own conditions winning; `always` draws every case in a region."""
+    from hypothesis import HealthCheck, Phase, given, seed, settings
+
+    from conformance.fuzz import case_strategy, rule_regions
+    from conformance.known import Rule
+    when = {"dtype": "float16", "params": {"param_dtype": "float32", "epsilon": 0.5}}
+    rule = Rule(adapters=["x"], when=when, checks=["gradients"], explained_by="compute-input-dtype",
+                reason="r", link="https://example.org")
+    overflow, rounded = rule_regions(rule)  # the two ways it shows: a region each
+    assert overflow["dtype"] == rounded["dtype"] == ["float16"]
+    assert overflow["params"] == {"epsilon": [0.5], "param_dtype": ["float32"]}  # the rule's eps wins
+    assert rounded["params"] == {"scale": [True], "center": [True], "epsilon": [0.5],
+                                 "param_dtype": ["float32"]}
+    assert overflow["input"]["std"] == [1e-3] and rounded["input"]["std"] == [1.0]
+    [flushed] = rule_regions(Rule(adapters=["x"], checks=["training"], explained_by="denormals-flushed",
+                                  reason="r", link="https://example.org"))
+    assert flushed["values_per_channel"] == [1] and flushed["params"]["epsilon"] == [0.0]
+    assert flushed["steps"] == [1]
+    drawn: list[dict] = []
+
+    @seed(0)
+    @settings(max_examples=20, database=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(case_strategy(regions=(flushed,), always=True))
+    def draw(doc):
+        drawn.append(doc)
+
+    draw()
+    cases = [d for d in drawn if not d.get("expect_error")]  # an out-of-range axis: a draw in twenty
+    assert len(cases) > 10
+    assert all(d["params"]["epsilon"] == 0.0 and d["dtype"] in ("float64", "float32") for d in cases)
