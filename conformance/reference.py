@@ -60,12 +60,26 @@ def broadcastable(per_channel: np.ndarray, rank: int, channel_axes: tuple[int, .
     return in_axis_order.reshape(shape)
 
 
+def exact_mean(x: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """x.mean over `axes` (keepdims), but a channel whose values are all equal gets that value, as
+    exact arithmetic gives it: the float64 mean of n copies need not be the copy (54 copies of
+    10000.1, 8 of 3.2), and a residue there would make the reference's own 0/0 a ±1 and its moving
+    variance after momentum 0 a d² instead of 0. NaN for an empty batch, by design."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = x.mean(axis=axes, keepdims=True)
+    if x.size == 0:
+        return mean
+    top = x.max(axis=axes, keepdims=True)
+    return np.where(top == x.min(axis=axes, keepdims=True), top, mean)
+
+
 def moments(x: np.ndarray, channel_axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, int]:
     """Batch mean and biased variance per channel (two-pass), and the count behind each."""
     axes = reduce_axes(x.ndim, channel_axes)
     with warnings.catch_warnings():  # an empty batch has no statistics: NaN, by design
         warnings.simplefilter("ignore", RuntimeWarning)
-        mean = x.mean(axis=axes, keepdims=True)
+        mean = exact_mean(x, axes)
         var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
     count = int(np.prod([x.shape[a] for a in axes]))
     return to_channels(mean, channel_axes), to_channels(var, channel_axes), count

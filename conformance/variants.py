@@ -180,7 +180,9 @@ def _moments(x: np.ndarray, axes: tuple[int, ...], squares_dtype: str, compute_d
             return rr(a.mean(axis=red, keepdims=True))  # float64 accumulation, one rounding
 
     x = r(x)
-    mean = avg(x)
+    # in float64 (the canonical simulation, reference.moments's numbers) a constant channel's mean is
+    # its value; a lower compute dtype rounds the float64 mean once, as a framework's may
+    mean = reference.exact_mean(x, red) if compute_dtype in (None, "float64") else avg(x)
     if variance == "two-pass":
         var = avg(r(r(x - mean) ** 2))
     else:  # Flax use_fast_variance=True, Keras-torch ops.moments

@@ -326,3 +326,17 @@ def test_replicas(n, count):
                                    rtol=1e-14)
     np.testing.assert_allclose(got.inference_output, reference.normalize(
         p.batches[-1], p, got.moving_mean, got.moving_variance), rtol=1e-14)
+
+
+def test_a_constant_channel_has_its_value_as_mean_and_no_variance():
+    """Exact arithmetic: the float64 mean of 54 copies of 10000.1 is not 10000.1 (it rounds), so a
+    plain mean would leave the reference a residue d: its 0/0 a ±1, its moving variance after
+    momentum 0 a d² (fuzz, stop 23: tf-keras gave NaN where the reference expected -1.0)."""
+    from conformance.reference import moments
+
+    x = np.full((54, 2), 10000.1)
+    x[:, 1] = np.linspace(0.0, 1.0, 54)
+    assert np.full(54, 10000.1).mean() != 10000.1  # what a plain mean gives
+    mean, var, count = moments(x, (1,))
+    assert mean[0] == 10000.1 and var[0] == 0.0 and count == 54
+    assert mean[1] == pytest.approx(0.5, rel=1e-15) and var[1] > 0
