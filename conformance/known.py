@@ -123,8 +123,8 @@ class When(BaseModel):
             self.channels is None or self.channel_count(case) in _listed(self.channels),
             self.params is None or all(params.get(k) in _listed(v) for k, v in self.params.items()),
             self.features is None or set(self.features) <= set(build(case, case.checks[0]).features()),
-            self.zero_variance is None or self.zero_variance == any(
-                zero_variance(build(case, check), check) is not None for check in case.checks),
+            self.zero_variance is None or self.zero_variance == case.memo(("zero-variance",), lambda: any(
+                zero_variance(build(case, check), check) is not None for check in case.checks)),
         ]
         return all(checks)
 

@@ -272,10 +272,9 @@ def stored_variance(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
     none = np.zeros(problem.gamma.shape, bool)
     if not problem.track_running_stats or not problem.infer_after_training:
         return none, np.zeros(problem.gamma.shape)
-    after = reference.train(problem)
     delta = stored_resolution(problem)
     u = unit_roundoff_eps(problem.param_dtype or problem.dtype) / 2.0
-    v = np.fmin(after.moving_variance, after.moving_variance_unbiased) + problem.epsilon
+    v = _smallest_moving_variance(problem) + problem.epsilon
     with np.errstate(invalid="ignore", divide="ignore"):
         lost = (v > 0) & (v <= delta)  # v + eps = 0: the exact 0 a framework stores as well
         rho = np.where((v > delta) & (v * u < delta), np.sqrt(v / (v - delta)) - 1.0, 0.0)
@@ -377,8 +376,14 @@ def residue_moving_variance(problem: Problem, zero: np.ndarray | None) -> np.nda
     none = np.zeros(problem.gamma.shape, bool)
     if zero is None or not problem.track_running_stats or not problem.infer_after_training:
         return none
+    return zero & (_smallest_moving_variance(problem) + problem.epsilon == 0)
+
+
+def _smallest_moving_variance(problem: Problem) -> np.ndarray:
+    """Per channel, the smaller of the two estimators' moving variances after training: the one
+    inference after training is most sensitive to, whichever a framework keeps."""
     after = reference.train(problem)
-    return zero & (np.fmin(after.moving_variance, after.moving_variance_unbiased) + problem.epsilon == 0)
+    return np.fmin(after.moving_variance, after.moving_variance_unbiased)
 
 
 def input_conditioning(problem: Problem) -> float:
@@ -387,8 +392,8 @@ def input_conditioning(problem: Problem) -> float:
     one ulp of its own magnitude (and a mean rounded likewise) leaves (x - mean) off by about
     u |mean|, which the normalization scales by 1 / sqrt(var + eps): for a constant channel that is
     1 / sqrt(eps), not 0 (a float32 mean of equal values need not equal them). A constant channel
-    with eps 0 is left out: 0/0, its output is undetermined (`undetermined`), even where the float64
-    mean of its copies rounds and leaves a residue variance (10000.1: c = 5.5e15 otherwise).
+    with eps 0 is left out: 0/0 (the reference's mean of a constant channel is exact, its variance
+    0), its output is undetermined (`undetermined`).
 
     With a preceding layer the statistics are those of its output z = W·x + b, and z itself, held
     in the case dtype, is off by about u·(|W|·|x| + |b|) per element (every product rounds, however
@@ -402,8 +407,6 @@ def input_conditioning(problem: Problem) -> float:
             mean, var, _ = reference.moments(x[g], problem.channel_axes)
             with np.errstate(divide="ignore", invalid="ignore"):
                 ratio = np.abs(mean) / np.sqrt(var + problem.epsilon)
-                if problem.epsilon == 0.0:  # constant: 0/0, whatever residue the float64 mean leaves
-                    ratio = np.where(reference.constant_channels(x[g], problem.channel_axes), np.nan, ratio)
                 if problem.preceding is not None and x[g].size:
                     axis = problem.channel_axes[0]
                     size = Preceding(np.abs(problem.preceding.weight), np.abs(problem.preceding.bias))

@@ -86,8 +86,9 @@ def moments(x: np.ndarray, channel_axes: tuple[int, ...]) -> tuple[np.ndarray, n
 
 
 def constant_channels(x: np.ndarray, channel_axes: tuple[int, ...]) -> np.ndarray:
-    """Per channel: more than one value, all equal. Not `var == 0`: the float64 mean of copies of
-    10000.1 is not 10000.1 either, so the variance computed here may be a rounding residue too."""
+    """Per channel: more than one value, all equal (what `exact_mean` gives its value as the mean,
+    and exact arithmetic 0/0 at eps 0). By the values, not `var == 0`, which a spread of 1e-170
+    also underflows to."""
     red = reduce_axes(x.ndim, channel_axes)
     count = int(np.prod([x.shape[a] for a in red]))
     if count < 2:

@@ -613,11 +613,13 @@ def undetermined(problem: Problem, check: Check, knobs: Knobs) -> dict[str, np.n
         extra = _folded_overflow(problem, knobs) if check == "gradients" else {}
         zero = zero_variance(problem, check, knobs.epsilon)
         if zero is not None:  # x·s and mean·s each round by u|x|·|gamma|/|d|, up to about 4|gamma|
-            x = problem.batches[-1]
-            like = np.broadcast_to(reference.broadcastable(zero, x.ndim, problem.channel_axes), x.shape)
-            extra = {name: extra[name] | mask if name in extra else mask for name, mask in (
-                {"input": zero_variance_inputs(problem, zero), "gamma": zero} if check == "gradients"
-                else {"output": like}).items()}
+            if check == "gradients":
+                of_zero = {"input": zero_variance_inputs(problem, zero), "gamma": zero}
+            else:
+                x = problem.batches[-1]
+                like = reference.broadcastable(zero, x.ndim, problem.channel_axes)
+                of_zero = {"output": np.broadcast_to(like, x.shape)}
+            extra = {name: extra[name] | mask if name in extra else mask for name, mask in of_zero.items()}
         for name, mask in extra.items():
             masks[name] = mask | masks[name] if name in masks else mask
         return masks
@@ -659,11 +661,11 @@ def undetermined(problem: Problem, check: Check, knobs: Knobs) -> dict[str, np.n
 def zero_variance(problem: Problem, check: Check, epsilon: float | None = None) -> np.ndarray | None:
     """Per channel, where the check normalizes a batch with its own statistics and var + eps is 0
     there in exact arithmetic (a constant channel with more than one value, eps 0; `epsilon`
-    replaces the case's): 0/0, and a rounded mean of equal values need not equal them
-    (`problem.undetermined`), the reference's float64 one included (copies of 10000.1: ±1, not
-    NaN). None where no channel is, or renorm or an adjustment is on (their affine terms). With a
-    preceding layer, the channels of what BN sees, z = W·x + b: a channel z whose inputs are equal
-    at every position is equal too, each position computing the same sum of the same products
+    replaces the case's): 0/0, and a framework's rounded mean of equal values need not equal them
+    (`problem.undetermined`; the reference's is exact, `reference.exact_mean`). None where no
+    channel is, or renorm or an adjustment is on (their affine terms). With a preceding layer, the
+    channels of what BN sees, z = W·x + b: a channel z whose inputs are equal at every position is
+    equal too, each position computing the same sum of the same products
     (measured: Keras 3 on jax and on tensorflow after a 1x1 Conv, the source models of keras-jax-onnx
     and keras-tflite, give ±1 = beta ± gamma in z channels of inputs 3.2 and -0.7; on jax a moving
     variance of 2^-44 = d², d one float32 ulp of z = -3.9757)."""
@@ -678,7 +680,7 @@ def zero_variance(problem: Problem, check: Check, epsilon: float | None = None) 
              for g in reference.virtual_batches(shard.shape[0], problem.virtual_batch_size)]
     if min(_count(problem, part) for part in parts) < 2:
         return None
-    zero = reference.constant_channels(x, problem.channel_axes)  # the reference's own mean may round
+    zero = reference.constant_channels(x, problem.channel_axes)
     return zero if zero.any() else None
 
 
