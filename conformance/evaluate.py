@@ -186,6 +186,8 @@ def tolerances(problem: Problem, check: Check, conditioning: float, case: Case,
         stored = stored_variance_tolerance(case, problem, per_output.get("inference_output", check_tol))
         if stored is not None:
             per_output["inference_output"] = stored
+    if check == "training" and "moving_variance" in held:
+        per_output |= residue_tolerances(case, problem, check_tol, per_output)
     magnitude = problems.folded_magnitude(case, check, problem)
     if magnitude is not None:
         axis, ndim = problem.channel_axes[0], problem.batches[-1].ndim
@@ -217,6 +219,46 @@ def stored_variance_tolerance(case: Case, problem: Problem, base: Tolerance) -> 
     return replace(base, atol=base.atol + widen, rule=f"{base.rule}; inference_output's atol + rho_i x "
                    f"max|y_i - beta_i|, rho up to {float(rho.max()):.3g} (moving variance near "
                    f"{problem.param_dtype or problem.dtype}'s resolution)")
+
+
+def residue_tolerances(case: Case, problem: Problem, base: Tolerance, per_output: dict[str, Tolerance],
+                       ) -> dict[str, Tolerance]:
+    """Where a constant channel's rounded mean leaves residues in the moving statistics
+    (`problem.residue_bands`: the mean within M, the variance up to R above): the moving
+    variance's atol + R, the moving mean's + M, and inference after training, y - beta =
+    gamma (x - mean') / sqrt(v' + eps), its atol + rho_i·max|y_i - beta_i| + |gamma_i|·M_i /
+    sqrt(v_i + eps), rho = 1 - sqrt((v + eps) / (v + eps + R)) (v' in [v, v + R]); where v + eps
+    <= R it is undetermined instead (`problem.undetermined`). Empty where no channel has residues."""
+    mean_band, band = case.memo(("residue-bands",), lambda: problems.residue_bands(problem))
+    if not band.any():
+        return {}
+    out = {}
+    why = "moving statistics' residues of a constant channel's rounded mean"
+    for name, widen in (("moving_variance", band), ("moving_mean", mean_band)):
+        held = per_output.get(name, base)
+        out[name] = replace(held, atol=held.atol + widen, rule=f"{held.rule}; {name}'s atol + up to "
+                            f"{float(widen.max()):.3g} ({why})")
+    if problem.infer_after_training:
+        bn = reference.bn_input(problem)
+        after = reference.train(problem)
+        v = np.fmin(after.moving_variance, after.moving_variance_unbiased) + problem.epsilon
+        y = case.memo(("reference", "training"),
+                      lambda: reference.outputs(problem, "training"))["inference_output"]
+        axes, x = bn.channel_axes, bn.batches[-1]
+        beta = reference.broadcastable(bn.beta if bn.center else np.zeros_like(bn.beta), x.ndim, axes)
+        red = reference.reduce_axes(x.ndim, axes)
+        gamma = np.abs(bn.gamma) if bn.scale else np.ones_like(bn.gamma)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            finite = np.where(np.isfinite(y - beta), np.abs(y - beta), 0.0)
+            spread = reference.to_channels(finite.max(axis=red, keepdims=True, initial=0.0), axes)
+            rho = 1.0 - np.sqrt(v / (v + band))
+            widen = np.where(v > band, rho * spread + gamma * mean_band / np.sqrt(v), 0.0)
+        held = per_output.get("inference_output", base)
+        out["inference_output"] = replace(
+            held, atol=held.atol + reference.broadcastable(widen, x.ndim, axes),
+            rule=f"{held.rule}; inference_output's atol + rho_i x max|y_i - beta_i| + |gamma_i| M_i / "
+                 f"sqrt(v_i + eps) ({why})")
+    return out
 
 
 def measure(check: str, expected: problems.Expected, got: dict[str, np.ndarray | None], dtype: str,

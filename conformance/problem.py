@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, is_dataclass
+from dataclasses import dataclass, field, is_dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from adapters.base import Adjustment, Check, Preceding, Problem, Renorm, Replicas
 from conformance import reference, variants
-from conformance.compare import Undetermined
+from conformance.compare import DEFAULT_TOLERANCE, Undetermined
 from conformance.dtypes import eps as unit_roundoff_eps
 from conformance.dtypes import finfo, round_to
 from conformance.outputs import CHECKS, alternatives, outputs_of
@@ -268,17 +268,56 @@ def stored_variance(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
     Keras 3 on jax, a float16 layer, eps 0, momentum 5e-324, std 1e-3: moving variances 1.66e-8
     and 3.18e-8 stored as 0 and 5.96e-8 (the float16 subnormal), inference after training inf and
     0.73 where the reference gives 1 (cases/numerics/float16-inference-after-training-moving-
-    variance-below-subnormal). Either estimator's moving variance: the smaller."""
+    variance-below-subnormal). Either estimator's moving variance: the smaller.
+
+    The update's own rounding (`update_rounding`, E) counts the same way, added to Delta, where it
+    exceeds what the dtype's default tolerance covers (E > default(dtype)·(v + eps)): a momentum
+    below u leaves v = m·v_prev, far below the error of v_prev - (v_prev - b)(1 - m)."""
     none = np.zeros(problem.gamma.shape, bool)
     if not problem.track_running_stats or not problem.infer_after_training:
         return none, np.zeros(problem.gamma.shape)
-    delta = stored_resolution(problem)
+    stored = stored_resolution(problem)
     u = unit_roundoff_eps(problem.param_dtype or problem.dtype) / 2.0
     v = _smallest_moving_variance(problem) + problem.epsilon
+    rounding = update_rounding(problem)
     with np.errstate(invalid="ignore", divide="ignore"):
+        extra = np.where(rounding > DEFAULT_TOLERANCE[problem.dtype] * v, rounding, 0.0)
+        delta = stored + extra
         lost = (v > 0) & (v <= delta)  # v + eps = 0: the exact 0 a framework stores as well
-        rho = np.where((v > delta) & (v * u < delta), np.sqrt(v / (v - delta)) - 1.0, 0.0)
+        rho = np.where((v > delta) & ((v * u < stored) | (extra > 0)), np.sqrt(v / (v - delta)) - 1.0, 0.0)
     return lost, np.where(np.isfinite(rho), rho, 0.0)
+
+
+def update_rounding(problem: Problem) -> np.ndarray:
+    """Per channel, E: how far rounding the moving-average updates may leave a framework's moving
+    variance from the reference's, beyond the relative u·|v| the default tolerance covers. The
+    update is the same in exact arithmetic in any of its forms, but TF's is
+    v <- v - (v - b)·(1 - m), assign_sub in the variable's dtype (tf_keras/src/layers/
+    normalization/batch_normalization.py L866-883; tf.compat.v1.train.ExponentialMovingAverage and
+    tf.nn's assign_moving_average likewise): v - b, its product with 1 - m and the difference each
+    round, up to u·|v - b|·(2 + u) + u·|v_new| <= 3u·(|v| + |b|) per step (u of float64 for float64
+    statistics, else float32's: 16-bit statistics are updated in float32 and rounded once on
+    storing, which `stored_resolution` counts; tf_keras keeps a float16 layer's in float32),
+    an absolute error carried on by the later steps' m: E = sum_k m_{k+1}···m_K·3u·(|v_{k-1}| +
+    |b_k|). Where m < u, 1 - m is 1 and v_new = b exactly, m·v lost: measured, tf-keras's unfused
+    path on a float64 layer, momentum 2.1e-162 (1.0 - m == 1.0 in Python), ghost batches of one
+    sample (b = 0): moving variance 0 where the reference keeps m·v = 2.6e-162, and inference
+    after training NaN (0/0 in the fold) where the reference gives -1e-215
+    (cases/numerics/momentum-below-unit-roundoff-eps-0). Either estimator: the larger terms."""
+    out = np.zeros(problem.gamma.shape)
+    if not problem.track_running_stats:
+        return out
+    wide = (problem.param_dtype or problem.dtype) == "float64"
+    u = unit_roundoff_eps("float64" if wide else "float32") / 2.0
+    before = np.abs(problem.moving_variance)
+    for step in range(1, len(problem.batches) + 1):
+        after = reference.train(replace(problem, batches=problem.batches[:step]))
+        batch = np.fmax(np.abs(after.batch_variance), np.abs(after.batch_variance_unbiased))
+        m = 1.0 - 1.0 / step if problem.momentum is None else problem.momentum
+        with np.errstate(invalid="ignore"):
+            out = m * out + 3.0 * u * (before + batch)
+        before = np.fmax(np.abs(after.moving_variance), np.abs(after.moving_variance_unbiased))
+    return np.where(np.isfinite(out), out, 0.0)
 
 
 def moving_conditioning(problem: Problem) -> float:
@@ -320,11 +359,12 @@ def undetermined(case: Case, check: Check, problem: Problem) -> dict[str, Undete
       non-finite, or beta + gamma or beta - gamma within tolerance (gen-0-0218 of the scale corpus;
       cases/numerics/constant-channel-eps-0-mean-rounds). Gradients: dL/dgamma = Σ dy·xhat is
       ±Σ dy; dL/dx = gamma/|d|·(...) is scaled by 1/|d|, a rounding residue: any value.
-      Not with renorm or an adjustment; with a preceding layer, the channels of its output z
+      With an adjustment (training only), xhat = ±1 goes through a·xhat + b first. Not with
+      renorm; with a preceding layer, the channels of its output z
       (`variants.zero_variance`), and dL/dx = Wᵀ·dL/dz is undetermined throughout.
     - inference after training, channels whose moving variance + eps is within the storage
-      dtype's resolution (`stored_variance`), or exactly 0 after such a 0/0 batch, where a
-      framework stores the residue d² instead (`residue_moving_variance`): any value."""
+      dtype's resolution (`stored_variance`), or within the residues d² such 0/0 batches may add
+      to it (exactly 0 included: `residue_moving_variance`): any value."""
     return case.memo(("undetermined", check), lambda: _undetermined(check, problem))
 
 
@@ -341,10 +381,14 @@ def _undetermined(check: Check, problem: Problem) -> dict[str, Undetermined]:
     if check == "training":
         lost, _ = stored_variance(problem)
         residue = residue_moving_variance(problem, zero)
-        whys = [f"moving variance + eps within {stored_resolution(problem):.3g}, the resolution of "
-                f"{problem.param_dtype or problem.dtype} storage"] if lost.any() else []
+        stored = stored_resolution(problem)
+        by_update = lost & (_smallest_moving_variance(problem) + problem.epsilon > stored)
+        whys = [f"moving variance + eps within {stored:.3g}, the resolution of "
+                f"{problem.param_dtype or problem.dtype} storage"] if (lost & ~by_update).any() else []
+        if by_update.any():
+            whys.append("moving variance + eps within the rounding of its updates, v - (v - b)(1 - m)")
         if residue.any():
-            whys.append("moving variance 0 after a 0/0 batch: a framework stores its rounding residue d²")
+            whys.append("moving variance + eps within what 0/0 batches' rounded means add (residues d²)")
         if whys:
             out["inference_output"] = Undetermined(like_x(lost | residue), anything=True, why="; ".join(whys))
     if zero is None:
@@ -353,30 +397,82 @@ def _undetermined(check: Check, problem: Problem) -> dict[str, Undetermined]:
     if check in ("training", "inference"):
         gamma = bn.gamma if bn.scale else np.ones_like(bn.gamma)
         beta = bn.beta if bn.center else np.zeros_like(bn.beta)
+        if bn.adjustment is not None and check == "training":  # gamma (a xhat + b) + beta
+            gamma, beta = gamma * bn.adjustment.scale, gamma * bn.adjustment.bias + beta
         out["output"] = Undetermined(like_x(zero), (like_x(beta + gamma), like_x(beta - gamma)), why=why)
     else:
         if bn.upstream is not None:
             red = reference.reduce_axes(x.ndim, axes)
             total = reference.to_channels(bn.upstream.sum(axis=red, keepdims=True), axes)
-            out["gamma"] = Undetermined(zero, (total, -total), why=why)
+            a, b = (bn.adjustment.scale, bn.adjustment.bias) if bn.adjustment is not None else (1.0, 0.0)
+            # dL/dgamma = Σ dy·(a·xhat + b), xhat = ±1
+            out["gamma"] = Undetermined(zero, ((b + a) * total, (b - a) * total), why=why)
         out["input"] = Undetermined(variants.zero_variance_inputs(problem, zero), anything=True,
                                     why=f"{why}; dL/dx scales with 1/|d|")
     return out
 
 
 def residue_moving_variance(problem: Problem, zero: np.ndarray | None) -> np.ndarray:
-    """Per channel, where inference after training divides by a moving variance that is exactly 0
-    in exact arithmetic (+ eps 0) after a last batch whose channel is 0/0 (`zero`,
-    `variants.zero_variance`): a framework's batch variance there is d², the rounding residue of its
-    mean (`undetermined`), so it stores (1 - m)·d² (+ m times what it stored before), not 0, and a
-    moving mean off by d: the output is x - mean' over a residue, any value. Measured: Keras 3 on
-    jax, a float64 layer computed in float32 (copies of 10000.1, momentum 0): moving mean
-    10000.1005859375 and moving variance 9.54e-7 = d², inference after training 0.25, -0.25 and 1.0
-    (gamma -0.217, 0.303, -1.286 in the fold x·inv + (-mean·inv)) where the reference gives 0/0."""
+    """Per channel, where inference after training divides by a moving variance + eps no larger
+    than the residues a framework's rounded means of constant channels may have added to it
+    (`residue_bands`, R; exactly 0 after a last batch whose channel is 0/0, `zero`,
+    `variants.zero_variance`, included): the stored value is anything in [v, v + R] and the moving
+    mean is off by the residues d too, so the output, x - mean' over a root of a residue, is any
+    value. Measured: Keras 3 on jax, a float64 layer computed in float32 (copies of 10000.1,
+    momentum 0): moving mean 10000.1005859375 and moving variance 9.54e-7 = d², inference after
+    training 0.25, -0.25 and 1.0 (gamma -0.217, 0.303, -1.286 in the fold x·inv + (-mean·inv))
+    where the reference gives 0/0."""
     none = np.zeros(problem.gamma.shape, bool)
-    if zero is None or not problem.track_running_stats or not problem.infer_after_training:
+    if not problem.track_running_stats or not problem.infer_after_training:
         return none
-    return zero & (_smallest_moving_variance(problem) + problem.epsilon == 0)
+    _, band = residue_bands(problem)
+    last = none if zero is None else zero
+    return (last | (band > 0)) & (_smallest_moving_variance(problem) + problem.epsilon <= band)
+
+
+def residue_bands(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel, (M, R): how far from the reference's a framework's moving mean may be (either
+    side), and how far above it its moving variance, after the steps whose batch has the channel
+    constant (0/0 at eps 0, `variants.zero_variance`). Zeros where no step's is.
+
+    Derivation. A step k whose channel holds n copies of c (n values per channel; per part
+    normalized apart, n_p >= 2): the framework's mean is c + d_k, and any summation order of n
+    terms errs by at most gamma_{n-1}·sum|x_i| = gamma_{n-1}·n·|c| (Higham, Accuracy and Stability
+    of Numerical Algorithms, eq. 4.4; gamma_j = j·u/(1 - j·u)), the division by n by u more, so
+    |d_k| <= D_k = gamma_n·|c|, u the unit roundoff of the dtype statistics are computed in
+    (`variants.stats_dtype`: float32 for 16-bit input). x - (c + d_k) is -d_k exactly (Sterbenz),
+    so a two-pass variance is the mean of n roundings of d_k², at most (1 + gamma_{n+1})·d_k², and
+    the Bessel-corrected one n_p/(n_p - 1) times that (both estimators: the larger, 2 for parts of
+    2). The moving variance is linear in the batch variances: each is carried on with the weight
+    w_k = (1 - m_k)·m_{k+1}···m_K of the reference's update, so the framework's is
+    v + sum_k w_k·b_k with 0 <= b_k <= B_k = (1 + gamma_{n+1})·n_p/(n_p - 1)·D_k²:
+    R = sum_k w_k·B_k, the reference's update run on B_k from 0; the moving mean likewise
+    M = sum_k w_k·D_k. Measured (tf-keras's unfused
+    path, 96 float32 copies of 10000.1 per channel, momentum 0.738, 2 steps from 0.001): 5.80e-4
+    where v = 5.44e-4, a mean 9 ulps (d = 8.8e-3) off, within D = 0.0572, R = 1.51e-3
+    (cases/numerics/constant-channel-eps-0-moving-variance-residue). A sum-of-squares variance is
+    noisier still: its variants' bands (`variants.sum_of_squares_atol`)."""
+    mean_band, band = np.zeros(problem.gamma.shape), np.zeros(problem.gamma.shape)
+    if not problem.track_running_stats:
+        return mean_band, band
+    p = reference.bn_input(problem)
+    u = unit_roundoff_eps("float64" if problem.dtype == "float64" else "float32") / 2.0
+    for step in range(1, len(p.batches) + 1):
+        x = p.batches[step - 1]
+        zero = variants.zero_variance(replace(problem, batches=problem.batches[:step]), "training")
+        d_bound = bound = np.zeros(problem.gamma.shape)
+        if zero is not None:
+            n = int(x.size // max(problem.gamma.size, 1))
+            gamma_n, gamma_n1 = n * u / (1 - n * u), (n + 1) * u / (1 - (n + 1) * u)
+            parts = p.virtual_batch_size is not None or p.replicas is not None
+            bessel = 2.0 if parts else n / (n - 1)
+            c = reference.to_channels(np.abs(x).max(axis=reference.reduce_axes(x.ndim, p.channel_axes),
+                                                    keepdims=True), p.channel_axes)
+            d_bound = np.where(zero, gamma_n * c, 0.0)
+            bound = (1 + gamma_n1) * bessel * d_bound ** 2
+        mean_band = reference.update(mean_band, d_bound, problem.momentum, step)
+        band = reference.update(band, bound, problem.momentum, step)
+    return mean_band, band
 
 
 def _smallest_moving_variance(problem: Problem) -> np.ndarray:

@@ -663,7 +663,8 @@ def zero_variance(problem: Problem, check: Check, epsilon: float | None = None) 
     there in exact arithmetic (a constant channel with more than one value, eps 0; `epsilon`
     replaces the case's): 0/0, and a framework's rounded mean of equal values need not equal them
     (`problem.undetermined`; the reference's is exact, `reference.exact_mean`). None where no
-    channel is, or renorm or an adjustment is on (their affine terms). With a preceding layer, the
+    channel is, or renorm is on (its r and d are quotients by the same residue). An adjustment
+    (constant a, b) is one more affine map of xhat = ±1 (`problem.undetermined`). With a preceding layer, the
     channels of what BN sees, z = W·x + b: a channel z whose inputs are equal at every position is
     equal too, each position computing the same sum of the same products
     (measured: Keras 3 on jax and on tensorflow after a 1x1 Conv, the source models of keras-jax-onnx
@@ -673,7 +674,7 @@ def zero_variance(problem: Problem, check: Check, epsilon: float | None = None) 
     problem = reference.bn_input(problem)
     x = problem.batches[-1]
     if (check == "inference" and problem.track_running_stats) or x.size == 0 or eps != 0.0 \
-            or problem.renorm is not None or problem.adjustment is not None:
+            or problem.renorm is not None:
         return None
     # one value in some part normalized apart (a shard, a virtual batch): its mean is exact, 0/0 is NaN
     parts = [shard[g] for shard in _shards(problem, CANONICAL, x)

@@ -193,7 +193,12 @@ def test_a_float16_moving_variance_below_the_subnormal_range_leaves_inference_af
     lost, rho = problems.stored_variance(p)
     assert lost.tolist() == [True, True, False, True]
     v = 2.0122810440170724e-07
-    assert math.isclose(rho[2], math.sqrt(v / (v - delta)) - 1) and rho[[0, 1, 3]].tolist() == [0, 0, 0]
+    # and the update's rounding (`problem.update_rounding`): 3u(|v_prev| + |b|) in float32, 1.8e-9,
+    # b the larger estimator's (two values: the unbiased 2v)
+    rounding = 3 * float(np.finfo(np.float32).eps) / 2 * (float(np.float16(0.01)) + 2 * v)
+    assert math.isclose(problems.update_rounding(p)[2], rounding)
+    assert math.isclose(rho[2], math.sqrt(v / (v - delta - rounding)) - 1)
+    assert rho[[0, 1, 3]].tolist() == [0, 0, 0]
 
     def rows(changes: dict[int, float]) -> Callable[[np.ndarray], np.ndarray]:
         def change(a: np.ndarray) -> np.ndarray:
@@ -279,3 +284,55 @@ def test_a_preceding_layers_constant_output_channel_is_a_zero_variance_channel()
     assert not zero_variance_inputs(dataclasses.replace(p, preceding=None), partly)[:, 1:].any()
     varied = p.batches[-1] + np.arange(p.batches[-1].size).reshape(p.batches[-1].shape)
     assert zero_variance(dataclasses.replace(p, batches=(varied,)), "training") is None
+
+
+def test_a_constant_channels_moving_variance_keeps_the_residues_of_its_rounded_means():
+    """cases/numerics/constant-channel-eps-0-moving-variance-residue: 96 float32 copies of 10000.1
+    per channel, eps 0, momentum 0.738, 2 steps from 0.001. tf_keras's mean is 9 ulps off, so its
+    moving variance is 5.80e-4 where the reference's is m²·0.001 = 5.44e-4: inside the band
+    R = (1 - m²)·(1 + gamma_97)·96/95·(gamma_96·c)² (`problem.residue_bands`), and v + 1.01 R is
+    not. Channel 0's v <= R leaves its inference after training undetermined, channel 1's not. With
+    an adjustment the training output accepts ±a (a·xhat + b), not 0."""
+    from conformance import problem as problems
+
+    case = _case("cases/numerics/constant-channel-eps-0-moving-variance-residue.yaml")
+    p = problems.build(case, "training")
+    m, c, u = p.momentum, float(np.float32(10000.1)), float(np.finfo(np.float32).eps) / 2
+
+    def gamma(n: int) -> float:
+        return n * u / (1 - n * u)
+
+    band = (1 - m * m) * (1 + gamma(97)) * 96 / 95 * (gamma(96) * c) ** 2
+    _, r = problems.residue_bands(p)
+    assert np.allclose(r, band, rtol=1e-12)
+    assert problems.residue_moving_variance(p, None).tolist() == [True, False]
+
+    def channel_0(value: float) -> Callable[[np.ndarray], np.ndarray]:
+        def change(a: np.ndarray) -> np.ndarray:
+            a[..., 0] = value
+            return a
+        return change
+
+    v = 0.0005444557581490684
+    minus_a = -float(np.float32(0.9718688911695909))
+    measured = {"moving_variance": channel_0(0.0005796454497613013), "output": channel_0(minus_a),
+                "inference_output": channel_0(226133.984375)}
+    assert all(_measured(case, "training", measured).values())
+    assert not _measured(case, "training", {"moving_variance": channel_0(v + 1.01 * band)})["moving_variance"]
+    assert not _measured(case, "training", {"output": channel_0(0.0)})["output"]
+
+
+def test_a_momentum_below_the_unit_roundoff_leaves_inference_after_training_undetermined():
+    """cases/numerics/momentum-below-unit-roundoff-eps-0: momentum 2.1e-162, eps 0, one value per
+    channel: the reference keeps m·1 = 2.1e-162, TF's v - (v - b)·(1 - m) stores 0 (1 - m is 1)
+    and inference after training is 0/0 = NaN. The update rounds by 3u·(|v| + |b|) = 3.3e-16
+    (`problem.update_rounding`), so that output is undetermined; with momentum 0.5 it is not."""
+    from conformance import problem as problems
+
+    case = _case("cases/numerics/momentum-below-unit-roundoff-eps-0.yaml")
+    p = problems.build(case, "training")
+    assert np.allclose(problems.update_rounding(p), 3 * float(np.finfo(np.float64).eps) / 2)
+    assert problems.stored_variance(p)[0].all()
+    nan = {"moving_variance": lambda a: a * 0, "inference_output": lambda a: a * np.nan}
+    assert all(_measured(case, "training", nan).values())
+    assert not problems.stored_variance(dataclasses.replace(p, momentum=0.5))[0].any()
