@@ -457,6 +457,16 @@ def test_folded_gradients_are_the_reference_gradients_in_float64(shape, axes):
         np.testing.assert_allclose(folded[name], value, rtol=1e-9, atol=1e-12)
 
 
+def test_folded_gradients_with_renorm_are_the_reference_gradients_in_float64():
+    """Renorm's r and d are constants of the fold (Keras 3 composes gamma·r and gamma·d + beta):
+    in float64 its backward pass is the reference's, clipped or not."""
+    for renorm in (Renorm(momentum=0.99, rmax=1.2, rmin=0.9, dmax=0.1), Renorm(momentum=0.99)):
+        p = dataclasses.replace(problem((8, 3), (1,)), renorm=renorm)
+        folded = simulate(p, "gradients", Knobs(normalize_folded=True))
+        for name, value in simulate(p, "gradients").items():
+            np.testing.assert_allclose(folded[name], value, rtol=1e-9, atol=1e-12)
+
+
 def test_folded_gradient_of_gamma_cancels_in_float16():
     """A float16 channel that rounds to a constant 100: dL/dgamma is 0, but Σ dy·x and mean·Σ dy
     are about 100·Σ|dy| and round apart; the band derived for it holds the difference."""
