@@ -448,6 +448,33 @@ def test_three_ruled_variants_together_explain_what_no_pair_does():
     assert explained((*KERAS_TORCH_1D, "rejects")) == ["+".join(KERAS_TORCH_1D)]
 
 
+def test_a_variant_that_simulates_an_unaccepted_zero_variance_element_explains_it():
+    """cases/export/preceding-constant-channel-training-default: every BN channel is 0/0 and
+    momentum 1 leaves the moving statistics where they start, so training-uses-moving-stats differs
+    from the reference only in the 0/0 elements: a determined 157.4 where the undetermined set
+    accepts NaN or beta ± gamma. It moves the result there (tf-layers-tflite-training-default's
+    measurement), and explains it, as the adapter's rule says."""
+    from conformance import ROOT
+    from conformance import problem as problems
+    from conformance.diagnose import diagnose
+    from conformance.evaluate import tolerances
+    from conformance.loader import load_file
+
+    [loaded], _ = load_file(ROOT / "cases/export/preceding-constant-channel-training-default.yaml")
+    case = loaded.case
+    p = problems.build(case, "training")
+    conditioning = problems.conditioning(case, "training", p)
+    tol, per_output = tolerances(p, "training", conditioning, case)
+    got = {k: v for k, v in simulate_named(p, "training", ("training-uses-moving-stats",)).items()
+           if k in ("output", "moving_mean", "moving_variance")}
+    assert np.isfinite(got["output"]).all()
+    expected = simulate(p, "training")
+    explained = diagnose(p, "training", (), got, {k: expected[k] for k in got}, tol, conditioning, {},
+                         per_output, ruled=("training-uses-moving-stats",),
+                         settled=problems.undetermined(case, "training", p)).explained_by
+    assert "training-uses-moving-stats" in explained
+
+
 @pytest.mark.parametrize(("shape", "axes"), LAYOUTS)
 def test_folded_gradients_are_the_reference_gradients_in_float64(shape, axes):
     """The fold changes rounding only: in float64 its backward pass is the reference's."""
