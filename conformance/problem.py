@@ -383,14 +383,17 @@ def zero_variance_affine(bn: Problem, check: Check) -> tuple[np.ndarray, np.ndar
     s = max(sigma_r, sqrt(eps)) from the renorm statistics before the last step. There sigma_B =
     sqrt(var + eps) is the residue |d_B| of the framework's rounded mean (0 in exact arithmetic),
     so r is the reference's only where the clip pins it at rmin: `pinned` where rmin > 0, s > 0
-    and |d_B| < rmin·s, |d_B| bounded by n·u·|mean| (n values per channel, each of the n
-    additions of a sum rounding by at most u·n·|mean|, u that of the coarser of the case dtype
-    and float32, the dtype Keras and tf_keras compute half and, Keras off tensorflow, float64 in).
-    Elsewhere r = |d_B|/s is a rounding residue (s = 0: |d_B|/0 = inf, clipped to rmax)."""
+    and |d_B| < rmin·s, |d_B| bounded by n·u·|mean| (n values per channel: n additions, each
+    rounding by at most u·n·|mean|, then divided by n; u that of the coarser of the case dtype and
+    float32, the dtype Keras and tf_keras compute half and, Keras off tensorflow, float64 in).
+    Elsewhere r = |d_B|/s is a rounding residue (s = 0: |d_B|/0 = inf, clipped to rmax), and
+    unsynchronized replicas each have their own r and d: nothing pinned."""
     gamma = bn.gamma if bn.scale else np.ones_like(bn.gamma)
     beta = bn.beta if bn.center else np.zeros_like(bn.beta)
     if bn.renorm is None or check == "inference":
         return gamma, beta, np.ones(gamma.shape, bool)
+    if bn.replicas is not None and not bn.replicas.synchronized:  # r and d per replica: not one value
+        return gamma, beta, np.zeros(gamma.shape, bool)
     if check == "training" and len(bn.batches) > 1:
         before = reference.train(replace(bn, batches=bn.batches[:-1]))
         mu_r, sigma_r = before.renorm_mean, before.renorm_stddev
