@@ -211,13 +211,16 @@ class _Judge:
             scale = self.scale.get(out, 1.0)
             held_atol = base.atol * scale
             fold = folded.get(out, 0.0)
-            mask, accepted = self._settled(out)
+            _, accepted = self._settled(out)
             worst = max(worst, badness(simulated[out], value, rtol, np.maximum(atol * scale, fold),
                                        self._ignored(out, unknown)))
             wider = bool(np.any(rtol > base.rtol) or np.any(atol > base.atol) or np.any(fold > held_atol))
             wide = wide or wider
+            # a settled element counts where the set does not accept the measurement: a variant that
+            # simulates it moves the result there (tf.compat.v1.layers' default training=False
+            # normalizes a 0/0 channel with the moving statistics: a determined 157.4, no beta ± gamma)
             moves = moves or wider or badness(self.held_to[out], simulated[out], base.rtol, held_atol,
-                                              mask) > 1
+                                              accepted) > 1
             # the measurement leaves the case's tolerance where the simulation cannot say (undetermined),
             # not counting what the rounding-undetermined set accepts
             unsure = unknown.get(out)

@@ -359,8 +359,9 @@ def undetermined(case: Case, check: Check, problem: Problem) -> dict[str, Undete
       non-finite, or beta + gamma or beta - gamma within tolerance (gen-0-0218 of the scale corpus;
       cases/numerics/constant-channel-eps-0-mean-rounds). Gradients: dL/dgamma = Σ dy·xhat is
       ±Σ dy; dL/dx = gamma/|d|·(...) is scaled by 1/|d|, a rounding residue: any value.
-      With an adjustment (training only), xhat = ±1 goes through a·xhat + b first. Not with
-      renorm; with a preceding layer, the channels of its output z
+      With renorm, gamma·(±r + d) + beta and dL/dgamma = (±r + d)·Σ dy; with an adjustment
+      (training only), xhat = ±1 goes through a·xhat + b first (`zero_variance_affine`); with a
+      preceding layer, the channels of its output z
       (`variants.zero_variance`), and dL/dx = Wᵀ·dL/dz is undetermined throughout.
     - inference after training, channels whose moving variance + eps is within the storage
       dtype's resolution (`stored_variance`), or within the residues d² such 0/0 batches may add
@@ -394,22 +395,75 @@ def _undetermined(check: Check, problem: Problem) -> dict[str, Undetermined]:
     if zero is None:
         return out
     why = "var + eps = 0 (0/0): a rounded mean leaves x - mean one residue d, so beta ± gamma, ±inf or NaN"
+    scale, offset, pinned = zero_variance_affine(bn, check)
+    if bn.renorm is not None:
+        why = ("var + eps = 0 (0/0): a rounded mean leaves x - mean one residue d, so gamma·(±r + d) + "
+               "beta, ±inf or NaN, with renorm's r = clip(|d|/sigma_r)")
+    unpinned = bool((zero & ~pinned).any())
+    if unpinned:
+        why += "; r = |d|/sigma_r not clipped to rmin: any value"
     if check in ("training", "inference"):
-        gamma = bn.gamma if bn.scale else np.ones_like(bn.gamma)
-        beta = bn.beta if bn.center else np.zeros_like(bn.beta)
-        if bn.adjustment is not None and check == "training":  # gamma (a xhat + b) + beta
-            gamma, beta = gamma * bn.adjustment.scale, gamma * bn.adjustment.bias + beta
-        out["output"] = Undetermined(like_x(zero), (like_x(beta + gamma), like_x(beta - gamma)), why=why)
+        out["output"] = Undetermined(like_x(zero), (like_x(offset + scale), like_x(offset - scale)),
+                                     anything=unpinned, why=why)
     else:
-        if bn.upstream is not None:
+        if bn.upstream is not None:  # dL/dgamma = Σ dy·(r·xhat + d), the affine of gamma 1, beta 0
             red = reference.reduce_axes(x.ndim, axes)
             total = reference.to_channels(bn.upstream.sum(axis=red, keepdims=True), axes)
-            a, b = (bn.adjustment.scale, bn.adjustment.bias) if bn.adjustment is not None else (1.0, 0.0)
-            # dL/dgamma = Σ dy·(a·xhat + b), xhat = ±1
-            out["gamma"] = Undetermined(zero, ((b + a) * total, (b - a) * total), why=why)
+            unit = replace(bn, gamma=np.ones_like(bn.gamma), beta=np.zeros_like(bn.beta),
+                           scale=True, center=True)
+            r, d, _ = zero_variance_affine(unit, check)
+            out["gamma"] = Undetermined(zero, (total * (d + r), total * (d - r)), anything=unpinned, why=why)
         out["input"] = Undetermined(variants.zero_variance_inputs(problem, zero), anything=True,
                                     why=f"{why}; dL/dx scales with 1/|d|")
     return out
+
+
+def zero_variance_affine(bn: Problem, check: Check) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(scale, offset, pinned) per channel: the check's last normalization is y = scale·xhat +
+    offset, so a 0/0 channel (`variants.zero_variance`), whose rounded xhat is ±1, gives offset ±
+    scale. Plain: gamma and beta. Renorm (training and gradients), as Keras 3 composes it
+    (keras/src/layers/normalization/batch_normalization.py L489-515 and L517-547): scale = gamma·r,
+    offset = gamma·d + beta, r = clip(sigma_B/s, rmin, rmax), d = clip((mu_B - mu_r)/s, ±dmax),
+    s = max(sigma_r, sqrt(eps)) from the renorm statistics before the last step. There sigma_B =
+    sqrt(var + eps) is the residue |d_B| of the framework's rounded mean (0 in exact arithmetic),
+    so r is the reference's only where the clip pins it at rmin: `pinned` where rmin > 0, s > 0
+    and |d_B| < rmin·s, |d_B| bounded by n·u·|mean| (n values per channel: n additions, each
+    rounding by at most u·n·|mean|, then divided by n; u that of the coarser of the case dtype and
+    float32, the dtype Keras and tf_keras compute half and, Keras off tensorflow, float64 in).
+    Elsewhere r = |d_B|/s is a rounding residue (s = 0: |d_B|/0 = inf, clipped to rmax), and
+    unsynchronized replicas each have their own r and d: nothing pinned."""
+    gamma = bn.gamma if bn.scale else np.ones_like(bn.gamma)
+    beta = bn.beta if bn.center else np.zeros_like(bn.beta)
+    if bn.adjustment is not None and check != "inference":  # gamma·(a·xhat + b) + beta: tf_keras's
+        # _compose_transforms (batch_normalization.py L637-661), after renorm's (r, d) where both are on
+        a, b = bn.adjustment.scale, bn.adjustment.bias
+        adjusted = replace(bn, adjustment=None, gamma=gamma, beta=beta, scale=True, center=True)
+        scale, offset, pinned = zero_variance_affine(adjusted, check)
+        return scale * a, offset + scale * b, pinned
+    if bn.renorm is None or check == "inference":
+        return gamma, beta, np.ones(gamma.shape, bool)
+    if bn.replicas is not None and not bn.replicas.synchronized:  # r and d per replica: not one value
+        return gamma, beta, np.zeros(gamma.shape, bool)
+    if check == "training" and len(bn.batches) > 1:
+        before = reference.train(replace(bn, batches=bn.batches[:-1]))
+        mu_r, sigma_r = before.renorm_mean, before.renorm_stddev
+    else:  # the first step's, and reference.gradients's, renorm statistics
+        mu_r, sigma_r = bn.moving_mean, np.sqrt(bn.moving_variance)
+    assert mu_r is not None and sigma_r is not None
+    x = bn.batches[-1]
+    groups = reference.virtual_batches(x.shape[0], bn.virtual_batch_size)
+    parts = [reference.moments(x[g], bn.channel_axes) for g in groups]
+    mean = reference.average([m for m, _, _ in parts])
+    var = reference.average([v for _, v, _ in parts])
+    affine = replace(bn, gamma=gamma, beta=beta)
+    rd = reference.renorm_correction(affine, mean, var, mu_r, sigma_r)
+    scale, offset = reference.training_affine(affine, rd) or (gamma, beta)
+    u = max(unit_roundoff_eps(bn.dtype), unit_roundoff_eps("float32")) / 2.0
+    count = max(n for _, _, n in parts)
+    s = np.maximum(sigma_r, np.sqrt(bn.epsilon))
+    with np.errstate(invalid="ignore"):
+        pinned = (s > 0) & (count * u * np.abs(mean) < (bn.renorm.rmin or 0.0) * s)
+    return scale, offset, pinned
 
 
 def residue_moving_variance(problem: Problem, zero: np.ndarray | None) -> np.ndarray:

@@ -405,7 +405,7 @@ def _gradients(p: Problem, k: Knobs) -> dict[str, np.ndarray]:
 
     eps = r(np.float64(p.epsilon))
     if k.normalize_folded:
-        return _folded_gradients(p, k, x, dy, groups, parts, eps)
+        return _folded_gradients(p, k, x, dy, groups, parts, eps, rd)
     xhat, dx = np.empty_like(x), np.empty_like(x)
     with np.errstate(divide="ignore", invalid="ignore"):
         for g, (mean, var) in zip(groups, parts, strict=True):
@@ -431,13 +431,17 @@ def _gradients(p: Problem, k: Knobs) -> dict[str, np.ndarray]:
 
 
 def _folded_gradients(p: Problem, k: Knobs, x: np.ndarray, dy: np.ndarray, groups: list[slice],
-                      parts: list[tuple[np.ndarray, np.ndarray]], eps: Any) -> dict[str, np.ndarray]:
+                      parts: list[tuple[np.ndarray, np.ndarray]], eps: Any,
+                      rd: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """The backward pass of y = x·s + (beta - mean·s), s = gamma·inv, inv = 1/sqrt(var + eps), as
     autodiff takes it through tf.nn.batch_normalization (nn_impl.py L1490-1497), in the compute
     dtype: dL/ds = Σ dy·x - mean·Σ dy, two large sums that cancel for a large |mean| (their exact
     difference is Σ dy·(x - mean)); dL/dgamma = inv·dL/ds; dL/dvar = -inv³/2·gamma·dL/ds in
     RsqrtGrad's order (0 for a zero dL/ds);
-    dL/dmean = -s·Σ dy; dL/dx = dy·s + (dL/dmean + dL/dvar·2(x - mean)) / n."""
+    dL/dmean = -s·Σ dy; dL/dx = dy·s + (dL/dmean + dL/dvar·2(x - mean)) / n. Renorm (`rd`, r and d
+    stop-gradient constants): Keras 3 folds gamma·r and gamma·d + beta (keras/src/layers/
+    normalization/batch_normalization.py L517-547), so gamma·r stands for gamma above and dL/dgamma
+    = r·inv·dL/ds + d·Σ dy."""
     r = _rounder(k.compute_dtype)
     axes = p.channel_axes
     red = reference.reduce_axes(x.ndim, axes)
@@ -448,22 +452,25 @@ def _folded_gradients(p: Problem, k: Knobs, x: np.ndarray, dy: np.ndarray, group
     def total(a: np.ndarray) -> np.ndarray:
         return r(a.sum(axis=red, keepdims=True))
 
+    ratio, shift = (np.ones_like(p.gamma), np.zeros_like(p.gamma)) if rd is None else rd
+    effective = r(p.gamma * ratio)
     dx, gamma_grad = np.empty_like(x), 0.0
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for g, (mean, var) in zip(groups, parts, strict=True):
             n = max(1, int(np.prod([x[g].shape[a] for a in red])))
             m, inv = b(mean), r(1.0 / r(np.sqrt(r(b(var) + eps))))
-            s = r(b(p.gamma) * inv)
+            s = r(b(effective) * inv)
             sum_dy = total(dy[g])
             ds = r(total(r(dy[g] * x[g])) - r(m * sum_dy))
-            gamma_grad = r(gamma_grad + r(ds * inv))
+            through = r(ds * inv) if rd is None else r(r(b(ratio) * r(ds * inv)) + r(b(shift) * sum_dy))
+            gamma_grad = r(gamma_grad + through)
             # rsqrt's gradient as TF's RsqrtGrad takes it (tensorflow/core/kernels/cwise_ops_gradients.h
             # L129-L150, packet path): mul_no_nan(-0.5·(inv·inv), mul_no_nan(inv, d)), d = dL/dinv, each
             # product in the compute dtype. So a zero d gives 0, not 0·inf = NaN, and any other d gives
             # ±inf once inv·inv passes the range (float16: inv > 256, var + eps < 1.5e-5). Measured: a
             # float16 constant channel of 1e4, eps 1e-5 (inv 316): dL/dx finite where dL/ds is 0, NaN in
             # the other channels; std 1e-3, eps 1e-5 (inv 301): ±inf dL/dx
-            inv_d = r(inv * r(b(p.gamma) * ds))
+            inv_d = r(inv * r(b(effective) * ds))
             dvar = np.where(inv_d == 0, 0.0, r(r(-0.5 * r(inv * inv)) * inv_d))
             dmean = r(-r(s * sum_dy))
             dx[g] = r(r(dy[g] * s) + r(r(dmean + r(r(2.0 * dvar) * r(x[g] - m))) / n))
@@ -477,8 +484,8 @@ def folded_gradient_atol(knobs: Knobs, problem: Problem, check: Check) -> dict[s
     """Per gradient, the absolute error two folded evaluations may show: dL/dgamma = inv·(Σ dy·x -
     mean·Σ dy) sums terms of size |dy·x| and |mean·dy|, so as every gradient sum here it is off by
     about u·Σ|terms| (problem.gradient_scales), judged as default(dtype)·inv·(Σ|dy·x| + |mean|·Σ|dy|)
-    (max over channels) in the compute dtype, instead of the unfolded terms |dy·xhat|. Empty outside
-    a folded gradient check."""
+    (max over channels) in the compute dtype, instead of the unfolded terms |dy·xhat|; with renorm,
+    times r (`_folded_gradients`). Empty outside a folded gradient check."""
     if check != "gradients" or not knobs.normalize_folded or problem.upstream is None:
         return {}
     problem = reference.bn_input(problem)
@@ -488,9 +495,11 @@ def folded_gradient_atol(knobs: Knobs, problem: Problem, check: Check) -> dict[s
     eps = problem.epsilon if knobs.epsilon is None else knobs.epsilon
     red = reference.reduce_axes(x.ndim, problem.channel_axes)
     mean, var, _ = _kept(reference.moments, x, problem.channel_axes)
+    ratio = 1.0 if problem.renorm is None else np.abs(reference.renorm_correction(
+        problem, mean, var, problem.moving_mean, np.sqrt(problem.moving_variance))[0])
     with np.errstate(divide="ignore", invalid="ignore"):
         inv = 1.0 / np.sqrt(var + eps)
-        terms = (np.abs(dy * x).sum(axis=red) + np.abs(mean) * np.abs(dy).sum(axis=red)) * inv
+        terms = (np.abs(dy * x).sum(axis=red) + np.abs(mean) * np.abs(dy).sum(axis=red)) * inv * ratio
     finite = terms[np.isfinite(terms)]
     return {"gamma": DEFAULT_TOLERANCE[knobs.compute_dtype or "float64"] * float(finite.max())} \
         if finite.size else {}
@@ -663,18 +672,19 @@ def zero_variance(problem: Problem, check: Check, epsilon: float | None = None) 
     there in exact arithmetic (a constant channel with more than one value, eps 0; `epsilon`
     replaces the case's): 0/0, and a framework's rounded mean of equal values need not equal them
     (`problem.undetermined`; the reference's is exact, `reference.exact_mean`). None where no
-    channel is, or renorm is on (its r and d are quotients by the same residue). An adjustment
-    (constant a, b) is one more affine map of xhat = ±1 (`problem.undetermined`). With a preceding layer, the
+    channel is. Renorm's r and d and an adjustment's (a, b) are affine maps of xhat = ±1
+    (`problem.zero_variance_affine`). With a preceding layer, the
     channels of what BN sees, z = W·x + b: a channel z whose inputs are equal at every position is
     equal too, each position computing the same sum of the same products
     (measured: Keras 3 on jax and on tensorflow after a 1x1 Conv, the source models of keras-jax-onnx
     and keras-tflite, give ±1 = beta ± gamma in z channels of inputs 3.2 and -0.7; on jax a moving
-    variance of 2^-44 = d², d one float32 ulp of z = -3.9757)."""
+    variance of 2^-44 = d², d one float32 ulp of z = -3.9757). With renorm too: its r and d scale
+    and shift the ±1 (`problem.zero_variance_affine`; measured: Keras 3 on tensorflow and jax,
+    float64 copies of 3.2, rmin 0.7, dmax 0.5, 1.0 and -0.1875 in folded form for -0.7 + 0.5)."""
     eps = problem.epsilon if epsilon is None else epsilon
     problem = reference.bn_input(problem)
     x = problem.batches[-1]
-    if (check == "inference" and problem.track_running_stats) or x.size == 0 or eps != 0.0 \
-            or problem.renorm is not None:
+    if (check == "inference" and problem.track_running_stats) or x.size == 0 or eps != 0.0:
         return None
     # one value in some part normalized apart (a shard, a virtual batch): its mean is exact, 0/0 is NaN
     parts = [shard[g] for shard in _shards(problem, CANONICAL, x)
@@ -930,8 +940,8 @@ VARIANTS = [
     # (keras/src/backend/jax/nn.py L1080-1090) fold the normalization: the output of a channel with
     # one value (var 0, s = gamma/sqrt(eps)) is beta plus the rounding of x·s, not beta exactly.
     Variant("normalize-folded", "y = x·s + (beta - mean·s), s = gamma/sqrt(var + eps), in the compute dtype",
-            lambda p, c: c in ("training", "inference")
-            or (c == "gradients" and p.renorm is None and p.adjustment is None), _folded),
+            lambda p, c: c in ("training", "inference") or (c == "gradients" and p.adjustment is None),
+            _folded),
     # TFLite's post-training float16 quantization: the folded scale and shift become float16 weights,
     # saturated at ±65504 where they pass it, and the model computes in float32. Measured on
     # cases/export/conv-bn-float16-large-mean-folded-overflow: mean·s = 95346 is stored as 65504.

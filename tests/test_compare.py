@@ -256,6 +256,46 @@ def test_inference_after_training_divides_by_a_residue_where_the_moving_variance
     assert not problems.residue_moving_variance(kept, zero_variance(kept, "training")).any()
 
 
+def test_renorm_on_a_constant_channel_with_eps_0_accepts_gamma_times_plus_minus_r_plus_d():
+    """cases/numerics/constant-channel-eps-0-renorm: channel 0 is 3.2 throughout, eps 0, renorm
+    rmin 0.7, dmax 0.5 (fuzz seed 11, keras and keras-jax). Rounded, xhat = ±1 and Keras composes
+    y = gamma·(r·xhat + d) + beta with r = clip(|d_B|/sigma_r) = 0.7 and d = 0.5: 0.25 - 1.78·(±0.7
+    + 0.5) passes, beta ± gamma (the plain set) fails; dL/dgamma accepts (±0.7 + 0.5)·Σ dy. Without
+    rmin, r = |d_B|/sigma_r is a rounding residue: anything."""
+    from conformance import problem as problems
+    from conformance.variants import zero_variance
+
+    case = _case("cases/numerics/constant-channel-eps-0-renorm.yaml")
+    p = problems.build(case, "training")
+    assert zero_variance(p, "training") is not None
+    beta, gamma = 0.25, -1.78
+
+    def channel_0(value: float) -> Callable[[np.ndarray], np.ndarray]:
+        def change(a: np.ndarray) -> np.ndarray:
+            a[:, 0] = value
+            return a
+        return change
+
+    for right in (beta + gamma * (0.7 + 0.5), beta + gamma * (-0.7 + 0.5)):
+        assert all(_measured(case, "training", {"output": channel_0(right)}).values())
+    for wrong in (beta + gamma, beta - gamma, 0.0):
+        assert not _measured(case, "training", {"output": channel_0(wrong)})["output"]
+    sum_dy = float(problems.build(case, "gradients").upstream[:, 0].sum())
+
+    def gamma_0(value: float) -> Callable[[np.ndarray], np.ndarray]:
+        def change(a: np.ndarray) -> np.ndarray:
+            a[0] = value
+            return a
+        return change
+
+    assert _measured(case, "gradients", {"gamma": gamma_0(-0.2 * sum_dy)})["gamma"]
+    assert _measured(case, "gradients", {"gamma": gamma_0(1.2 * sum_dy)})["gamma"]
+    assert not _measured(case, "gradients", {"gamma": gamma_0(sum_dy)})["gamma"]
+    unclipped = dataclasses.replace(p, renorm=dataclasses.replace(p.renorm, rmin=None))
+    assert not problems.zero_variance_affine(unclipped, "training")[2].any()
+    assert problems.zero_variance_affine(p, "training")[2].tolist() == [True, True]
+
+
 def test_a_preceding_layers_constant_output_channel_is_a_zero_variance_channel():
     """cases/export/preceding-constant-channel-eps-0: every input channel is 3.2, so every channel
     of z = W·x + b is constant and BN sees 0/0 (Keras 3 on jax: -1 = beta - gamma in channel 2).

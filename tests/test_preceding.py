@@ -50,6 +50,18 @@ def test_bn_sees_the_preceding_layers_output(axis):
     np.testing.assert_allclose(reference.infer(p), reference.infer(plain), rtol=1e-13)
 
 
+def test_equal_inputs_give_equal_outputs_at_every_position():
+    """Fuzz case 164cc707: 27 positions of float32(3.2) in all 8 input channels through the row
+    below. Each position computes the same sum of the same products, so z is one value, as every
+    framework sees it (0/0 for BN with eps 0); a BLAS matmul's blocking gave two values."""
+    row = [1e-08, 0.9, 1.0282818780030785e-143, -1.359097441743848, -1.4076185969496011,
+           1.3252319952224925, 1.9, -1.4343384329304085e-222]
+    layer = Preceding(np.array([row] * 8), np.zeros(8))
+    x = np.full((27, 8), float(np.float32(3.2)))
+    assert np.unique(layer.apply(x, 1)[:, 0]).size == 1
+    assert np.unique(layer.transpose_apply(x, 1)[:, 0]).size == 1
+
+
 def test_identity_preceding_changes_nothing():
     p = problem(np.eye(3), np.zeros(3))
     for check in ("training", "inference", "gradients"):

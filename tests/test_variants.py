@@ -448,6 +448,33 @@ def test_three_ruled_variants_together_explain_what_no_pair_does():
     assert explained((*KERAS_TORCH_1D, "rejects")) == ["+".join(KERAS_TORCH_1D)]
 
 
+def test_a_variant_that_simulates_an_unaccepted_zero_variance_element_explains_it():
+    """cases/export/preceding-constant-channel-training-default: every BN channel is 0/0 and
+    momentum 1 leaves the moving statistics where they start, so training-uses-moving-stats differs
+    from the reference only in the 0/0 elements: a determined 157.4 where the undetermined set
+    accepts NaN or beta ± gamma. It moves the result there (tf-layers-tflite-training-default's
+    measurement), and explains it, as the adapter's rule says."""
+    from conformance import ROOT
+    from conformance import problem as problems
+    from conformance.diagnose import diagnose
+    from conformance.evaluate import tolerances
+    from conformance.loader import load_file
+
+    [loaded], _ = load_file(ROOT / "cases/export/preceding-constant-channel-training-default.yaml")
+    case = loaded.case
+    p = problems.build(case, "training")
+    conditioning = problems.conditioning(case, "training", p)
+    tol, per_output = tolerances(p, "training", conditioning, case)
+    got = {k: v for k, v in simulate_named(p, "training", ("training-uses-moving-stats",)).items()
+           if k in ("output", "moving_mean", "moving_variance")}
+    assert np.isfinite(got["output"]).all()
+    expected = simulate(p, "training")
+    explained = diagnose(p, "training", (), got, {k: expected[k] for k in got}, tol, conditioning, {},
+                         per_output, ruled=("training-uses-moving-stats",),
+                         settled=problems.undetermined(case, "training", p)).explained_by
+    assert "training-uses-moving-stats" in explained
+
+
 @pytest.mark.parametrize(("shape", "axes"), LAYOUTS)
 def test_folded_gradients_are_the_reference_gradients_in_float64(shape, axes):
     """The fold changes rounding only: in float64 its backward pass is the reference's."""
@@ -455,6 +482,16 @@ def test_folded_gradients_are_the_reference_gradients_in_float64(shape, axes):
     folded = simulate(p, "gradients", Knobs(normalize_folded=True))
     for name, value in simulate(p, "gradients").items():
         np.testing.assert_allclose(folded[name], value, rtol=1e-9, atol=1e-12)
+
+
+def test_folded_gradients_with_renorm_are_the_reference_gradients_in_float64():
+    """Renorm's r and d are constants of the fold (Keras 3 composes gamma·r and gamma·d + beta):
+    in float64 its backward pass is the reference's, clipped or not."""
+    for renorm in (Renorm(momentum=0.99, rmax=1.2, rmin=0.9, dmax=0.1), Renorm(momentum=0.99)):
+        p = dataclasses.replace(problem((8, 3), (1,)), renorm=renorm)
+        folded = simulate(p, "gradients", Knobs(normalize_folded=True))
+        for name, value in simulate(p, "gradients").items():
+            np.testing.assert_allclose(folded[name], value, rtol=1e-9, atol=1e-12)
 
 
 def test_folded_gradient_of_gamma_cancels_in_float16():
