@@ -321,7 +321,8 @@ def undetermined(case: Case, check: Check, problem: Problem) -> dict[str, Undete
       cases/numerics/constant-channel-eps-0-mean-rounds). Gradients: dL/dgamma = Σ dy·xhat is
       ±Σ dy; dL/dx = gamma/|d|·(...) is scaled by 1/|d|, a rounding residue: any value.
       Not with renorm or an adjustment; with a preceding layer, the channels of its output z
-      (`variants.zero_variance`), and dL/dx = Wᵀ·dL/dz is undetermined throughout.
+      (`variants.zero_variance`), and dL/dx = Wᵀ·dL/dz is undetermined throughout. The batch
+      variance there is d², accepted from 0 to the bound on d² (`residue_variance`).
     - inference after training, channels whose moving variance + eps is within the storage
       dtype's resolution (`stored_variance`), or exactly 0 after such a 0/0 batch, where a
       framework stores the residue d² instead (`residue_moving_variance`): any value."""
@@ -350,6 +351,10 @@ def _undetermined(check: Check, problem: Problem) -> dict[str, Undetermined]:
     if zero is None:
         return out
     why = "var + eps = 0 (0/0): a rounded mean leaves x - mean one residue d, so beta ± gamma, ±inf or NaN"
+    if check == "training":
+        out["batch_variance"] = Undetermined(zero, upto=residue_variance(problem), why=(
+            "var + eps = 0 (0/0): a rounded mean leaves the residue d in x - mean, so var is d² from 0 "
+            "to (n·u·|mean|)²"))
     if check in ("training", "inference"):
         gamma = bn.gamma if bn.scale else np.ones_like(bn.gamma)
         beta = bn.beta if bn.center else np.zeros_like(bn.beta)
@@ -362,6 +367,28 @@ def _undetermined(check: Check, problem: Problem) -> dict[str, Undetermined]:
         out["input"] = Undetermined(variants.zero_variance_inputs(problem, zero), anything=True,
                                     why=f"{why}; dL/dx scales with 1/|d|")
     return out
+
+
+def residue_variance(problem: Problem) -> np.ndarray:
+    """Per channel, the largest batch variance a framework can report for a constant channel of
+    the last batch (either estimator): its mean of n equal values v in a float dtype of unit
+    roundoff u is off by at most d = gamma_n·|v|, gamma_n = n·u/(1 - n·u), in any summation order
+    (n - 1 additions and the division by n; Higham, Accuracy and Stability, 4.2), and x - mean
+    is then that one residue d for every element (Sterbenz: exact), so var = mean of d² = d²,
+    rounded by gamma_(n+1) more, times n/(n-1) for the unbiased one. u is the case dtype's (the
+    coarsest any framework computes in: tf.nn.moments keeps bfloat16, nn_impl.py L1268), n the
+    values per channel of the whole batch (a shard or a virtual batch has fewer). Measured: tf.nn.
+    moments of 96 float32 copies of 10000.099609375 gives 7.72e-5 = (9 ulps)², under (0.0572)² =
+    3.3e-3 (the fuzz24 replay, tf-nn)."""
+    x = reference.bn_input(problem).batches[-1]
+    mean, _, n = reference.moments(x, problem.channel_axes)
+
+    def gamma(k: int) -> float:  # no bound once k·u reaches 1 (float16 past 2048 values)
+        ku = k * unit_roundoff_eps(problem.dtype) / 2.0
+        return ku / (1.0 - ku) if ku < 1.0 else np.inf
+
+    d = gamma(n) * np.abs(mean)
+    return d * d * (1.0 + gamma(n + 1)) * n / max(n - 1, 1)
 
 
 def residue_moving_variance(problem: Problem, zero: np.ndarray | None) -> np.ndarray:

@@ -145,7 +145,7 @@ def test_a_constant_channel_with_eps_0_is_undetermined_but_a_wrong_value_fails()
     beta, gamma = 0.25, float(np.float32(-1.78))
     p = problems.build(case, "training")
     unsure = problems.undetermined(case, "training", p)
-    assert set(unsure) == {"output"} and int(np.sum(unsure["output"].mask)) == 48
+    assert set(unsure) == {"output", "batch_variance"} and int(np.sum(unsure["output"].mask)) == 48
     assert np.all(unsure["output"].mask[:, 0]) and not np.any(unsure["output"].mask[:, 1])
 
     def channel_0(value: float) -> Callable[[np.ndarray], np.ndarray]:
@@ -176,6 +176,29 @@ def test_a_constant_channel_with_eps_0_is_undetermined_but_a_wrong_value_fails()
     assert zero_variance(dataclasses.replace(p, epsilon=1e-3), "training") is None
     one_row = dataclasses.replace(p, batches=(p.batches[-1][:1, :, :1, :1],))  # one value: its mean is exact
     assert zero_variance(one_row, "training") is None
+
+
+def test_the_batch_variance_of_a_constant_channel_with_eps_0_is_a_residue_up_to_its_bound():
+    """cases/numerics/constant-channel-eps-0-large-mean-batch-variance: 96 float32 copies of
+    10000.099609375, eps 0. tf.nn.moments' rounded mean leaves d = 9 ulps and a batch variance
+    d² = 7.72e-5 where the reference's is 0 (beyond float32's atol 1e-5): accepted up to
+    (gamma_96·|v|)²·(1 + gamma_97)·96/95 = 3.3e-3; 1e-2, a negative value and NaN still fail."""
+    from conformance import problem as problems
+
+    case = _case("cases/numerics/constant-channel-eps-0-large-mean-batch-variance.yaml")
+    p = problems.build(case, "training")
+    bound = problems.residue_variance(p)
+    u = float(np.finfo(np.float32).eps) / 2
+    d = 96 * u / (1 - 96 * u) * 10000.099609375
+    assert np.allclose(bound, d * d * (1 + 97 * u / (1 - 97 * u)) * 96 / 95) and 3.2e-3 < bound[0] < 3.4e-3
+
+    def variance(value: float) -> Callable[[np.ndarray], np.ndarray]:
+        return lambda a: np.full_like(a, value)
+
+    assert _measured(case, "training", {"batch_variance": variance(7.724761962890625e-05)})["batch_variance"]
+    assert _measured(case, "training", {"batch_variance": variance(float(bound[0]))})["batch_variance"]
+    for wrong in (1e-2, -1e-3, np.nan):
+        assert not _measured(case, "training", {"batch_variance": variance(wrong)})["batch_variance"]
 
 
 def test_a_float16_moving_variance_below_the_subnormal_range_leaves_inference_after_training_undetermined():
