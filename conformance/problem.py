@@ -289,20 +289,19 @@ def stored_variance(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
 
 def update_rounding(problem: Problem) -> np.ndarray:
     """Per channel, how far rounding can leave the stored moving variance from the reference's,
-    however the update m·a + (1 - m)·b (a the moving variance, b the batch's, either estimator) is
-    evaluated in the storage dtype (unit roundoff u): as written, or as tf_keras's
-    a - (a - b)·(1 - m) (tf_keras/src/layers/normalization/batch_normalization.py L865-885,
-    _assign_moving_average's assign_sub of (variable - value)·decay), each of at most four
-    roundings (1 - m, a - b, the product, the sum) is u times a value no larger than |a| + |b|:
-    gamma_4·(|a| + |b|) per step, carried on with weight m by the later steps. (m·a + (1 - m)·b of
-    variances, both >= 0, rounds by a few u·v only: the subtraction form is what this bounds, and
-    tf_keras keeps a float16 or bfloat16 layer's statistics in float32, `_param_dtype` L319-324, so
-    u is float32's there, as TF1's assign_moving_average in moving_averages.py L43 would on float32
-    variables.) Where b is far below
-    a (momentum 0 after a large moving variance), that is large against the result: tf_keras gives
-    1.19e-6 for 1.29e-6 from a = 2.67 (inference after training off by 0.086, atol 0.0097: tf-layers,
-    tf-keras, tf-keras-unfused, tf-slim on cases/momentum/momentum-0-tiny-variance-after-large; found
-    by the fuzz24 replay). Without renorm (its moving variance comes from a moving std); 0 elsewhere."""
+    however the update of a (the moving variance) with b (the batch's, either estimator) is
+    evaluated in the storage dtype (unit roundoff u): as m·a + (1 - m)·b, off by u·(m·a + 2(1 -
+    m)·|b| + |new|) <= 2u·(|new| + (1 - m)·|b|) (a, b >= 0), or as tf_keras's a - (a - b)·(1 - m)
+    (tf_keras/src/layers/normalization/batch_normalization.py L865-885, _assign_moving_average's
+    assign_sub of (variable - value)·decay; TF1's assign_moving_average, moving_averages.py L43),
+    whose 1 - m, a - b and product round by u·(1 - m)·|a - b| each and whose sum by u·|new|. Both
+    are within gamma_4·((1 - m)·(|a| + |b|) + |new|) per step, carried on with weight m by the
+    later steps. Where b is far below a (momentum 0 after a large moving variance) that is large
+    against the result: tf_keras gives 1.19e-6 for 1.29e-6 from a = 2.67 (inference after training
+    off by 0.086, atol 0.0097: tf-layers, tf-keras, tf-keras-unfused, tf-slim on
+    cases/momentum/momentum-0-tiny-variance-after-large; found by the fuzz24 replay). u is float32's
+    for a float16 or bfloat16 layer, whose statistics tf_keras keeps in float32 (`_param_dtype`,
+    L319-324). Without renorm (its moving variance comes from a moving std); 0 elsewhere."""
     if problem.renorm is not None or not problem.track_running_stats:
         return np.zeros(problem.gamma.shape)
     bn = reference.bn_input(problem)
@@ -316,11 +315,14 @@ def update_rounding(problem: Problem) -> np.ndarray:
                  for g in reference.virtual_batches(x.shape[0], bn.virtual_batch_size)]
         var = reference.average([v for _, v, _ in parts])
         var_unbiased = reference.average([reference.unbiased(v, n) for _, v, n in parts])
+        weight = 1.0 / step if bn.momentum is None else 1.0 - bn.momentum  # 1 - m
+        new, new_unbiased = (reference.update(biased, var, bn.momentum, step),
+                             reference.update(unbiased, var_unbiased, bn.momentum, step))
         with np.errstate(invalid="ignore"):
-            size = np.fmax(np.abs(biased) + np.abs(var), np.abs(unbiased) + np.abs(var_unbiased))
+            size = np.fmax(weight * (np.abs(biased) + np.abs(var)) + np.abs(new),
+                           weight * (np.abs(unbiased) + np.abs(var_unbiased)) + np.abs(new_unbiased))
         delta = reference.update(delta, np.zeros_like(delta), bn.momentum, step) + gamma4 * size
-        biased = reference.update(biased, var, bn.momentum, step)
-        unbiased = reference.update(unbiased, var_unbiased, bn.momentum, step)
+        biased, unbiased = new, new_unbiased
     return np.where(np.isfinite(delta), delta, 0.0)
 
 
