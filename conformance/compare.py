@@ -135,12 +135,15 @@ class Undetermined:
     """Elements of one output whose value exact arithmetic does not fix under rounding
     (`problem.undetermined`): there a result is accepted when it is non-finite, or within the
     tolerance of one of `accepted` (arrays that broadcast over the output), or anything at all with
-    `anything`. The reference there is NaN (0/0) or a quotient by a statistic the stored dtype
-    cannot resolve; a wrong finite value still fails."""
+    `anything`; with `upto`, only from 0 to `upto` (a rounding residue's square, within tolerance,
+    never non-finite). The reference there is NaN (0/0), the 0 of a variance a rounded mean leaves a
+    residue in, or a quotient by a statistic the stored dtype cannot resolve; a wrong finite value
+    still fails."""
 
     mask: np.ndarray  # bool, broadcasts over the output
     accepted: tuple[np.ndarray, ...] = ()
     anything: bool = False
+    upto: np.ndarray | None = None  # also accepted: 0 <= value <= upto (broadcasts over the output)
     why: str = ""
 
     def settles(self, got: np.ndarray, tol: Tolerance) -> np.ndarray:
@@ -148,10 +151,12 @@ class Undetermined:
         mask = np.broadcast_to(self.mask, got.shape)
         if self.anything:
             return mask
-        ok = ~np.isfinite(got)
+        ok = ~np.isfinite(got) if self.upto is None else np.zeros(got.shape, bool)
         with np.errstate(invalid="ignore", over="ignore"):
             for value in self.accepted:
                 ok = ok | (np.abs(got - value) <= tol.atol + tol.rtol * np.abs(value))
+            if self.upto is not None:
+                ok = ok | ((got >= -tol.atol) & (got <= self.upto + tol.atol + tol.rtol * self.upto))
         return mask & ok
 
 

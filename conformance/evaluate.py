@@ -218,7 +218,7 @@ def stored_variance_tolerance(case: Case, problem: Problem, base: Tolerance) -> 
     widen = reference.broadcastable(rho * np.where(np.isfinite(spread), spread, 0.0), x.ndim, axes)
     return replace(base, atol=base.atol + widen, rule=f"{base.rule}; inference_output's atol + rho_i x "
                    f"max|y_i - beta_i|, rho up to {float(rho.max()):.3g} (moving variance near "
-                   f"{problem.param_dtype or problem.dtype}'s resolution)")
+                   f"{problem.param_dtype or problem.dtype}'s resolution or its updates' rounding)")
 
 
 def residue_tolerances(case: Case, problem: Problem, base: Tolerance, per_output: dict[str, Tolerance],

@@ -264,7 +264,9 @@ def stored_variance(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
     x = mean) or anything up to 2 Delta: the output is undetermined. (v + eps = 0 is the exact 0 of
     a zero batch variance and momentum or moving variance, which a framework stores as well.) rho
     counts only where Delta exceeds the u·(v + eps) the dtype's default tolerance already covers;
-    elsewhere 0. Measured:
+    elsewhere 0. Delta also counts, per channel, the updates' rounding (`update_rounding`) where
+    that exceeds the dtype's default tolerance of v + eps itself and v + eps is a normal number (a
+    subnormal one is flush-to-zero's domain, `denormals-flushed`, judged by rules). Measured:
     Keras 3 on jax, a float16 layer, eps 0, momentum 5e-324, std 1e-3: moving variances 1.66e-8
     and 3.18e-8 stored as 0 and 5.96e-8 (the float16 subnormal), inference after training inf and
     0.73 where the reference gives 1 (cases/numerics/float16-inference-after-training-moving-
@@ -277,11 +279,14 @@ def stored_variance(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
     if not problem.track_running_stats or not problem.infer_after_training:
         return none, np.zeros(problem.gamma.shape)
     stored = stored_resolution(problem)
-    u = unit_roundoff_eps(problem.param_dtype or problem.dtype) / 2.0
+    dtype = problem.param_dtype or problem.dtype
+    u = unit_roundoff_eps(dtype) / 2.0
     v = _smallest_moving_variance(problem) + problem.epsilon
     rounding = update_rounding(problem)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        extra = np.where(rounding > DEFAULT_TOLERANCE[problem.dtype] * v, rounding, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):  # past the output's default tolerance of
+        # v + eps, where v + eps is a normal number (below, flush-to-zero's: the denormals-flushed rules)
+        counted = (rounding > DEFAULT_TOLERANCE[problem.dtype] * v) & (v >= float(finfo(dtype).tiny))
+        extra = np.where(counted, rounding, 0.0)
         delta = stored + extra
         lost = (v > 0) & (v <= delta)  # v + eps = 0: the exact 0 a framework stores as well
         rho = np.where((v > delta) & ((v * u < stored) | (extra > 0)), np.sqrt(v / (v - delta)) - 1.0, 0.0)
@@ -289,35 +294,42 @@ def stored_variance(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
 
 
 def update_rounding(problem: Problem) -> np.ndarray:
-    """Per channel, E: how far rounding the moving-average updates may leave a framework's moving
-    variance from the reference's, beyond the relative u·|v| the default tolerance covers. The
-    update is the same in exact arithmetic in any of its forms, but TF's is
-    v <- v - (v - b)·(1 - m), assign_sub in the variable's dtype (tf_keras/src/layers/
-    normalization/batch_normalization.py L866-883; tf.compat.v1.train.ExponentialMovingAverage and
-    tf.nn's assign_moving_average likewise): v - b, its product with 1 - m and the difference each
-    round, up to u·|v - b|·(2 + u) + u·|v_new| <= 3u·(|v| + |b|) per step (u of float64 for float64
-    statistics, else float32's: 16-bit statistics are updated in float32 and rounded once on
-    storing, which `stored_resolution` counts; tf_keras keeps a float16 layer's in float32),
-    an absolute error carried on by the later steps' m: E = sum_k m_{k+1}···m_K·3u·(|v_{k-1}| +
-    |b_k|). Where m < u, 1 - m is 1 and v_new = b exactly, m·v lost: measured, tf-keras's unfused
-    path on a float64 layer, momentum 2.1e-162 (1.0 - m == 1.0 in Python), ghost batches of one
-    sample (b = 0): moving variance 0 where the reference keeps m·v = 2.6e-162, and inference
-    after training NaN (0/0 in the fold) where the reference gives -1e-215
-    (cases/numerics/momentum-below-unit-roundoff-eps-0). Either estimator: the larger terms."""
-    out = np.zeros(problem.gamma.shape)
-    if not problem.track_running_stats:
-        return out
-    wide = (problem.param_dtype or problem.dtype) == "float64"
-    u = unit_roundoff_eps("float64" if wide else "float32") / 2.0
-    before = np.abs(problem.moving_variance)
-    for step in range(1, len(problem.batches) + 1):
-        after = reference.train(replace(problem, batches=problem.batches[:step]))
-        batch = np.fmax(np.abs(after.batch_variance), np.abs(after.batch_variance_unbiased))
-        m = 1.0 - 1.0 / step if problem.momentum is None else problem.momentum
+    """Per channel, how far rounding can leave the stored moving variance from the reference's,
+    however the update of a (the moving variance) with b (the batch's, either estimator) is
+    evaluated in the storage dtype (unit roundoff u): as m·a + (1 - m)·b, off by u·(m·a + 2(1 -
+    m)·|b| + |new|) <= 2u·(|new| + (1 - m)·|b|) (a, b >= 0), or as tf_keras's a - (a - b)·(1 - m)
+    (tf_keras/src/layers/normalization/batch_normalization.py L865-885, _assign_moving_average's
+    assign_sub of (variable - value)·decay; TF1's assign_moving_average, moving_averages.py L43),
+    whose 1 - m, a - b and product round by u·(1 - m)·|a - b| each and whose sum by u·|new|. Both
+    are within gamma_4·((1 - m)·(|a| + |b|) + |new|) per step, carried on with weight m by the
+    later steps. Where b is far below a (momentum 0 after a large moving variance) that is large
+    against the result: tf_keras gives 1.19e-6 for 1.29e-6 from a = 2.67 (inference after training
+    off by 0.086, atol 0.0097: tf-layers, tf-keras, tf-keras-unfused, tf-slim on
+    cases/momentum/momentum-0-tiny-variance-after-large; found by the fuzz24 replay). u is float32's
+    for a float16 or bfloat16 layer, whose statistics tf_keras keeps in float32 (`_param_dtype`,
+    L319-324). Without renorm (its moving variance comes from a moving std); 0 elsewhere."""
+    if problem.renorm is not None or not problem.track_running_stats:
+        return np.zeros(problem.gamma.shape)
+    bn = reference.bn_input(problem)
+    stored = problem.param_dtype or problem.dtype
+    ku = 4.0 * unit_roundoff_eps("float32" if stored in ("float16", "bfloat16") else stored) / 2.0
+    gamma4 = ku / (1.0 - ku)
+    biased = unbiased = bn.moving_variance
+    delta = np.zeros(problem.gamma.shape)
+    for step, x in enumerate(bn.batches, start=1):
+        parts = [reference.moments(x[g], bn.channel_axes)
+                 for g in reference.virtual_batches(x.shape[0], bn.virtual_batch_size)]
+        var = reference.average([v for _, v, _ in parts])
+        var_unbiased = reference.average([reference.unbiased(v, n) for _, v, n in parts])
+        weight = 1.0 / step if bn.momentum is None else 1.0 - bn.momentum  # 1 - m
+        new, new_unbiased = (reference.update(biased, var, bn.momentum, step),
+                             reference.update(unbiased, var_unbiased, bn.momentum, step))
         with np.errstate(invalid="ignore"):
-            out = m * out + 3.0 * u * (before + batch)
-        before = np.fmax(np.abs(after.moving_variance), np.abs(after.moving_variance_unbiased))
-    return np.where(np.isfinite(out), out, 0.0)
+            size = np.fmax(weight * (np.abs(biased) + np.abs(var)) + np.abs(new),
+                           weight * (np.abs(unbiased) + np.abs(var_unbiased)) + np.abs(new_unbiased))
+        delta = reference.update(delta, np.zeros_like(delta), bn.momentum, step) + gamma4 * size
+        biased, unbiased = new, new_unbiased
+    return np.where(np.isfinite(delta), delta, 0.0)
 
 
 def moving_conditioning(problem: Problem) -> float:
@@ -362,7 +374,8 @@ def undetermined(case: Case, check: Check, problem: Problem) -> dict[str, Undete
       With renorm, gamma·(±r + d) + beta and dL/dgamma = (±r + d)·Σ dy; with an adjustment
       (training only), xhat = ±1 goes through a·xhat + b first (`zero_variance_affine`); with a
       preceding layer, the channels of its output z
-      (`variants.zero_variance`), and dL/dx = Wᵀ·dL/dz is undetermined throughout.
+      (`variants.zero_variance`), and dL/dx = Wᵀ·dL/dz is undetermined throughout. The batch
+      variance there is d², accepted from 0 to the bound on d² (`residue_variance`).
     - inference after training, channels whose moving variance + eps is within the storage
       dtype's resolution (`stored_variance`), or within the residues d² such 0/0 batches may add
       to it (exactly 0 included: `residue_moving_variance`): any value."""
@@ -402,6 +415,10 @@ def _undetermined(check: Check, problem: Problem) -> dict[str, Undetermined]:
     unpinned = bool((zero & ~pinned).any())
     if unpinned:
         why += "; r = |d|/sigma_r not clipped to rmin: any value"
+    if check == "training":
+        out["batch_variance"] = Undetermined(zero, upto=residue_variance(problem), why=(
+            "var + eps = 0 (0/0): a rounded mean leaves the residue d in x - mean, so var is d² from 0 "
+            "to (n·u·|mean|)²"))
     if check in ("training", "inference"):
         out["output"] = Undetermined(like_x(zero), (like_x(offset + scale), like_x(offset - scale)),
                                      anything=unpinned, why=why)
@@ -466,6 +483,41 @@ def zero_variance_affine(bn: Problem, check: Check) -> tuple[np.ndarray, np.ndar
     return scale, offset, pinned
 
 
+def mean_residue(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel of the last batch, (D, B): bounds on how far a framework's mean of a constant
+    channel is from its value, and on the batch variance that residue leaves (either estimator).
+    A channel of n equal values c in a float dtype of unit roundoff u: any summation order errs by
+    at most gamma_{n-1}·n·|c| (Higham, Accuracy and Stability of Numerical Algorithms, eq. 4.4;
+    gamma_k = k·u/(1 - k·u)), the division by n by u more, so the mean is c + d with |d| <= D =
+    gamma_n·|c|. x - (c + d) is -d exactly for every element (Sterbenz), so a two-pass variance is
+    the mean of n roundings of d², at most B = (1 + gamma_{n+1})·D², times n/(n - 1) for the
+    unbiased one (2 where parts are normalized apart: a shard or a virtual batch of 2). u is the
+    case dtype's, the coarsest any framework computes in (tf.nn.moments keeps bfloat16, nn_impl.py
+    L1268); no bound (inf) once k·u reaches 1 (float16 past 2048 values). Measured: tf.nn.moments
+    of 96 float32 copies of 10000.099609375 gives 7.72e-5 = (9 ulps)², under D² = (0.0572)² =
+    3.3e-3 (the fuzz24 replay, tf-nn)."""
+    p = reference.bn_input(problem)
+    x = p.batches[-1]
+    n = int(x.size // max(problem.gamma.size, 1))
+    u = unit_roundoff_eps(problem.dtype) / 2.0
+
+    def gamma(k: int) -> float:
+        return k * u / (1.0 - k * u) if k * u < 1.0 else np.inf
+
+    red = reference.reduce_axes(x.ndim, p.channel_axes)
+    c = reference.to_channels(np.abs(x).max(axis=red, keepdims=True), p.channel_axes) if x.size \
+        else np.zeros(problem.gamma.shape)
+    bessel = 2.0 if p.virtual_batch_size is not None or p.replicas is not None else n / max(n - 1, 1)
+    d = gamma(n) * c
+    return d, (1.0 + gamma(n + 1)) * bessel * d * d
+
+
+def residue_variance(problem: Problem) -> np.ndarray:
+    """Per channel, the largest batch variance a framework can report for a constant channel of
+    the last batch (`mean_residue`'s B): accepted from 0 to it where exact arithmetic gives 0."""
+    return mean_residue(problem)[1]
+
+
 def residue_moving_variance(problem: Problem, zero: np.ndarray | None) -> np.ndarray:
     """Per channel, where inference after training divides by a moving variance + eps no larger
     than the residues a framework's rounded means of constant channels may have added to it
@@ -489,41 +541,26 @@ def residue_bands(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
     side), and how far above it its moving variance, after the steps whose batch has the channel
     constant (0/0 at eps 0, `variants.zero_variance`). Zeros where no step's is.
 
-    Derivation. A step k whose channel holds n copies of c (n values per channel; per part
-    normalized apart, n_p >= 2): the framework's mean is c + d_k, and any summation order of n
-    terms errs by at most gamma_{n-1}·sum|x_i| = gamma_{n-1}·n·|c| (Higham, Accuracy and Stability
-    of Numerical Algorithms, eq. 4.4; gamma_j = j·u/(1 - j·u)), the division by n by u more, so
-    |d_k| <= D_k = gamma_n·|c|, u the unit roundoff of the dtype statistics are computed in
-    (`variants.stats_dtype`: float32 for 16-bit input). x - (c + d_k) is -d_k exactly (Sterbenz),
-    so a two-pass variance is the mean of n roundings of d_k², at most (1 + gamma_{n+1})·d_k², and
-    the Bessel-corrected one n_p/(n_p - 1) times that (both estimators: the larger, 2 for parts of
-    2). The moving variance is linear in the batch variances: each is carried on with the weight
-    w_k = (1 - m_k)·m_{k+1}···m_K of the reference's update, so the framework's is
-    v + sum_k w_k·b_k with 0 <= b_k <= B_k = (1 + gamma_{n+1})·n_p/(n_p - 1)·D_k²:
-    R = sum_k w_k·B_k, the reference's update run on B_k from 0; the moving mean likewise
-    M = sum_k w_k·D_k. Measured (tf-keras's unfused
-    path, 96 float32 copies of 10000.1 per channel, momentum 0.738, 2 steps from 0.001): 5.80e-4
-    where v = 5.44e-4, a mean 9 ulps (d = 8.8e-3) off, within D = 0.0572, R = 1.51e-3
-    (cases/numerics/constant-channel-eps-0-moving-variance-residue). A sum-of-squares variance is
-    noisier still: its variants' bands (`variants.sum_of_squares_atol`)."""
+    A step k whose batch has the channel constant leaves the framework's mean off by d_k, |d_k| <=
+    D_k, and its batch variance b_k = d_k² in [0, B_k] (`mean_residue`, per step). The moving
+    statistics are linear in the batch's: each is carried on with the weight w_k = (1 - m_k)·
+    m_{k+1}···m_K of the reference's update, so the framework's moving variance is v + sum_k w_k·b_k:
+    R = sum_k w_k·B_k, the reference's update run on B_k from 0; the moving mean likewise M =
+    sum_k w_k·D_k. Measured (tf-keras's unfused path, 96 float32 copies of 10000.1 per channel,
+    momentum 0.738, 2 steps from 0.001): 5.80e-4 where v = 5.44e-4, a mean 9 ulps (d = 8.8e-3)
+    off, within D = 0.0572, R = 1.51e-3 (cases/numerics/constant-channel-eps-0-moving-variance-
+    residue). A sum-of-squares variance is noisier still: its variants' bands
+    (`variants.sum_of_squares_atol`)."""
     mean_band, band = np.zeros(problem.gamma.shape), np.zeros(problem.gamma.shape)
     if not problem.track_running_stats:
         return mean_band, band
-    p = reference.bn_input(problem)
-    u = unit_roundoff_eps("float64" if problem.dtype == "float64" else "float32") / 2.0
-    for step in range(1, len(p.batches) + 1):
-        x = p.batches[step - 1]
-        zero = variants.zero_variance(replace(problem, batches=problem.batches[:step]), "training")
+    for step in range(1, len(problem.batches) + 1):
+        prefix = replace(problem, batches=problem.batches[:step])
+        zero = variants.zero_variance(prefix, "training")
         d_bound = bound = np.zeros(problem.gamma.shape)
         if zero is not None:
-            n = int(x.size // max(problem.gamma.size, 1))
-            gamma_n, gamma_n1 = n * u / (1 - n * u), (n + 1) * u / (1 - (n + 1) * u)
-            parts = p.virtual_batch_size is not None or p.replicas is not None
-            bessel = 2.0 if parts else n / (n - 1)
-            c = reference.to_channels(np.abs(x).max(axis=reference.reduce_axes(x.ndim, p.channel_axes),
-                                                    keepdims=True), p.channel_axes)
-            d_bound = np.where(zero, gamma_n * c, 0.0)
-            bound = (1 + gamma_n1) * bessel * d_bound ** 2
+            d, b = mean_residue(prefix)
+            d_bound, bound = np.where(zero, d, 0.0), np.where(zero, b, 0.0)
         mean_band = reference.update(mean_band, d_bound, problem.momentum, step)
         band = reference.update(band, bound, problem.momentum, step)
     return mean_band, band
