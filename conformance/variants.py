@@ -365,6 +365,9 @@ def _infer(p: Problem, k: Knobs) -> dict[str, np.ndarray]:
     x = p.batches[-1]
     whole = not p.track_running_stats or k.inference_uses_batch_stats
     used = _stats(x, p, k)[:2] if whole else (p.moving_mean, p.moving_variance)
+    if k.flush_denormals and not whole:  # denormals-are-zero: a subnormal stored statistic reads as 0
+        f = _flusher("float32" if _lower(k) else k.flush_denormals)
+        used = (f(used[0]), f(used[1]))
     return {"output": _normalize(x, p, k, *used)}
 
 
@@ -924,8 +927,10 @@ VARIANTS = [
     # (tensorflow/core/platform/denormal.h, ScopedFlushDenormal; measured: tf and jax.jit give 0 for
     # 2.2250738585e-313 * 0.01 in float64 where NumPy and torch give 2.2e-315): a subnormal momentum
     # or moving statistic is 0, so with eps 0 a moving variance that should be subnormal gives 0/0.
+    # In inference the stored statistics are read so too (denormals-are-zero).
     Variant("denormals-flushed", "a subnormal momentum or moving statistic taken as 0 (flush-to-zero)",
-            _updates, lambda p: [{"flush_denormals": "float64" if p.dtype == "float64" else "float32"}]),
+            lambda p, c: _updates(p, c) or (c == "inference" and p.track_running_stats),
+            lambda p: [{"flush_denormals": "float64" if p.dtype == "float64" else "float32"}]),
     # TF1 tf.compat.v1.layers run without the UPDATE_OPS dependency.
     Variant("stats-frozen", "training leaves the moving statistics unchanged",
             _updates, {"stats_frozen": True}),
