@@ -211,6 +211,9 @@ def _normalize(x: np.ndarray, p: Problem, k: Knobs, mean: np.ndarray, var: np.nd
                affine: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """reference.normalize, operation for operation, under the knobs."""
     gamma, beta = (p.gamma, p.beta) if affine is None else affine
+    if k.flush_denormals:  # denormals-are-zero reads a subnormal gamma as 0: TF's 1e-40·inf is NaN
+        f = _flusher("float32" if _lower(k) else k.flush_denormals)
+        gamma, beta = f(gamma), f(beta)
     return _kept(_normalized, x, mean, var, gamma, beta, p.channel_axes, p.epsilon, k.compute_dtype,
                  k.normalize_folded, k.folded_float16_weights, k.epsilon_outside_sqrt)
 
