@@ -75,8 +75,8 @@ class Knobs:
     # replicas normalize unsynchronized (each its shard's statistics, whatever the case asks) and
     # the statistics read back are replica 0's ("replica-0") or the mean over replicas ("mean")
     replica_stats: str | None = None
-    # flush-to-zero / denormals-are-zero in this dtype: a subnormal momentum, product or moving
-    # statistic is 0 (TF's and XLA's CPU kernels)
+    # flush-to-zero / denormals-are-zero in this dtype: a subnormal momentum, product, moving
+    # statistic, gamma or beta is 0 (TF's and XLA's CPU kernels)
     flush_denormals: str | None = None
     renorm_floor_epsilon_float32: bool = False  # renorm's floor sqrt(eps) of its std takes float32(eps)
     # folded s and beta - mean·s stored in float16, saturated at ±65504 (TFLite's float16 weights)
@@ -211,6 +211,9 @@ def _normalize(x: np.ndarray, p: Problem, k: Knobs, mean: np.ndarray, var: np.nd
                affine: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """reference.normalize, operation for operation, under the knobs."""
     gamma, beta = (p.gamma, p.beta) if affine is None else affine
+    if k.flush_denormals:  # denormals-are-zero reads a subnormal gamma as 0: TF's 1e-40·inf is NaN
+        f = _flusher("float32" if _lower(k) else k.flush_denormals)
+        gamma, beta = f(gamma), f(beta)
     return _kept(_normalized, x, mean, var, gamma, beta, p.channel_axes, p.epsilon, k.compute_dtype,
                  k.normalize_folded, k.folded_float16_weights, k.epsilon_outside_sqrt)
 
@@ -927,7 +930,8 @@ VARIANTS = [
     # (tensorflow/core/platform/denormal.h, ScopedFlushDenormal; measured: tf and jax.jit give 0 for
     # 2.2250738585e-313 * 0.01 in float64 where NumPy and torch give 2.2e-315): a subnormal momentum
     # or moving statistic is 0, so with eps 0 a moving variance that should be subnormal gives 0/0.
-    # In inference the stored statistics are read so too (denormals-are-zero).
+    # In inference the stored statistics are read so too (denormals-are-zero), and gamma and beta in
+    # every normalization (measured: TF's tf.constant([1e-40]) * inf is [nan]).
     Variant("denormals-flushed", "a subnormal momentum or moving statistic taken as 0 (flush-to-zero)",
             lambda p, c: _updates(p, c) or (c == "inference" and p.track_running_stats),
             lambda p: [{"flush_denormals": "float64" if p.dtype == "float64" else "float32"}]),

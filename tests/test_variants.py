@@ -631,6 +631,23 @@ def test_ruled_variants_together_are_tried_where_only_an_unruled_one_matches():
     assert explained(KERAS_TORCH_1D)[-1] == "+".join(KERAS_TORCH_1D)
 
 
+def test_denormals_flushed_in_inference_reads_stored_statistics_and_gamma_as_0():
+    """Inference with a float32 subnormal moving variance (1e-40) and eps 0: flushed, (x - mean)/0
+    is ±inf where the reference's (x - mean)·1e20 is finite; folded and flushed, x·inf - mean·inf is
+    NaN where x and the mean share a sign. A subnormal gamma over a zero variance: TF's 1e-40·inf
+    is NaN (gamma read as 0), the reference's inf (fuzz seed 5)."""
+    p = dataclasses.replace(hand(epsilon=0.0, dtype="float32"), moving_mean=np.array([1.5]),
+                            moving_variance=np.array([1e-40]))
+    flushed = knobs("denormals-flushed", p, "inference")
+    assert np.isfinite(simulate(p, "inference")["output"]).all()
+    assert (simulate(p, "inference", flushed)["output"][:, 0] == [-np.inf, np.inf]).all()
+    folded = simulate(p, "inference", dataclasses.replace(flushed, normalize_folded=True))["output"][:, 0]
+    assert np.isnan(folded).all()  # x = 1 and 3 share the mean's sign
+    g = dataclasses.replace(p, gamma=np.array([1e-40]), moving_variance=np.array([0.0]))
+    assert (simulate(g, "inference")["output"][:, 0] == [-np.inf, np.inf]).all()
+    assert np.isnan(simulate(g, "inference", flushed)["output"]).all()
+
+
 def test_denormals_flush_in_float32_where_a_float64_case_computes_in_float32():
     """A float64 layer that computes in float32 (Keras 3 on jax) keeps float32 statistics, so a
     momentum subnormal in float32 (1.4e-45) is flushed to 0, not only one subnormal in float64."""
