@@ -561,6 +561,8 @@ def residue_bands(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
         if zero is not None:
             d, b = mean_residue(prefix)
             d_bound, bound = np.where(zero, d, 0.0), np.where(zero, b, 0.0)
+        if reference.update(0.0, 1.0, problem.momentum, step) == 0.0:  # momentum 1: the batch's
+            continue  # weight is 0, so is what its residues (inf past k·u = 1) add: not 0·inf = NaN
         mean_band = reference.update(mean_band, d_bound, problem.momentum, step)
         band = reference.update(band, bound, problem.momentum, step)
     return mean_band, band

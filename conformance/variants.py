@@ -337,7 +337,10 @@ def _train(p: Problem, k: Knobs) -> dict[str, np.ndarray]:
                     renorm_std = rs(reference.update(renorm_std, np.sqrt(var + p.epsilon), p.renorm.momentum,
                                                      1))
                     moving_std = _update(moving_std, np.sqrt(fed + p.epsilon), m, k)
-                    moving_var = rs(np.maximum(moving_std * moving_std - p.epsilon, 0.0))
+                    # relu(std·std - eps) (Keras 3, batch_normalization.py L584-586): a subnormal
+                    # square is flushed too (float64 1e-155² on tensorflow, float32 5e-21² on jax)
+                    f = _flusher("float32" if k.flush_denormals and _lower(k) else k.flush_denormals)
+                    moving_var = f(rs(np.maximum(f(rs(moving_std * moving_std)) - p.epsilon, 0.0)))
             reported = (reference.average([_unbiased(v, n, k) for _, v, n in parts])
                         if k.batch_variance_estimator == "unbiased" else var)
             stats.append((mean, var, reported))

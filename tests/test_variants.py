@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from adapters.base import Adjustment, Problem, Renorm, Replicas
+from conformance import problem as problems
 from conformance import reference
 from conformance.compare import DEFAULT_TOLERANCE
 from conformance.dtypes import round_to
@@ -421,7 +422,6 @@ def diagnosis_of(case_file: str, check: str, outputs: tuple[str, ...] | None = N
     torch computes a 1-D input (KERAS_TORCH_1D), or `measured`; `outputs`: the compared ones (all
     if None)."""
     from conformance import ROOT
-    from conformance import problem as problems
     from conformance.diagnose import diagnose
     from conformance.evaluate import tolerances
     from conformance.loader import load_file
@@ -455,7 +455,6 @@ def test_a_variant_that_simulates_an_unaccepted_zero_variance_element_explains_i
     accepts NaN or beta ± gamma. It moves the result there (tf-layers-tflite-training-default's
     measurement), and explains it, as the adapter's rule says."""
     from conformance import ROOT
-    from conformance import problem as problems
     from conformance.diagnose import diagnose
     from conformance.evaluate import tolerances
     from conformance.loader import load_file
@@ -657,6 +656,29 @@ def test_denormals_flush_in_float32_where_a_float64_case_computes_in_float32():
     assert simulate(p, "training", Knobs(flush_denormals="float64"))["moving_variance"][0] > 0.0
 
 
+def test_denormals_flush_the_square_of_renorms_moving_std():
+    """Renorm keeps the moving std, and Keras 3 stores relu(std·std - eps) as the moving variance:
+    sqrt(1e-310)/2 squared is 2.5e-311, a float64 subnormal that TF's kernels flush to 0 (fuzz seed
+    5, cases/numerics/denormal-moving-variance-renorm-eps-0), while the moving std itself is normal."""
+    p = dataclasses.replace(hand(momentum=0.5, epsilon=0.0), batches=(np.array([[2.0]]),),
+                            upstream=np.array([[1.0]]), moving_mean=np.array([1.0]),
+                            moving_variance=np.array([1e-310]), renorm=Renorm(momentum=0.9))
+    assert simulate(p, "training")["moving_variance"][0] == 0.25e-310
+    flushed = simulate(p, "training", Knobs(flush_denormals="float64"))
+    assert flushed["moving_variance"][0] == 0.0 and np.isinf(flushed["inference_output"][0, 0])
+
+
+def test_residue_bands_of_momentum_1_are_0_where_the_residue_has_no_bound():
+    """256 equal bfloat16 values: n·u reaches 1, so the mean's residue has no bound (inf), but
+    momentum 1 gives the batch weight 0: the moving statistics' band is 0, not 0·inf = NaN (which
+    failed exactly equal moving statistics: cases/numerics/constant-channel-momentum-1-bfloat16)."""
+    p = dataclasses.replace(hand(momentum=1.0, epsilon=0.0, dtype="bfloat16"),
+                            batches=(np.full((256, 1), 9984.0),), upstream=None)
+    assert np.isinf(problems.mean_residue(p)[0]).all()
+    mean_band, band = problems.residue_bands(p)
+    assert mean_band.tolist() == [0.0] and band.tolist() == [0.0]
+
+
 def test_folded_float16_weights_saturate_the_shift_at_float16_max():
     """TFLite's float16 weights: a folded shift of -1e5 is stored as -65504, so x·s + shift is off
     by 34496 where the float32 fold is exact."""
@@ -712,7 +734,6 @@ def test_sum_of_squares_gradient_band_does_not_hide_a_wrong_gradient_where_nothi
     is wider than the case's), yet the band it leaves in dL/dx, 0.021, is under 1% of the gradient
     (2.8), so a sign-flipped gradient is not explained by it, while the simulated one is. dL/dbeta
     does not read the variance and gets no band of its own."""
-    from conformance import problem as problems
     from conformance.compare import tolerance
     from conformance.diagnose import diagnose
     from conformance.variants import sum_of_squares_atol
@@ -772,7 +793,6 @@ def test_a_settled_element_outside_its_accepted_set_is_judged_by_every_variant()
     (normalize-folded) or a sum of squares' residue variance does. Ignoring every settled element
     whatever its value let compute-float32 alone explain it."""
     from conformance import ROOT
-    from conformance import problem as problems
     from conformance.diagnose import diagnose
     from conformance.evaluate import tolerance
     from conformance.loader import load_file
