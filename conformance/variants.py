@@ -81,6 +81,8 @@ class Knobs:
     renorm_floor_epsilon_float32: bool = False  # renorm's floor sqrt(eps) of its std takes float32(eps)
     # folded s and beta - mean·s stored in float16, saturated at ±65504 (TFLite's float16 weights)
     folded_float16_weights: bool = False
+    # folded s and beta - mean·s stored with ±inf replaced by ±float32 max (TFLite's converter)
+    folded_inf_saturated: bool = False
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -215,12 +217,12 @@ def _normalize(x: np.ndarray, p: Problem, k: Knobs, mean: np.ndarray, var: np.nd
         f = _flusher("float32" if _lower(k) else k.flush_denormals)
         gamma, beta = f(gamma), f(beta)
     return _kept(_normalized, x, mean, var, gamma, beta, p.channel_axes, p.epsilon, k.compute_dtype,
-                 k.normalize_folded, k.folded_float16_weights, k.epsilon_outside_sqrt)
+                 k.normalize_folded, k.folded_float16_weights, k.folded_inf_saturated, k.epsilon_outside_sqrt)
 
 
 def _normalized(x: np.ndarray, mean: np.ndarray, var: np.ndarray, gamma: np.ndarray, beta: np.ndarray,
                 axes: tuple[int, ...], epsilon: float, compute_dtype: str | None, folded: bool,
-                float16_weights: bool, outside: bool) -> np.ndarray:
+                float16_weights: bool, inf_saturated: bool, outside: bool) -> np.ndarray:
     """`_normalize`: `folded` is normalize_folded, `outside` epsilon_outside_sqrt."""
     r = _rounder(compute_dtype)
 
@@ -234,6 +236,8 @@ def _normalized(x: np.ndarray, mean: np.ndarray, var: np.ndarray, gamma: np.ndar
             shift = r(b(beta) - r(b(mean) * s))
             if float16_weights:
                 s, shift = _float16_saturated(s), _float16_saturated(shift)
+            if inf_saturated:
+                s, shift = _inf_saturated(s), _inf_saturated(shift)
             return r(r(r(x) * s) + shift)
     with np.errstate(divide="ignore", invalid="ignore"):
         denom = r(r(np.sqrt(b(var))) + eps) if outside else r(np.sqrt(r(b(var) + eps)))
@@ -322,9 +326,10 @@ def _train(p: Problem, k: Knobs) -> dict[str, np.ndarray]:
                     p, mean, var, renorm_mean, renorm_std, _renorm_floor(p, k)))
             affine = reference.training_affine(p, rd)  # type: ignore[arg-type]
             output = np.empty_like(shard)
+            source = replace(k, folded_inf_saturated=False)  # the converter's constants: the exported model's
             for g, (gm, gv, _) in zip(groups, parts, strict=True):
                 used = (moving_mean, moving_var) if k.training_uses_moving_stats else (gm, gv)
-                output[g] = _normalize(shard[g], p, k, *used, affine)
+                output[g] = _normalize(shard[g], p, source, *used, affine)
             outputs.append(output)
             if not k.stats_frozen:
                 fed = (reference.average([_unbiased(v, n, k) for _, v, n in parts])
@@ -897,6 +902,13 @@ def _float16_saturated(v: np.ndarray) -> np.ndarray:
         return round_to(np.clip(v, -top, top), "float16")
 
 
+def _inf_saturated(v: np.ndarray) -> np.ndarray:
+    """v stored by TFLite's converter, whose CanonicalizeBoundaryValuePass replaces a constant ±inf
+    by ±float32 max (NaN stays NaN)."""
+    top = float(finfo("float32").max)
+    return np.where(np.isinf(v), np.copysign(top, v), v)
+
+
 def _folded(p: Problem) -> list[dict[str, Any]]:
     """Folded in float64 for float64 cases, in float32 for float32, and for float16/bfloat16 in
     float32 (Keras upcasts) or in the input dtype (tf.nn on a float16 tensor)."""
@@ -962,6 +974,16 @@ VARIANTS = [
             or (c == "gradients" and p.renorm is None and p.adjustment is None),  # as normalize-folded
             lambda p: [{"normalize_folded": True, "compute_dtype": "float32", "folded_float16_weights": True}]
             if p.dtype == "float16" else []),  # float16 cases only: the quantization's
+    # TFLite's converter folds BN's constants and then replaces every constant ±inf by ±float32 max
+    # (tensorflow/compiler/mlir/lite/transforms/canonicalize_boundary_value_pass.cc,
+    # ClampInfToMinMaxFloat): with a moving variance of 0 and eps 0 (a flushed subnormal) the folded
+    # s = inf is stored as 3.4e38 and the shift beta - mean·s = ∓inf as ∓3.4e38, so x·s + shift is
+    # finite (±1.7e38), ±inf or 0 instead of the fold's NaN. Measured on
+    # cases/numerics/denormal-moving-variance-inference-eps-0 (docs/repro/tflite_inf_constants.py).
+    Variant("folded-inf-saturated", "y = x·s + (beta - mean·s) in float32, an infinite s or shift stored "
+            "as ±float32 max", lambda p, c: c in ("training", "inference"),
+            lambda p: [{"normalize_folded": True, "compute_dtype": "float32", "folded_inf_saturated": True}]
+            if p.dtype == "float32" else []),
     # Every framework here but torch: with no samples the statistics are NaN and dL/dgamma, computed
     # through them, is NaN; the reference's sum over no elements is 0 (torch returns early, 0).
     Variant("empty-gamma-gradient-nan", "dL/dgamma of an empty batch is NaN (through NaN statistics)",

@@ -32,7 +32,7 @@ NAMES = {
     "empty-gamma-gradient-nan", "bessel-one-value", "variance-sum-of-squares-unclamped", "reduce-all-axes",
     "ghost-interleaved",
     "replica-0-stats", "replica-mean-stats", "denormals-flushed", "renorm-floor-epsilon-float32",
-    "folded-float16-weights",
+    "folded-float16-weights", "folded-inf-saturated",
 }
 CHECKS = ("training", "inference", "gradients")
 LAYOUTS = [((6, 3), (1,)), ((3, 6), (0,)), ((2, 4, 3), (-1,)), ((2, 3, 4, 5), (1, 2)),
@@ -687,6 +687,18 @@ def test_folded_float16_weights_saturate_the_shift_at_float16_max():
     y = simulate(p, "inference", knobs("folded-float16-weights", p))["output"]
     assert y[0, 0] == pytest.approx(1e4 * 10 - 65504, rel=1e-6)
     assert simulate(p, "inference")["output"][0, 0] == 0.0
+
+
+def test_folded_inf_saturated_stores_the_infinite_scale_and_shift_as_float32_max():
+    """TFLite's converter stores a folded s = inf and shift = -inf (moving variance 0, eps 0) as
+    ±3.4e38: x = 0.5 over a mean of 0.375 gives 0.5·max - max = -max/2, x = 2 gives inf - max = inf,
+    where the plain fold gives inf - inf = NaN (measured: TFLite's -1.7014117e38 and inf)."""
+    p = dataclasses.replace(hand(epsilon=0.0, dtype="float32"), batches=(np.array([[0.5], [2.0]]),),
+                            moving_mean=np.array([0.375]), moving_variance=np.array([0.0]),
+                            gamma=np.array([1.0]), beta=np.array([0.0]))
+    y = simulate(p, "inference", knobs("folded-inf-saturated", p))["output"]
+    assert y[:, 0].tolist() == [-float(np.finfo(np.float32).max) / 2, np.inf]
+    assert np.isnan(simulate(p, "inference", knobs("normalize-folded", p))["output"][:, 0]).all()
 
 
 def test_kept_results_are_keyed_by_contents_layout_and_exact_values():
