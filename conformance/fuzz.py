@@ -270,11 +270,15 @@ def explaining_rules(explained_by: list[str], covering: list[Any]) -> list[str]:
 #   eps 1e-5 or 1e-3 in float32 (a large eps, 0.2, hides it), 1e4 in float64; float16 and bfloat16
 #   cannot hold such a channel unless it is constant (the replica rules of flax-linen-pmap and
 #   flax-nnx-shard, which a region of theirs also always draws replicas for).
+# - folded-inf-saturated: the denormals-flushed region in float32: the trained moving variance is 0,
+#   and TFLite's converter stores the folded s = inf (eps 0) as float32 max.
 VARIANT_REGION: dict[str, list[dict[str, Any]]] = {
     "denormals-flushed": [{"dtype": ["float64", "float32"], "values_per_channel": [1], "steps": [1],
                            "params": {"momentum": [0.5], "epsilon": [0.0],
                                       "moving_variance": [1e-310, 1e-40]}}],
     "normalize-folded": [{"input": {"mean": [1e4], "std": [0.1, 1e-3]}}],
+    "folded-inf-saturated": [{"dtype": ["float32"], "values_per_channel": [1], "steps": [1],
+                              "params": {"momentum": [0.5], "epsilon": [0.0], "moving_variance": [1e-40]}}],
     "compute-input-dtype": [
         {"params": {"epsilon": [1e-8]}, "input": {"mean": [1e4, 1e2], "std": [1e-3]}},
         {"params": {"scale": [True], "center": [True], "epsilon": [1e-5, 1e-3]},
