@@ -451,12 +451,12 @@ def zero_variance_affine(bn: Problem, check: Check) -> tuple[np.ndarray, np.ndar
     unsynchronized replicas each have their own r and d: nothing pinned."""
     gamma = bn.gamma if bn.scale else np.ones_like(bn.gamma)
     beta = bn.beta if bn.center else np.zeros_like(bn.beta)
-    if bn.adjustment is not None and check != "inference":  # gamma·(a·xhat + b) + beta: tf_keras's
-        # _compose_transforms (batch_normalization.py L637-661), after renorm's (r, d) where both are on
+    if bn.adjustment is not None and check != "inference":  # gamma·(a·(r·xhat + d) + b) + beta:
+        # tf_keras composes the adjustment into gamma and beta first, then renorm's r and d
+        # (`_compose_transforms`, batch_normalization.py L637-661 and L733), as reference.training_affine
         a, b = bn.adjustment.scale, bn.adjustment.bias
-        adjusted = replace(bn, adjustment=None, gamma=gamma, beta=beta, scale=True, center=True)
-        scale, offset, pinned = zero_variance_affine(adjusted, check)
-        return scale * a, offset + scale * b, pinned
+        return zero_variance_affine(replace(bn, adjustment=None, gamma=gamma * a, beta=gamma * b + beta,
+                                            scale=True, center=True), check)
     if bn.renorm is None or check == "inference":
         return gamma, beta, np.ones(gamma.shape, bool)
     if bn.replicas is not None and not bn.replicas.synchronized:  # r and d per replica: not one value

@@ -419,6 +419,9 @@ def _gradients(p: Problem, k: Knobs) -> dict[str, np.ndarray]:
 
     eps = r(np.float64(p.epsilon))
     if k.normalize_folded:
+        if p.adjustment is not None:  # tf_keras folds gamma·a·r and gamma·(a·d + b) + beta (L650-661, L733)
+            ratio, shift, a, b = reference.corrections(p, rd)
+            rd = (r(a * ratio), r(r(a * shift) + b))
         return _folded_gradients(p, k, x, dy, groups, parts, eps, rd)
     xhat, dx = np.empty_like(x), np.empty_like(x)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -455,7 +458,7 @@ def _folded_gradients(p: Problem, k: Knobs, x: np.ndarray, dy: np.ndarray, group
     dL/dmean = -s·Σ dy; dL/dx = dy·s + (dL/dmean + dL/dvar·2(x - mean)) / n. Renorm (`rd`, r and d
     stop-gradient constants): Keras 3 folds gamma·r and gamma·d + beta (keras/src/layers/
     normalization/batch_normalization.py L517-547), so gamma·r stands for gamma above and dL/dgamma
-    = r·inv·dL/ds + d·Σ dy."""
+    = r·inv·dL/ds + d·Σ dy; tf_keras's adjustment (a, b) likewise, as `rd` = (a·r, a·d + b)."""
     r = _rounder(k.compute_dtype)
     axes = p.channel_axes
     red = reference.reduce_axes(x.ndim, axes)
@@ -511,6 +514,8 @@ def folded_gradient_atol(knobs: Knobs, problem: Problem, check: Check) -> dict[s
     mean, var, _ = _kept(reference.moments, x, problem.channel_axes)
     ratio = 1.0 if problem.renorm is None else np.abs(reference.renorm_correction(
         problem, mean, var, problem.moving_mean, np.sqrt(problem.moving_variance))[0])
+    if problem.adjustment is not None:  # the adjustment's scale multiplies gamma too
+        ratio = ratio * np.abs(problem.adjustment.scale)
     with np.errstate(divide="ignore", invalid="ignore"):
         inv = 1.0 / np.sqrt(var + eps)
         terms = (np.abs(dy * x).sum(axis=red) + np.abs(mean) * np.abs(dy).sum(axis=red)) * inv * ratio
@@ -964,8 +969,7 @@ VARIANTS = [
     # (keras/src/backend/jax/nn.py L1080-1090) fold the normalization: the output of a channel with
     # one value (var 0, s = gamma/sqrt(eps)) is beta plus the rounding of x·s, not beta exactly.
     Variant("normalize-folded", "y = x·s + (beta - mean·s), s = gamma/sqrt(var + eps), in the compute dtype",
-            lambda p, c: c in ("training", "inference") or (c == "gradients" and p.adjustment is None),
-            _folded),
+            lambda p, c: c in ("training", "inference", "gradients"), _folded),
     # TFLite's post-training float16 quantization: the folded scale and shift become float16 weights,
     # saturated at ±65504 where they pass it, and the model computes in float32. Measured on
     # cases/export/conv-bn-float16-large-mean-folded-overflow: mean·s = 95346 is stored as 65504.
