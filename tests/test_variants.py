@@ -859,3 +859,20 @@ def test_a_lower_compute_dtype_band_grows_with_the_moving_conditioning_of_infere
     found = diagnose(p, "training", (), got, {n: expected[n] for n in got}, tolerance("float64", 0.0, None),
                      0.0, per_output=per_output)
     assert found.explained_by[:1] == ["compute-float32"], found
+
+
+def test_a_wrong_expectation_is_not_explained_by_any_variant():
+    """A measurement the adapter's own conventions give, against an expectation that is off (a
+    hand-written expected value): every variant "moves" away from the expectation and matches the
+    measurement, so without this a rule naming any of them would make the wrong expectation known."""
+    from conformance.compare import tolerance
+    from conformance.diagnose import diagnose
+
+    p = problem(dtype="float64", loc=0.0, std=1.0)
+    right = simulate(p, "training")["output"]
+    wrong = right.copy()
+    wrong.flat[0] += 0.5
+    tol = tolerance("float64", 1.0, None)
+    found = diagnose(p, "training", (), {"output": right}, {"output": wrong}, tol, 1.0,
+                     ruled=("normalize-folded", "compute-float32"))
+    assert found.explained_by == []
