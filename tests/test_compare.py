@@ -121,6 +121,14 @@ def _case(path: str):
     return load_one(Path(__file__).parent.parent / path)[0].case
 
 
+def _first_channel(value: float) -> Callable[[np.ndarray], np.ndarray]:
+    """A measurement whose channel 0 (a per-channel output, dL/dgamma) is `value`."""
+    def change(a: np.ndarray) -> np.ndarray:
+        a[0] = value
+        return a
+    return change
+
+
 def _measured(case, check: str, changes: dict[str, Callable[[np.ndarray], np.ndarray]]) -> dict[str, bool]:
     """Each output's pass/fail when a framework returns the reference's values with `changes`
     applied, judged as evaluate judges them (tolerances, undetermined sets)."""
@@ -162,14 +170,8 @@ def test_a_constant_channel_with_eps_0_is_undetermined_but_a_wrong_value_fails()
     assert set(grads) == {"gamma", "input"} and grads["input"].anything
     sum_dy = float(problems.build(case, "gradients").upstream[:, 0].sum())
 
-    def gamma_0(value: float) -> Callable[[np.ndarray], np.ndarray]:
-        def change(a: np.ndarray) -> np.ndarray:
-            a[0] = value
-            return a
-        return change
-
-    assert _measured(case, "gradients", {"gamma": gamma_0(-sum_dy)})["gamma"]
-    assert not _measured(case, "gradients", {"gamma": gamma_0(0.0)})["gamma"]
+    assert _measured(case, "gradients", {"gamma": _first_channel(-sum_dy)})["gamma"]
+    assert not _measured(case, "gradients", {"gamma": _first_channel(0.0)})["gamma"]
     from conformance.variants import zero_variance
 
     assert zero_variance(p, "training") is not None
@@ -328,15 +330,9 @@ def test_renorm_on_a_constant_channel_with_eps_0_accepts_gamma_times_plus_minus_
         assert not _measured(case, "training", {"output": channel_0(wrong)})["output"]
     sum_dy = float(problems.build(case, "gradients").upstream[:, 0].sum())
 
-    def gamma_0(value: float) -> Callable[[np.ndarray], np.ndarray]:
-        def change(a: np.ndarray) -> np.ndarray:
-            a[0] = value
-            return a
-        return change
-
-    assert _measured(case, "gradients", {"gamma": gamma_0(-0.2 * sum_dy)})["gamma"]
-    assert _measured(case, "gradients", {"gamma": gamma_0(1.2 * sum_dy)})["gamma"]
-    assert not _measured(case, "gradients", {"gamma": gamma_0(sum_dy)})["gamma"]
+    assert _measured(case, "gradients", {"gamma": _first_channel(-0.2 * sum_dy)})["gamma"]
+    assert _measured(case, "gradients", {"gamma": _first_channel(1.2 * sum_dy)})["gamma"]
+    assert not _measured(case, "gradients", {"gamma": _first_channel(sum_dy)})["gamma"]
     unclipped = dataclasses.replace(p, renorm=dataclasses.replace(p.renorm, rmin=None))
     assert not problems.zero_variance_affine(unclipped, "training")[2].any()
     assert problems.zero_variance_affine(p, "training")[2].tolist() == [True, True]
