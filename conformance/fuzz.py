@@ -257,8 +257,10 @@ def explaining_rules(explained_by: list[str], covering: list[Any]) -> list[str]:
 #   1e-40), flushed it is 0, and inference with it, before or after training, divides by 0. (A
 #   subnormal momentum no longer shows it: below u, v - (v - b)·(1 - m) loses m·v whether or not
 #   subnormals are flushed, and `problem.update_rounding` leaves that output undetermined.)
-# - normalize-folded: a folded z·s + (beta - mean·s) overflows float16 or cancels only where the mean
-#   is large against the std (|mean|·s past 65504: 1e4 at s = 10 or more).
+# - normalize-folded, two ways: a folded z·s + (beta - mean·s) overflows float16 or cancels only
+#   where the mean is large against the std (|mean|·s past 65504: 1e4 at s = 10 or more); and with
+#   var + eps = 0 (a stored moving variance of 0, eps 0: s = inf) it is inf - inf or 0·inf = NaN
+#   where the unfolded form gives ±inf (the eps-0 inference rules of torch, onnxruntime, the exports).
 # - compute-input-dtype, two ways: tf-nn's float16 gradient overflows where var + eps is below about
 #   1e-6 (a float16 constant channel of 1e4, or of 1e2 at std 1e-3, with eps 1e-8; at eps 1e-5 only
 #   the normalize-folded rule's overflow shows); torch-compile's and flax-nnx's statistics rounded
@@ -276,7 +278,8 @@ VARIANT_REGION: dict[str, list[dict[str, Any]]] = {
     "denormals-flushed": [{"dtype": ["float64", "float32"], "values_per_channel": [1], "steps": [1],
                            "params": {"momentum": [0.5], "epsilon": [0.0],
                                       "moving_variance": [1e-310, 1e-40]}}],
-    "normalize-folded": [{"input": {"mean": [1e4], "std": [0.1, 1e-3]}}],
+    "normalize-folded": [{"input": {"mean": [1e4], "std": [0.1, 1e-3]}},
+                         {"params": {"epsilon": [0.0], "moving_variance": [0.0]}}],
     "folded-inf-saturated": [{"dtype": ["float32"], "values_per_channel": [1], "steps": [1],
                               "params": {"momentum": [0.5], "epsilon": [0.0], "moving_variance": [1e-40]}}],
     "compute-input-dtype": [
