@@ -240,8 +240,7 @@ def residue_tolerances(case: Case, problem: Problem, base: Tolerance, per_output
                             f"{float(widen.max()):.3g} ({why})")
     if problem.infer_after_training:
         bn = reference.bn_input(problem)
-        after = reference.train(problem)
-        v = np.fmin(after.moving_variance, after.moving_variance_unbiased) + problem.epsilon
+        v = problems.smallest_moving_variance(problem) + problem.epsilon
         y = case.memo(("reference", "training"),
                       lambda: reference.outputs(problem, "training"))["inference_output"]
         axes, x = bn.channel_axes, bn.batches[-1]

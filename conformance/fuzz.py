@@ -274,14 +274,16 @@ def explaining_rules(explained_by: list[str], covering: list[Any]) -> list[str]:
 #   flax-nnx-shard, which a region of theirs also always draws replicas for).
 # - folded-inf-saturated: the denormals-flushed region in float32: the trained moving variance is 0,
 #   and TFLite's converter stores the folded s = inf (eps 0) as float32 max.
+_SUBNORMAL_MOVING_VARIANCE = {
+    "dtype": ["float64", "float32"], "values_per_channel": [1], "steps": [1],
+    "params": {"momentum": [0.5], "epsilon": [0.0], "moving_variance": [1e-310, 1e-40]}}
 VARIANT_REGION: dict[str, list[dict[str, Any]]] = {
-    "denormals-flushed": [{"dtype": ["float64", "float32"], "values_per_channel": [1], "steps": [1],
-                           "params": {"momentum": [0.5], "epsilon": [0.0],
-                                      "moving_variance": [1e-310, 1e-40]}}],
+    "denormals-flushed": [_SUBNORMAL_MOVING_VARIANCE],
     "normalize-folded": [{"input": {"mean": [1e4], "std": [0.1, 1e-3]}},
                          {"params": {"epsilon": [0.0], "moving_variance": [0.0]}}],
-    "folded-inf-saturated": [{"dtype": ["float32"], "values_per_channel": [1], "steps": [1],
-                              "params": {"momentum": [0.5], "epsilon": [0.0], "moving_variance": [1e-40]}}],
+    "folded-inf-saturated": [{  # the denormals-flushed region in float32
+        **_SUBNORMAL_MOVING_VARIANCE, "dtype": ["float32"],
+        "params": {**_SUBNORMAL_MOVING_VARIANCE["params"], "moving_variance": [1e-40]}}],
     "compute-input-dtype": [
         {"params": {"epsilon": [1e-8]}, "input": {"mean": [1e4, 1e2], "std": [1e-3]}},
         {"params": {"scale": [True], "center": [True], "epsilon": [1e-5, 1e-3]},

@@ -264,24 +264,24 @@ def stored_variance(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
     x = mean) or anything up to 2 Delta: the output is undetermined. (v + eps = 0 is the exact 0 of
     a zero batch variance and momentum or moving variance, which a framework stores as well.) rho
     counts only where Delta exceeds the u·(v + eps) the dtype's default tolerance already covers;
-    elsewhere 0. Delta also counts, per channel, the updates' rounding (`update_rounding`) where
-    that exceeds the dtype's default tolerance of v + eps itself and v + eps is a normal number (a
-    subnormal one is flush-to-zero's domain, `denormals-flushed`, judged by rules). Measured:
+    elsewhere 0. Measured:
     Keras 3 on jax, a float16 layer, eps 0, momentum 5e-324, std 1e-3: moving variances 1.66e-8
     and 3.18e-8 stored as 0 and 5.96e-8 (the float16 subnormal), inference after training inf and
     0.73 where the reference gives 1 (cases/numerics/float16-inference-after-training-moving-
     variance-below-subnormal). Either estimator's moving variance: the smaller.
 
-    The update's own rounding (`update_rounding`, E) counts the same way, added to Delta, where it
-    exceeds what the dtype's default tolerance covers (E > default(dtype)·(v + eps)): a momentum
-    below u leaves v = m·v_prev, far below the error of v_prev - (v_prev - b)(1 - m)."""
+    The update's own rounding (`update_rounding`, E) counts the same way, added to Delta per
+    channel, where it exceeds what the output's default tolerance covers (E > default(dtype)·(v +
+    eps)) and v + eps is a normal number (a subnormal one is flush-to-zero's domain,
+    `denormals-flushed`, judged by rules): a momentum below u leaves v = m·v_prev, far below the
+    error of v_prev - (v_prev - b)(1 - m)."""
     none = np.zeros(problem.gamma.shape, bool)
     if not problem.track_running_stats or not problem.infer_after_training:
         return none, np.zeros(problem.gamma.shape)
     stored = stored_resolution(problem)
     dtype = problem.param_dtype or problem.dtype
     u = unit_roundoff_eps(dtype) / 2.0
-    v = _smallest_moving_variance(problem) + problem.epsilon
+    v = smallest_moving_variance(problem) + problem.epsilon
     rounding = update_rounding(problem)
     with np.errstate(invalid="ignore", divide="ignore"):  # past the output's default tolerance of
         # v + eps, where v + eps is a normal number (below, flush-to-zero's: the denormals-flushed rules)
@@ -317,10 +317,7 @@ def update_rounding(problem: Problem) -> np.ndarray:
     biased = unbiased = bn.moving_variance
     delta = np.zeros(problem.gamma.shape)
     for step, x in enumerate(bn.batches, start=1):
-        parts = [reference.moments(x[g], bn.channel_axes)
-                 for g in reference.virtual_batches(x.shape[0], bn.virtual_batch_size)]
-        var = reference.average([v for _, v, _ in parts])
-        var_unbiased = reference.average([reference.unbiased(v, n) for _, v, n in parts])
+        _, var, var_unbiased = reference.pooled(reference.batch_moments(x, bn)[1])
         weight = 1.0 / step if bn.momentum is None else 1.0 - bn.momentum  # 1 - m
         new, new_unbiased = (reference.update(biased, var, bn.momentum, step),
                              reference.update(unbiased, var_unbiased, bn.momentum, step))
@@ -394,9 +391,10 @@ def _undetermined(check: Check, problem: Problem) -> dict[str, Undetermined]:
     zero = variants.zero_variance(problem, check)
     if check == "training":
         lost, _ = stored_variance(problem)
-        residue = residue_moving_variance(problem, zero)
+        v = smallest_moving_variance(problem) + problem.epsilon
+        residue = residue_moving_variance(problem, zero, v)
         stored = stored_resolution(problem)
-        by_update = lost & (_smallest_moving_variance(problem) + problem.epsilon > stored)
+        by_update = lost & (v > stored)
         whys = [f"moving variance + eps within {stored:.3g}, the resolution of "
                 f"{problem.param_dtype or problem.dtype} storage"] if (lost & ~by_update).any() else []
         if by_update.any():
@@ -467,11 +465,8 @@ def zero_variance_affine(bn: Problem, check: Check) -> tuple[np.ndarray, np.ndar
     else:  # the first step's, and reference.gradients's, renorm statistics
         mu_r, sigma_r = bn.moving_mean, np.sqrt(bn.moving_variance)
     assert mu_r is not None and sigma_r is not None
-    x = bn.batches[-1]
-    groups = reference.virtual_batches(x.shape[0], bn.virtual_batch_size)
-    parts = [reference.moments(x[g], bn.channel_axes) for g in groups]
-    mean = reference.average([m for m, _, _ in parts])
-    var = reference.average([v for _, v, _ in parts])
+    _, parts = reference.batch_moments(bn.batches[-1], bn)
+    mean, var, _ = reference.pooled(parts)
     affine = replace(bn, gamma=gamma, beta=beta)
     rd = reference.renorm_correction(affine, mean, var, mu_r, sigma_r)
     scale, offset = reference.training_affine(affine, rd) or (gamma, beta)
@@ -518,8 +513,10 @@ def residue_variance(problem: Problem) -> np.ndarray:
     return mean_residue(problem)[1]
 
 
-def residue_moving_variance(problem: Problem, zero: np.ndarray | None) -> np.ndarray:
-    """Per channel, where inference after training divides by a moving variance + eps no larger
+def residue_moving_variance(problem: Problem, zero: np.ndarray | None,
+                            v: np.ndarray | None = None) -> np.ndarray:
+    """Per channel, where inference after training divides by a moving variance + eps (`v`, where
+    the caller has it: `smallest_moving_variance` + eps) no larger
     than the residues a framework's rounded means of constant channels may have added to it
     (`residue_bands`, R; exactly 0 after a last batch whose channel is 0/0, `zero`,
     `variants.zero_variance`, included): the stored value is anything in [v, v + R] and the moving
@@ -533,7 +530,9 @@ def residue_moving_variance(problem: Problem, zero: np.ndarray | None) -> np.nda
         return none
     _, band = residue_bands(problem)
     last = none if zero is None else zero
-    return (last | (band > 0)) & (_smallest_moving_variance(problem) + problem.epsilon <= band)
+    if v is None:
+        v = smallest_moving_variance(problem) + problem.epsilon
+    return (last | (band > 0)) & (v <= band)
 
 
 def residue_bands(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
@@ -555,20 +554,20 @@ def residue_bands(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
     if not problem.track_running_stats:
         return mean_band, band
     for step in range(1, len(problem.batches) + 1):
+        if reference.update(0.0, 1.0, problem.momentum, step) == 0.0:  # momentum 1: the batch's
+            continue  # weight is 0, so is what its residues (inf past k·u = 1) add: not 0·inf = NaN
         prefix = replace(problem, batches=problem.batches[:step])
         zero = variants.zero_variance(prefix, "training")
         d_bound = bound = np.zeros(problem.gamma.shape)
         if zero is not None:
             d, b = mean_residue(prefix)
             d_bound, bound = np.where(zero, d, 0.0), np.where(zero, b, 0.0)
-        if reference.update(0.0, 1.0, problem.momentum, step) == 0.0:  # momentum 1: the batch's
-            continue  # weight is 0, so is what its residues (inf past k·u = 1) add: not 0·inf = NaN
         mean_band = reference.update(mean_band, d_bound, problem.momentum, step)
         band = reference.update(band, bound, problem.momentum, step)
     return mean_band, band
 
 
-def _smallest_moving_variance(problem: Problem) -> np.ndarray:
+def smallest_moving_variance(problem: Problem) -> np.ndarray:
     """Per channel, the smaller of the two estimators' moving variances after training: the one
     inference after training is most sensitive to, whichever a framework keeps."""
     after = reference.train(problem)

@@ -134,6 +134,19 @@ def normalized_together(n: int, v: int | None) -> list[slice]:
     return [*virtual_batches(n, v), *virtual_batches(n, v, interleaved=True)]
 
 
+def batch_moments(x: np.ndarray, p: Problem) -> tuple[list[slice], list[tuple[np.ndarray, np.ndarray, int]]]:
+    """A training step's virtual batches of `x` and each one's moments: what it normalizes each with."""
+    groups = virtual_batches(x.shape[0], p.virtual_batch_size)
+    return groups, [moments(x[g], p.channel_axes) for g in groups]
+
+
+def pooled(parts: list[tuple[np.ndarray, np.ndarray, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The step's batch statistics from its virtual batches' moments: mean, biased and unbiased
+    variance, each averaged over the virtual batches (the unbiased one corrected per part)."""
+    return (average([m for m, _, _ in parts]), average([v for _, v, _ in parts]),
+            average([unbiased(v, n) for _, v, n in parts]))
+
+
 def average(parts: list[np.ndarray]) -> np.ndarray:
     """The mean over virtual batches (one batch: itself, bit for bit)."""
     return parts[0] if len(parts) == 1 else np.mean(parts, axis=0)
@@ -213,10 +226,8 @@ def train(p: Problem) -> TrainingReference:
     renorm_mean, renorm_std = p.moving_mean, np.sqrt(p.moving_variance)
     moving_std, moving_std_unbiased = renorm_std, renorm_std
     for step, x in enumerate(p.batches, start=1):
-        groups = virtual_batches(x.shape[0], p.virtual_batch_size)
-        parts = [moments(x[g], p.channel_axes) for g in groups]
-        mean, var = average([m for m, _, _ in parts]), average([v for _, v, _ in parts])
-        var_unbiased = average([unbiased(v, n) for _, v, n in parts])
+        groups, parts = batch_moments(x, p)
+        mean, var, var_unbiased = pooled(parts)
         rd = None if p.renorm is None else renorm_correction(p, mean, var, renorm_mean, renorm_std)
         affine = training_affine(p, rd)
         output = np.empty_like(x)

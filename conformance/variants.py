@@ -419,9 +419,6 @@ def _gradients(p: Problem, k: Knobs) -> dict[str, np.ndarray]:
 
     eps = r(np.float64(p.epsilon))
     if k.normalize_folded:
-        if p.adjustment is not None:  # tf_keras folds gamma·a·r and gamma·(a·d + b) + beta (L650-661, L733)
-            ratio, shift, a, b = reference.corrections(p, rd)
-            rd = (r(a * ratio), r(r(a * shift) + b))
         return _folded_gradients(p, k, x, dy, groups, parts, eps, rd)
     xhat, dx = np.empty_like(x), np.empty_like(x)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -458,7 +455,8 @@ def _folded_gradients(p: Problem, k: Knobs, x: np.ndarray, dy: np.ndarray, group
     dL/dmean = -s·Σ dy; dL/dx = dy·s + (dL/dmean + dL/dvar·2(x - mean)) / n. Renorm (`rd`, r and d
     stop-gradient constants): Keras 3 folds gamma·r and gamma·d + beta (keras/src/layers/
     normalization/batch_normalization.py L517-547), so gamma·r stands for gamma above and dL/dgamma
-    = r·inv·dL/ds + d·Σ dy; tf_keras's adjustment (a, b) likewise, as `rd` = (a·r, a·d + b)."""
+    = r·inv·dL/ds + d·Σ dy; tf_keras's adjustment (a, b) likewise, gamma·a·r and gamma·(a·d + b) +
+    beta (`reference.corrections`; batch_normalization.py L650-661, L733)."""
     r = _rounder(k.compute_dtype)
     axes = p.channel_axes
     red = reference.reduce_axes(x.ndim, axes)
@@ -469,7 +467,9 @@ def _folded_gradients(p: Problem, k: Knobs, x: np.ndarray, dy: np.ndarray, group
     def total(a: np.ndarray) -> np.ndarray:
         return r(a.sum(axis=red, keepdims=True))
 
-    ratio, shift = (np.ones_like(p.gamma), np.zeros_like(p.gamma)) if rd is None else rd
+    plain = rd is None and p.adjustment is None
+    renorm_r, renorm_d, adj_a, adj_b = reference.corrections(p, rd)
+    ratio, shift = r(adj_a * renorm_r), r(r(adj_a * renorm_d) + adj_b)
     effective = r(p.gamma * ratio)
     dx, gamma_grad = np.empty_like(x), 0.0
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
@@ -479,7 +479,7 @@ def _folded_gradients(p: Problem, k: Knobs, x: np.ndarray, dy: np.ndarray, group
             s = r(b(effective) * inv)
             sum_dy = total(dy[g])
             ds = r(total(r(dy[g] * x[g])) - r(m * sum_dy))
-            through = r(ds * inv) if rd is None else r(r(b(ratio) * r(ds * inv)) + r(b(shift) * sum_dy))
+            through = r(ds * inv) if plain else r(r(b(ratio) * r(ds * inv)) + r(b(shift) * sum_dy))
             gamma_grad = r(gamma_grad + through)
             # rsqrt's gradient as TF's RsqrtGrad takes it (tensorflow/core/kernels/cwise_ops_gradients.h
             # L129-L150, packet path): mul_no_nan(-0.5·(inv·inv), mul_no_nan(inv, d)), d = dL/dinv, each
@@ -501,8 +501,8 @@ def folded_gradient_atol(knobs: Knobs, problem: Problem, check: Check) -> dict[s
     """Per gradient, the absolute error two folded evaluations may show: dL/dgamma = inv·(Σ dy·x -
     mean·Σ dy) sums terms of size |dy·x| and |mean·dy|, so as every gradient sum here it is off by
     about u·Σ|terms| (problem.gradient_scales), judged as default(dtype)·inv·(Σ|dy·x| + |mean|·Σ|dy|)
-    (max over channels) in the compute dtype, instead of the unfolded terms |dy·xhat|; with renorm,
-    times r (`_folded_gradients`). Empty outside a folded gradient check."""
+    (max over channels) in the compute dtype, instead of the unfolded terms |dy·xhat|; with renorm
+    or an adjustment, times |a·r| (`_folded_gradients`). Empty outside a folded gradient check."""
     if check != "gradients" or not knobs.normalize_folded or problem.upstream is None:
         return {}
     problem = reference.bn_input(problem)
@@ -512,10 +512,10 @@ def folded_gradient_atol(knobs: Knobs, problem: Problem, check: Check) -> dict[s
     eps = problem.epsilon if knobs.epsilon is None else knobs.epsilon
     red = reference.reduce_axes(x.ndim, problem.channel_axes)
     mean, var, _ = _kept(reference.moments, x, problem.channel_axes)
-    ratio = 1.0 if problem.renorm is None else np.abs(reference.renorm_correction(
-        problem, mean, var, problem.moving_mean, np.sqrt(problem.moving_variance))[0])
-    if problem.adjustment is not None:  # the adjustment's scale multiplies gamma too
-        ratio = ratio * np.abs(problem.adjustment.scale)
+    rd = None if problem.renorm is None else reference.renorm_correction(
+        problem, mean, var, problem.moving_mean, np.sqrt(problem.moving_variance))
+    renorm_r, _, adj_a, _ = reference.corrections(problem, rd)  # r and the adjustment's a multiply gamma
+    ratio = np.abs(adj_a * renorm_r)
     with np.errstate(divide="ignore", invalid="ignore"):
         inv = 1.0 / np.sqrt(var + eps)
         terms = (np.abs(dy * x).sum(axis=red) + np.abs(mean) * np.abs(dy).sum(axis=red)) * inv * ratio
