@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from adapters.base import Check, Problem
+from adapters.base import Check, Preceding, Problem
 from conformance import reference
 from conformance.compare import DEFAULT_TOLERANCE
 from conformance.dtypes import eps as unit_roundoff_eps
@@ -49,6 +49,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "batch_variance_estimator": ("biased", "unbiased"),
     "replica_stats": (None, "replica-0", "mean"),
     "flush_denormals": (None, "float32", "float64"),
+    "folded_into_layer": (None, "centred", "shifted"),
 }
 
 
@@ -83,6 +84,9 @@ class Knobs:
     folded_float16_weights: bool = False
     # folded s and beta - mean·s stored with ±inf replaced by ±float32 max (TFLite's converter)
     folded_inf_saturated: bool = False
+    # BN folded into the preceding layer, W' = W·s, the bias (b - mean)·s + beta ("centred": torch's
+    # fuse_conv_bn_weights) or b·s + (beta - mean·s) ("shifted": TFLite's converter)
+    folded_into_layer: str | None = None
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -231,17 +235,102 @@ def _normalized(x: np.ndarray, mean: np.ndarray, var: np.ndarray, gamma: np.ndar
 
     eps = r(np.float64(epsilon))
     if folded:  # tf.nn.batch_normalization, Keras 3's jax backend: x·s + (beta - mean·s)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            s = r(r(1.0 / r(np.sqrt(r(b(var) + eps)))) * b(gamma))
-            shift = r(b(beta) - r(b(mean) * s))
-            if float16_weights:
-                s, shift = _float16_saturated(s), _float16_saturated(shift)
-            if inf_saturated:
-                s, shift = _inf_saturated(s), _inf_saturated(shift)
+        s, shift = _folded_constants(b(mean), b(var), b(gamma), b(beta), eps, r, float16_weights,
+                                     inf_saturated, converted=inf_saturated)
+        with np.errstate(invalid="ignore"):
             return r(r(r(x) * s) + shift)
     with np.errstate(divide="ignore", invalid="ignore"):
         denom = r(r(np.sqrt(b(var))) + eps) if outside else r(np.sqrt(r(b(var) + eps)))
         return r(r(r(b(gamma) * r(r(x) - b(mean))) / denom) + b(beta))
+
+
+def _folded_constants(mean: np.ndarray, var: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float,
+                      r: Callable[[Any], Any], float16_weights: bool = False, inf_saturated: bool = False,
+                      converted: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The folded scale s = gamma/sqrt(var + eps) and shift beta - mean·s, rounded by `r` after each
+    operation, as a folding kernel computes them or a converter stores them. `converted`: TFLite's
+    converter folds them with TF's kernels, whose rsqrt is Eigen's packet one (`_packet_rsqrt_input`);
+    `inf_saturated`: then stores ±inf as ±float32 max."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        total = r(var + eps)
+        s = r(r(1.0 / r(np.sqrt(_packet_rsqrt_input(total) if converted else total))) * gamma)
+        shift = r(beta - r(mean * s))
+    if float16_weights:
+        s, shift = _float16_saturated(s), _float16_saturated(shift)
+    if inf_saturated:
+        s, shift = _inf_saturated(s), _inf_saturated(shift)
+    return s, shift
+
+
+AVX_FLOAT_LANES = 8  # TF's x86 build: Eigen's Packet8f
+
+
+def _packet_rsqrt_input(v: np.ndarray) -> np.ndarray:
+    """What Eigen's rsqrt reads of var + eps, channel by channel: TF's Rsqrt kernel evaluates whole
+    8-float AVX packets with `_mm256_rsqrt_ps` plus a Newton step (Eigen/src/Core/arch/AVX/
+    MathFunctions.h L57-64, prsqrt<Packet8f>, in TF 2.21's headers), and the instruction takes a
+    subnormal as 0 (rsqrt inf); the last C mod 8 channels go through the exact scalar path. Measured
+    on TFLite's converted constants, moving variance 1e-40, eps 0: 4 channels all 1e20, 8 and 16 all
+    inf, 9 and 17 the last one 1e20 (docs/repro/tflite_inf_constants.py)."""
+    flat = np.array(v, dtype=np.float64).reshape(-1)
+    packed = flat.size // AVX_FLOAT_LANES * AVX_FLOAT_LANES
+    tiny = float(finfo("float32").tiny)
+    flat[:packed] = np.where(np.abs(flat[:packed]) < tiny, 0.0, flat[:packed])
+    return flat.reshape(np.shape(v))
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """The preceding layer and the last batch before it, for a converter that folds BN into the
+    layer's weights (`_folded_into_layer`)."""
+
+    preceding: Preceding
+    x: np.ndarray
+
+
+def _output(x: np.ndarray, p: Problem, k: Knobs, mean: np.ndarray, var: np.ndarray,
+            layer: _Layer | None) -> np.ndarray:
+    """The last batch normalized with stored (or batch) statistics, as the artefact that runs
+    inference computes it: BN folded into the preceding layer where `layer` is given."""
+    if layer is None:
+        return _normalize(x, p, k, mean, var)
+    return _folded_into_layer(layer, p, k, mean, var)
+
+
+def _folded_into_layer(layer: _Layer, p: Problem, k: Knobs, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
+    """BN folded into the preceding dense layer or 1x1 convolution: W' = W·s and b' = (b - mean)·s +
+    beta (`centred`, torch/nn/utils/fusion.py fuse_conv_bn_weights) or b·s + shift (`shifted`), in
+    the compute dtype, then z = Σ x_i·W'_i + b'. With s = inf a weight or bias of 0 gives 0·inf =
+    NaN, and the sum is NaN where ±inf terms meet, in any order. TFLite's converter (with
+    folded_inf_saturated) stores ±inf as ±float32 max, and two of its rewrites see whole zero tensors
+    first: a zero bias is dropped before the fold for ranks 2 and 3 (b' = shift), and a zero weight
+    stays 0 for rank 3 (Conv1D's ExpandDims form); XNNPACK then accumulates acc = b'; acc = fma(x_i,
+    W'_i, acc) in input-channel order, which with saturated terms decides between ±inf, NaN and a
+    finite value (measured: docs/repro/tflite_inf_constants.py). The loop below is that fma: a float64
+    product of two float32 values is exact, so product + acc rounds once."""
+    r = _rounder(k.compute_dtype)
+    gamma, beta = p.gamma, p.beta
+    if k.flush_denormals:  # as `_normalize`: TF reads a subnormal gamma or beta as 0
+        gamma, beta = _flusher("float32")(gamma), _flusher("float32")(beta)
+    tflite = k.folded_inf_saturated
+    # saturated once folded into the layer: W·inf is NaN where W is 0, not 0·float32 max
+    s, shift = _folded_constants(mean, var, gamma, beta, r(np.float64(p.epsilon)), r, converted=tflite)
+    weight, bias, rank = layer.preceding.weight, layer.preceding.bias, layer.x.ndim
+    stored = _inf_saturated if tflite else (lambda v: v)
+    with np.errstate(invalid="ignore", over="ignore"):
+        kernel = weight if tflite and rank == 3 and not weight.any() else stored(r(weight * s[:, None]))
+        if k.folded_into_layer == "centred":
+            folded_bias = r(r(r(bias - mean) * s) + beta)
+        elif tflite and rank in (2, 3) and not bias.any():
+            folded_bias = stored(shift)
+        else:
+            folded_bias = stored(r(r(bias * s) + shift))
+        axis = p.channel_axes[0]
+        x = np.moveaxis(r(layer.x), axis, -1)
+        acc = np.broadcast_to(folded_bias, x.shape).astype(np.float64)
+        for i in range(weight.shape[1]):
+            acc = r(x[..., i : i + 1] * kernel[:, i] + acc)
+    return np.moveaxis(acc, -1, axis)
 
 
 def _update(moving: np.ndarray, batch: np.ndarray, m: float, k: Knobs) -> np.ndarray:
@@ -304,7 +393,7 @@ def _read_back(k: Knobs, per_replica: list[np.ndarray]) -> np.ndarray:
     return np.mean(per_replica, axis=0)
 
 
-def _train(p: Problem, k: Knobs) -> dict[str, np.ndarray]:
+def _train(p: Problem, k: Knobs, layer: _Layer | None = None) -> dict[str, np.ndarray]:
     """reference.train under the knobs (ghost batches, renorm and adjustment as it defines them)."""
     rs = _rounder("float32" if _lower(k) else None)
     state: list[tuple[np.ndarray, ...]] | None = None  # per replica (one without replicas)
@@ -328,7 +417,7 @@ def _train(p: Problem, k: Knobs) -> dict[str, np.ndarray]:
             output = np.empty_like(shard)
             source = replace(k, folded_inf_saturated=False)  # the converter's constants: the exported model's
             for g, (gm, gv, _) in zip(groups, parts, strict=True):
-                used = (moving_mean, moving_var) if k.training_uses_moving_stats else (gm, gv)
+                used = _read_stored(k, moving_mean, moving_var) if k.training_uses_moving_stats else (gm, gv)
                 output[g] = _normalize(shard[g], p, source, *used, affine)
             outputs.append(output)
             if not k.stats_frozen:
@@ -367,19 +456,24 @@ def _train(p: Problem, k: Knobs) -> dict[str, np.ndarray]:
         "batch_variance": reported,
         "moving_mean": moving_mean,
         "moving_variance": moving_var,
-        "inference_output": _normalize(p.batches[-1], p, k, *last),
+        "inference_output": _output(p.batches[-1], p, k, *last, layer),
         **({} if p.renorm is None else {"renorm_mean": renorm_mean, "renorm_stddev": renorm_std}),
     }
 
 
-def _infer(p: Problem, k: Knobs) -> dict[str, np.ndarray]:
+def _read_stored(k: Knobs, mean: np.ndarray, var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Stored statistics as a normalization reads them: under denormals-are-zero a subnormal is 0."""
+    if not k.flush_denormals:
+        return mean, var
+    f = _flusher("float32" if _lower(k) else k.flush_denormals)
+    return f(mean), f(var)
+
+
+def _infer(p: Problem, k: Knobs, layer: _Layer | None = None) -> dict[str, np.ndarray]:
     x = p.batches[-1]
     whole = not p.track_running_stats or k.inference_uses_batch_stats
-    used = _stats(x, p, k)[:2] if whole else (p.moving_mean, p.moving_variance)
-    if k.flush_denormals and not whole:  # denormals-are-zero: a subnormal stored statistic reads as 0
-        f = _flusher("float32" if _lower(k) else k.flush_denormals)
-        used = (f(used[0]), f(used[1]))
-    return {"output": _normalize(x, p, k, *used)}
+    used = _stats(x, p, k)[:2] if whole else _read_stored(k, p.moving_mean, p.moving_variance)
+    return {"output": _output(x, p, k, *used, layer)}
 
 
 def _gradients(p: Problem, k: Knobs) -> dict[str, np.ndarray]:
@@ -788,11 +882,16 @@ def simulate(problem: Problem, check: Check, knobs: Knobs = CANONICAL) -> dict[s
 
 
 def _simulate(problem: Problem, check: Check, knobs: Knobs) -> dict[str, np.ndarray]:
-    run = {"train": _train, "infer": _infer, "gradients": _gradients}[CHECKS[check].method]
+    method = CHECKS[check].method
     bn = reference.bn_input(problem)  # a preceding layer: in float64, before BN
     if knobs.epsilon is not None:  # every formula, renorm's too, takes the variant's epsilon
         bn = replace(bn, epsilon=knobs.epsilon)
-    out = run(bn, knobs)
+    if method == "gradients":
+        out = _gradients(bn, knobs)
+    else:  # an artefact whose converter folded BN into the preceding layer
+        folds = knobs.folded_into_layer is not None and problem.preceding is not None
+        layer = _Layer(problem.preceding, problem.batches[-1]) if folds else None  # type: ignore[arg-type]
+        out = (_train if method == "train" else _infer)(bn, knobs, layer)
     if problem.preceding is not None and "input" in out:  # dL/dx = Wᵀ dL/dz
         out["input"] = problem.preceding.transpose_apply(out["input"], problem.channel_axes[0])
     return out
@@ -986,8 +1085,17 @@ VARIANTS = [
     # cases/numerics/denormal-moving-variance-inference-eps-0 (docs/repro/tflite_inf_constants.py).
     Variant("folded-inf-saturated", "y = x·s + (beta - mean·s) in float32, an infinite s or shift stored "
             "as ±float32 max", lambda p, c: c in ("training", "inference"),
-            lambda p: [{"normalize_folded": True, "compute_dtype": "float32", "folded_inf_saturated": True}]
+            lambda p: [{"normalize_folded": True, "compute_dtype": "float32", "folded_inf_saturated": True,
+                        # folded into a preceding layer for 2-D to 4-D models (a CONV_3D keeps MUL, ADD)
+                        "folded_into_layer": "shifted" if p.preceding is not None and p.rank < 5 else None}]
             if p.dtype == "float32" else []),
+    # torch's fuse_conv_bn_eval and the ONNX exporters' Conv+BN fusion fold BN into the layer before
+    # it: W' = W·s, b' = (b - mean)·s + beta (torch/nn/utils/fusion.py fuse_conv_bn_weights), so
+    # with s = inf (moving variance 0, eps 0) a weight of 0 gives NaN and the layer's sum meets ±inf
+    # terms: NaN or ±inf per output, not (z - mean)/0. Measured on cases/export/preceding-folded-*.
+    Variant("folded-into-layer", "BN folded into the preceding layer: W' = W·s, b' = (b - mean)·s + beta, "
+            "in the compute dtype", lambda p, c: c in ("training", "inference") and p.preceding is not None,
+            lambda p: [{**form, "folded_into_layer": "centred"} for form in _folded(p)]),
     # Every framework here but torch: with no samples the statistics are NaN and dL/dgamma, computed
     # through them, is NaN; the reference's sum over no elements is 0 (torch returns early, 0).
     Variant("empty-gamma-gradient-nan", "dL/dgamma of an empty batch is NaN (through NaN statistics)",

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from adapters.base import Adjustment, Problem, Renorm, Replicas
+from adapters.base import Adjustment, Preceding, Problem, Renorm, Replicas
 from conformance import problem as problems
 from conformance import reference
 from conformance.compare import DEFAULT_TOLERANCE
@@ -32,7 +32,7 @@ NAMES = {
     "empty-gamma-gradient-nan", "bessel-one-value", "variance-sum-of-squares-unclamped", "reduce-all-axes",
     "ghost-interleaved",
     "replica-0-stats", "replica-mean-stats", "denormals-flushed", "renorm-floor-epsilon-float32",
-    "folded-float16-weights", "folded-inf-saturated",
+    "folded-float16-weights", "folded-inf-saturated", "folded-into-layer",
 }
 CHECKS = ("training", "inference", "gradients")
 LAYOUTS = [((6, 3), (1,)), ((3, 6), (0,)), ((2, 4, 3), (-1,)), ((2, 3, 4, 5), (1, 2)),
@@ -699,6 +699,53 @@ def test_folded_inf_saturated_stores_the_infinite_scale_and_shift_as_float32_max
     y = simulate(p, "inference", knobs("folded-inf-saturated", p))["output"]
     assert y[:, 0].tolist() == [-float(np.finfo(np.float32).max) / 2, np.inf]
     assert np.isnan(simulate(p, "inference", knobs("normalize-folded", p))["output"][:, 0]).all()
+
+
+def _conv_bn(bias: list[float], x: list[float], weight: list[list[float]]) -> Problem:
+    """One position of a 1x1 Conv2D (NHWC) + BN, moving variance 0 and eps 0: s = inf."""
+    c = len(bias)
+    return dataclasses.replace(
+        hand(epsilon=0.0, dtype="float32"), batches=(np.array(x).reshape(1, 1, 1, c),), axes=(-1,),
+        moving_mean=np.array([0.25, -0.75, 1.5][:c]), moving_variance=np.zeros(c), gamma=np.ones(c),
+        beta=np.zeros(c), preceding=Preceding(np.array(weight), np.array(bias)))
+
+
+def test_folded_into_layer_sums_infinite_weights_where_the_unfused_fold_does_not():
+    """BN folded into the Conv (torch's fuse_conv_bn_weights): W' = W·inf, b' = (b - mean)·inf, and
+    the Conv's sum of ±inf terms is NaN where signs meet: measured [nan, inf, nan] on torch-fuse and
+    the ONNX exports (cases/export/preceding-zero-bias-folded-inf-rank-4), where x·s + shift on the
+    Conv's output gives [-inf, inf, nan]."""
+    p = _conv_bn([0.0, 0.0, 0.0], [0.5, -1.5, 0.75], [[1.0, 2.0, 0.5], [0.5, -1.0, 0.25], [-0.5, 0.25, 1.0]])
+    y = simulate(p, "inference", knobs("folded-into-layer", p))["output"].ravel()
+    assert np.isnan(y[[0, 2]]).all() and y[1] == np.inf
+    assert simulate(p, "inference", knobs("normalize-folded", p))["output"].ravel()[:2].tolist() == [
+        -np.inf, np.inf]
+
+
+def test_tflite_folds_a_zero_bias_of_a_4d_model_into_nan_and_drops_it_for_a_2d_one():
+    """TFLite's converter (folded-inf-saturated): a 4-D model's zero bias is folded, 0·inf = NaN in
+    every channel; a 2-D model's is dropped first, b' = shift saturated at ±float32 max, so the
+    fma sum over saturated weights gives a finite value where ±3.4e38 terms cancel (measured
+    -8.5e37 in cases/export/preceding-zero-bias-folded-inf-rank-2)."""
+    weight = [[1.0, 2.0, 0.5], [0.5, -1.0, 0.25], [-0.5, 0.25, 1.0]]
+    four = _conv_bn([0.0, 0.0, 0.0], [0.5, -1.5, 0.75], weight)
+    assert np.isnan(simulate(four, "inference", knobs("folded-inf-saturated", four))["output"]).all()
+    two = dataclasses.replace(four, batches=(np.array([[0.25, 1.0, -0.5]]),), axes=(1,))
+    y = simulate(two, "inference", knobs("folded-inf-saturated", two))["output"].ravel()
+    top = float(np.finfo(np.float32).max)
+    # channel 0: acc = -max (shift), fma(0.25, max) = -0.75·max, fma(1.0, max) = 0.25·max, fma(-0.5, max)
+    assert y[0] == pytest.approx(-0.25 * top, rel=1e-6)
+
+
+def test_the_converters_rsqrt_flushes_subnormals_in_whole_avx_packets_only():
+    """TF's Rsqrt (Eigen's Packet8f, _mm256_rsqrt_ps) reads a subnormal as 0 in whole 8-channel
+    packets; the last C mod 8 channels take the exact scalar path: 9 channels of 1e-40 give
+    inf x 8 and 1e20 (measured on TFLite's folded constants)."""
+    from conformance.variants import _packet_rsqrt_input
+
+    assert _packet_rsqrt_input(np.full(9, 1e-40)).tolist() == [0.0] * 8 + [1e-40]
+    assert _packet_rsqrt_input(np.full(4, 1e-40)).tolist() == [1e-40] * 4
+    assert _packet_rsqrt_input(np.full((1, 16, 1), 1e-40)).shape == (1, 16, 1)
 
 
 def test_kept_results_are_keyed_by_contents_layout_and_exact_values():
