@@ -302,7 +302,8 @@ def _folded_into_layer(layer: _Layer, p: Problem, k: Knobs, mean: np.ndarray, va
     beta (`centred`, torch/nn/utils/fusion.py fuse_conv_bn_weights) or b·s + shift (`shifted`), in
     the compute dtype, then z = Σ x_i·W'_i + b'. With s = inf a weight or bias of 0 gives 0·inf =
     NaN, and the sum is NaN where ±inf terms meet, in any order. TFLite's converter (with
-    folded_inf_saturated) stores ±inf as ±float32 max, and two of its rewrites see whole zero tensors
+    folded_inf_saturated; folded_float16_weights: as float16, saturated at ±65504) stores ±inf as
+    ±float32 max, and two of its rewrites see whole zero tensors
     first: a zero bias is dropped before the fold for ranks 2 and 3 (b' = shift), and a zero weight
     stays 0 for rank 3 (Conv1D's ExpandDims form); XNNPACK then accumulates acc = b'; acc = fma(x_i,
     W'_i, acc) in input-channel order, which with saturated terms decides between ±inf, NaN and a
@@ -312,11 +313,12 @@ def _folded_into_layer(layer: _Layer, p: Problem, k: Knobs, mean: np.ndarray, va
     gamma, beta = p.gamma, p.beta
     if k.flush_denormals:  # as `_normalize`: TF reads a subnormal gamma or beta as 0
         gamma, beta = _flusher("float32")(gamma), _flusher("float32")(beta)
-    tflite = k.folded_inf_saturated
+    tflite = k.folded_inf_saturated or k.folded_float16_weights  # TFLite's converter, either way
     # saturated once folded into the layer: W·inf is NaN where W is 0, not 0·float32 max
     s, shift = _folded_constants(mean, var, gamma, beta, r(np.float64(p.epsilon)), r, converted=tflite)
     weight, bias, rank = layer.preceding.weight, layer.preceding.bias, layer.x.ndim
-    stored = _inf_saturated if tflite else (lambda v: v)
+    stored = (_inf_saturated if k.folded_inf_saturated else _float16_saturated if k.folded_float16_weights
+              else (lambda v: v))
     with np.errstate(invalid="ignore", over="ignore"):
         kernel = weight if tflite and rank == 3 and not weight.any() else stored(r(weight * s[:, None]))
         if k.folded_into_layer == "centred":
@@ -1075,7 +1077,9 @@ VARIANTS = [
     Variant("folded-float16-weights", "y = x·s + (beta - mean·s) in float32, s and the shift stored as "
             "float16 weights saturated at ±65504", lambda p, c: c in ("training", "inference")
             or (c == "gradients" and p.renorm is None and p.adjustment is None),  # as normalize-folded
-            lambda p: [{"normalize_folded": True, "compute_dtype": "float32", "folded_float16_weights": True}]
+            lambda p: [{"normalize_folded": True, "compute_dtype": "float32", "folded_float16_weights": True,
+                        # into a preceding layer's float16 weights, as folded-inf-saturated says
+                        "folded_into_layer": "shifted" if p.preceding is not None and p.rank < 5 else None}]
             if p.dtype == "float16" else []),  # float16 cases only: the quantization's
     # TFLite's converter folds BN's constants and then replaces every constant ±inf by ±float32 max
     # (tensorflow/compiler/mlir/lite/transforms/canonicalize_boundary_value_pass.cc,

@@ -737,6 +737,18 @@ def test_tflite_folds_a_zero_bias_of_a_4d_model_into_nan_and_drops_it_for_a_2d_o
     assert y[0] == pytest.approx(-0.25 * top, rel=1e-6)
 
 
+def test_tflite_float16_weights_fold_into_the_layer_saturated_at_float16_max():
+    """TFLite's float16 quantization folds BN into the layer before it too, and stores W·inf as
+    ±65504 (NaN where a weight is 0): a row of non-zero weights sums to a finite value
+    (cases/export/float16-preceding-folded-weights-saturated: ±4e5 where the reference gives ±inf)."""
+    p = dataclasses.replace(_conv_bn([0.0, 0.0, 0.0], [0.5, -1.5, 0.75], [[1.0, 2.0, 0.5], [0.5, 0.0, 0.25],
+                                                                       [-0.5, 0.25, 1.0]]), dtype="float16")
+    two = dataclasses.replace(p, batches=(np.array([[0.5, -1.5, 0.75]]),), axes=(1,))
+    y = simulate(two, "inference", knobs("folded-float16-weights", two))["output"].ravel()
+    # channel 0: b' = -65504 (shift, the zero bias dropped), then 0.5·65504 - 1.5·65504 + 0.75·65504
+    assert y[0] == pytest.approx(-1.25 * 65504, rel=1e-6) and np.isnan(y[1])
+
+
 def test_the_converters_rsqrt_flushes_subnormals_in_whole_avx_packets_only():
     """TF's Rsqrt (Eigen's Packet8f, _mm256_rsqrt_ps) reads a subnormal as 0 in whole 8-channel
     packets; the last C mod 8 channels take the exact scalar path: 9 channels of 1e-40 give
