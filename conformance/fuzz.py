@@ -284,6 +284,9 @@ VARIANT_REGION: dict[str, list[dict[str, Any]]] = {
     "folded-inf-saturated": [{  # the denormals-flushed region in float32
         **_SUBNORMAL_MOVING_VARIANCE, "dtype": ["float32"],
         "params": {**_SUBNORMAL_MOVING_VARIANCE["params"], "moving_variance": [1e-40]}}],
+    # BN folded into the layer before it: a layer's sum of ±inf terms differs from the unfused fold
+    # only where s = gamma/sqrt(var + eps) is infinite
+    "folded-into-layer": [{"params": {"epsilon": [0.0], "moving_variance": [0.0]}}],
     "compute-input-dtype": [
         {"params": {"epsilon": [1e-8]}, "input": {"mean": [1e4, 1e2], "std": [1e-3]}},
         {"params": {"scale": [True], "center": [True], "epsilon": [1e-5, 1e-3]},
