@@ -356,8 +356,10 @@ def rule_region(rule: Any, shows: dict[str, Any] | None = None) -> dict[str, Any
         if key in when:
             region[key] = when[key]
     if when.get("zero_variance"):  # constant channels (std 0) of a value whose sum of copies rounds
-        region["params"] = {**region.get("params", {}), "epsilon": [0.0], "scale": [True],
-                            "gamma": list(ZERO_VARIANCE_GAMMAS)}
+        params = region.get("params", {})
+        if not params.keys() & {"scale", "gamma"}:  # unless the rule names them
+            params = {"scale": [True], "gamma": list(ZERO_VARIANCE_GAMMAS), **params}
+        region["params"] = {**params, "epsilon": [0.0]}
         region["input"] = {"std": [0.0], "mean": list(ZERO_VARIANCE_MEANS)}
         region["rows"] = list(ZERO_VARIANCE_ROWS)
     return region
