@@ -65,7 +65,7 @@ MIN_S = 5.0  # the least a process group is given, whatever the budget
 # (about 40 of those 251), every one of them in every run. They are evaluated a case of each region
 # in turn, skipping a region whose rules are all reached: a 60-second run of one family on a busy
 # machine (torch-export, tf-export alone, seed 11: 22 or 23 cases over 12 or 14 regions) reached 5
-# of 10 and 6 of 11 rules with four in a row per region, 9 of 10 and 11 of 11 so (10 and 11 cases).
+# of 10 and 6 of 11 rules with four in a row per region, 10 of 10 (19 cases) and 11 of 11 (11) so.
 # A skipped region is still drawn among the other cases, but not its first, simplest case: a short
 # run shows fewer failing groups (tf, 60 s: the float16 eps-0 moving-variance-0 region's first
 # draws failed on tf-keras and tf-layers with four in a row, and were skipped so, tf-nn's rule
