@@ -148,7 +148,8 @@ def test_a_region_is_drawn_where_its_variant_shows():
 def test_the_float16_folded_overflow_region_keeps_the_canonical_output_small():
     """normalize-folded's float16 region (the torch exports' rule): a float16 channel of 1e4 with a
     moving mean of 1e4 and a small moving variance, momentum 0 for training; a rule that allows no
-    float16 does not get it, and a zero-variance rule gets its own region only."""
+    float16 does not get it, and a zero-variance rule gets its own region only; epsilon-float32's
+    region draws an eps that float32 does not hold."""
     from hypothesis import HealthCheck, Phase, given, seed, settings
 
     from conformance.fuzz import ZERO_VARIANCE_GAMMAS, ZERO_VARIANCE_ROWS, case_strategy, rule_regions
@@ -162,6 +163,9 @@ def test_the_float16_folded_overflow_region_keeps_the_canonical_output_small():
     [overflow] = [r for r in regions if r.get("params", {}).get("moving_mean") == [1e4]]
     assert overflow["dtype"] == ["float16"] and overflow["params"]["momentum"] == [0.0]
     assert len(rule_regions(rule(dtype="float32"))) == len(regions) - 1  # no float16 region for it
+    [eps] = rule_regions(Rule(adapters=["x"], when={"dtype": "float64"}, checks=["inference"],
+                              explained_by="epsilon-float32", reason="r", link="https://example.org"))
+    assert eps["dtype"] == ["float64"] and eps["params"] == {"epsilon": [0.1, 1e-3]}  # not in float32
     [zero] = rule_regions(rule(zero_variance=True))
     assert zero["rows"] == list(ZERO_VARIANCE_ROWS) and zero["params"]["gamma"] == list(ZERO_VARIANCE_GAMMAS)
     drawn: list[dict] = []
