@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -41,6 +42,7 @@ from conformance.validate import SINGLE_DEVICE_PARAMS
 STARTED = time.monotonic()  # this process's start, near enough: a worker's startup is measured from it
 SHRINK_SHARE = 0.3  # of a worker's budget, for finding a minimal case per group
 DTYPES = ("float16", "bfloat16", "float32", "float64")
+DRAWN_DTYPES = ("float32", "float64", "float16", "bfloat16")  # a case's dtype, shrinking to float32
 # `--budget` is the run's wall-clock time; each process group gets a share of it by weight, more
 # where a case costs more (compiled graphs, jitted functions, exports) and the process's rules hang
 # on rare draws. In `fuzz --budget 600 --seed 11` (weights tf 4, jax 4, torch-export 3, the others
@@ -60,7 +62,14 @@ MIN_S = 5.0  # the least a process group is given, whatever the budget
 # among the other draws alone, a region drawn 8.4 times on average (a 10-minute run's slowest
 # process: torch-export, 251 cases over 10 regions) is drawn 3 times or fewer in 3.1% of runs
 # (binomial, n = 251, p = 1/30), for each of its regions. Drawn first, the regions take 4 cases each
-# (about 40 of those 251), every one of them in every run.
+# (about 40 of those 251), every one of them in every run. They are evaluated a case of each region
+# in turn, skipping a region whose rules are all reached: a 60-second run of one family on a busy
+# machine (torch-export, tf-export alone, seed 11: 22 or 23 cases over 12 or 14 regions) reached 5
+# of 10 and 6 of 11 rules with four in a row per region, 10 of 10 (19 cases) and 11 of 11 (11) so.
+# A skipped region is still drawn among the other cases, but not its first, simplest case: a short
+# run shows fewer failing groups (tf, 60 s: the float16 eps-0 moving-variance-0 region's first
+# draws failed on tf-keras and tf-layers with four in a row, and were skipped so, tf-nn's rule
+# reached first).
 SWEEP = 4
 
 
@@ -117,7 +126,7 @@ def case_strategy(focus: frozenset[str] = frozenset(), regions: tuple[dict[str, 
         def choose(key: str, default: Any) -> Any:  # the region's value(s), else the default draw
             return d(st.sampled_from(region[key])) if key in region else d(default)
 
-        dtype = choose("dtype", st.sampled_from(("float32", "float64", "float16", "bfloat16")))
+        dtype = choose("dtype", st.sampled_from(DRAWN_DTYPES))
         # rank 1 in one case of five (Hypothesis draws either side of a `|` equally often)
         rank = choose("rank", st.sampled_from((2, 3, 4, 5) if replicas else (2, 3, 4, 5, 1)))
         without = set(region.get("without", ()))  # features none of the region's adapters states
@@ -146,6 +155,8 @@ def case_strategy(focus: frozenset[str] = frozenset(), regions: tuple[dict[str, 
             shape = [s if i in {a % rank for a in axes} else 1 for i, s in enumerate(shape)]
             if replicas and 0 not in {a % rank for a in axes}:  # one row per replica: 2 or 3 rows
                 shape[0] = d(st.sampled_from((2, 3)))  # on 2 or 3 replicas (a shard's values count)
+        if "rows" in region and 0 not in {a % rank for a in axes}:  # the region's batch size
+            shape[0] = d(st.sampled_from(region["rows"]))
         reduced = [i for i in range(rank) if i not in {a % rank for a in axes}]
         if region.get("values_per_channel") == [0] and reduced:  # an empty batch: a reduced dim of 0
             shape[reduced[0]] = 0
@@ -261,6 +272,15 @@ def explaining_rules(explained_by: list[str], covering: list[Any]) -> list[str]:
 #   where the mean is large against the std (|mean|·s past 65504: 1e4 at s = 10 or more); and with
 #   var + eps = 0 (a stored moving variance of 0, eps 0: s = inf) it is inf - inf or 0·inf = NaN
 #   where the unfolded form gives ±inf (the eps-0 inference rules of torch, onnxruntime, the exports).
+#   Those two leave the canonical output past float16's range too (a moving mean of at most 2 against
+#   z near 1e4), where TFLite's float32 folding stays finite; a third, in float16, keeps the canonical
+#   (z - mean)·s small while z·s and mean·s pass 65504 (the torch exports' and torch-fuse's float16
+#   rule, cases/export/conv-bn-float16-large-mean-folded-overflow): a constant float16 channel of 1e4
+#   (std 0.1 rounds away at float16's spacing of 8 there), a moving mean of 1e4 and variance 1e-3 or
+#   0.01 (s = 10 to 32 at eps 1e-5 or 1e-3) for inference, and momentum 0 for training, so that the
+#   trained moving mean is the batch's (z, behind a preceding layer too) and the moving variance 0
+#   (s = 1/sqrt(eps)). Measured on the torch exports: each of 8 draws showed it, the first (no
+#   preceding layer) on OpenVINO only, the 6 with a preceding layer on all six adapters of the rule.
 # - compute-input-dtype, two ways: tf-nn's float16 gradient overflows where var + eps is below about
 #   1e-6 (a float16 constant channel of 1e4, or of 1e2 at std 1e-3, with eps 1e-8; at eps 1e-5 only
 #   the normalize-folded rule's overflow shows); torch-compile's and flax-nnx's statistics rounded
@@ -274,19 +294,28 @@ def explaining_rules(explained_by: list[str], covering: list[Any]) -> list[str]:
 #   flax-nnx-shard, which a region of theirs also always draws replicas for).
 # - folded-inf-saturated: the denormals-flushed region in float32: the trained moving variance is 0,
 #   and TFLite's converter stores the folded s = inf (eps 0) as float32 max.
+# - epsilon-float32 (ONNX's float32 epsilon attribute in a float64 model): an eps that float32 does
+#   not hold, large against the variance: eps 0.1 runs as 0.1 + 1.5e-9, which moves a float64
+#   output by about 7e-9 relative at a variance of 0.01, past float64's 1e-10; the default eps 1e-5
+#   moves it by 2.5e-13 / (var + eps). On the torch exports, 2 of 6 draws in float64 alone showed
+#   it, not the first; 2 of 6 here, the first (float64 [2, 2], eps 0.1) on every ONNX adapter.
 _SUBNORMAL_MOVING_VARIANCE = {
     "dtype": ["float64", "float32"], "values_per_channel": [1], "steps": [1],
     "params": {"momentum": [0.5], "epsilon": [0.0], "moving_variance": [1e-310, 1e-40]}}
 VARIANT_REGION: dict[str, list[dict[str, Any]]] = {
     "denormals-flushed": [_SUBNORMAL_MOVING_VARIANCE],
     "normalize-folded": [{"input": {"mean": [1e4], "std": [0.1, 1e-3]}},
-                         {"params": {"epsilon": [0.0], "moving_variance": [0.0]}}],
+                         {"params": {"epsilon": [0.0], "moving_variance": [0.0]}},
+                         {"dtype": ["float16"], "input": {"mean": [1e4], "std": [0.1]},
+                          "params": {"momentum": [0.0], "epsilon": [1e-5, 1e-3], "moving_mean": [1e4],
+                                     "moving_variance": [1e-3, 0.01]}}],
     "folded-inf-saturated": [{  # the denormals-flushed region in float32
         **_SUBNORMAL_MOVING_VARIANCE, "dtype": ["float32"],
         "params": {**_SUBNORMAL_MOVING_VARIANCE["params"], "moving_variance": [1e-40]}}],
     # BN folded into the layer before it: a layer's sum of ±inf terms differs from the unfused fold
     # only where s = gamma/sqrt(var + eps) is infinite
     "folded-into-layer": [{"params": {"epsilon": [0.0], "moving_variance": [0.0]}}],
+    "epsilon-float32": [{"params": {"epsilon": [0.1, 1e-3]}}],
     "compute-input-dtype": [
         {"params": {"epsilon": [1e-8]}, "input": {"mean": [1e4, 1e2], "std": [1e-3]}},
         {"params": {"scale": [True], "center": [True], "epsilon": [1e-5, 1e-3]},
@@ -297,13 +326,31 @@ VARIANT_REGION: dict[str, list[dict[str, Any]]] = {
 # The input of a region whose rule names a zero-variance channel (When.zero_variance): every channel
 # constant at one of these, with eps 0. A value with a full mantissa, so that a float32 or float16
 # mean of its copies may round (3.2: TF's mean of 48 copies is 6 ulps off); the draws never give a
-# constant channel otherwise.
+# constant channel otherwise. In batches of ZERO_VARIANCE_ROWS rows: a mean of few copies is exact
+# (TF's float32 tf.nn.moments of n copies in 3 channels, measured: 3.2 and -0.7 round from n = 7 on,
+# 1e4 + 0.1 from n = 6, never for n of 5 or less), and a region's first draw has the fewest. With a
+# gamma of a full mantissa (ZERO_VARIANCE_GAMMAS): with gamma 1 and a residue d of a power-of-two
+# number of ulps, the folded x·inv and mean·inv (inv = gamma/|d|) are exact and the output is beta ±
+# gamma, which the reference accepts. Measured on the tf_keras exports' zero-variance rule
+# (adapters/known/tf-export.yaml, unfused 2-D and 3-D input): the region's first draw, float32 [8, 2]
+# copies of 3.2, passed every adapter with gamma 1 and shows the rule on all five with 1.3; of six
+# draws, the three of rank 2 or 3 showed it.
 ZERO_VARIANCE_MEANS = (3.2, -0.7, 1e4 + 0.1)
+ZERO_VARIANCE_ROWS = (8,)
+ZERO_VARIANCE_GAMMAS = (1.3, -0.7)
 
 
 def rule_regions(rule: Any) -> list[dict[str, Any]]:
-    """`rule_region` for each way the rule's variant shows (VARIANT_REGION), or its conditions alone."""
-    return [rule_region(rule, shows) for shows in VARIANT_REGION.get(rule.explained_by, [{}])]
+    """`rule_region` for each way the rule's variant shows (VARIANT_REGION) in a dtype the rule allows,
+    or its conditions alone. A zero-variance rule's conditions say where its variant shows (constant
+    channels at eps 0), and their constant input would replace each entry's: it gets one region, its
+    own."""
+    dtypes = rule.when.dtype
+    allowed = None if dtypes is None else {dtypes} if isinstance(dtypes, str) else set(dtypes)
+    entries = [] if rule.when.zero_variance else [
+        shows for shows in VARIANT_REGION.get(rule.explained_by, [])
+        if allowed is None or "dtype" not in shows or allowed & set(shows["dtype"])]
+    return [rule_region(rule, shows) for shows in entries] or [rule_region(rule)]
 
 
 def rule_region(rule: Any, shows: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -323,8 +370,12 @@ def rule_region(rule: Any, shows: dict[str, Any] | None = None) -> dict[str, Any
         if key in when:
             region[key] = when[key]
     if when.get("zero_variance"):  # constant channels (std 0) of a value whose sum of copies rounds
-        region["params"] = {**region.get("params", {}), "epsilon": [0.0]}
+        params = region.get("params", {})
+        if not params.keys() & {"scale", "gamma"}:  # unless the rule names them
+            params = {"scale": [True], "gamma": list(ZERO_VARIANCE_GAMMAS), **params}
+        region["params"] = {**params, "epsilon": [0.0]}
         region["input"] = {"std": [0.0], "mean": list(ZERO_VARIANCE_MEANS)}
+        region["rows"] = list(ZERO_VARIANCE_ROWS)
     return region
 
 
@@ -351,7 +402,14 @@ class Worker:
         # the rules these adapters can meet here (not those of another device or release)
         self.reachable = [r for r in self.rules.rules
                           if any(r.reachable_by(a) for a in self.adapters.values())]
-        self.regions = tuple(self.region(r, region) for r in self.reachable for region in rule_regions(r))
+        # each region once (rules of one variant and conditions share one), none that they cannot
+        # state, with the sources of the rules it is drawn for
+        regions: dict[str, tuple[dict[str, Any], set[str]]] = {}
+        for rule in self.reachable:
+            for region in filter(None, (self.region(rule, r) for r in rule_regions(rule))):
+                regions.setdefault(json.dumps(region, sort_keys=True), (region, set()))[1].add(rule.source)
+        self.regions = tuple(region for region, _ in regions.values())
+        self.region_rules = tuple(sources for _, sources in regions.values())
         self.seed = seed
         self.progress = progress
         self.found: dict[str, dict[str, Any]] = {}  # signature -> {"doc", "count", "record"}
@@ -360,20 +418,23 @@ class Worker:
         self.tried = self.checks = self.checks_run = 0  # checks_run: those not found not expressible
         self.started = time.monotonic()
 
-    def region(self, rule: Any, region: dict[str, Any]) -> dict[str, Any]:
+    def region(self, rule: Any, region: dict[str, Any]) -> dict[str, Any] | None:
         """A region of the rule (`rule_regions`), narrowed to what the rule's adapters here can state
         (Capabilities): their dtypes (VARIANT_REGION's among them) and ranks where the rule names
         none, the checks they run, replicas where they run replica cases only, a preceding layer
-        more often where they all fold or export one."""
+        more often where they all fold or export one. None where they state none of its dtypes."""
         region = dict(region)
         caps = [self.adapters[a].capabilities for a in rule.adapters if a in self.adapters]
         if not caps:
             return region
-        dtypes = sorted(set.union(*(set(c.dtypes) for c in caps)))
+        # in the order a case draws them (DRAWN_DTYPES): a region's first draw is float32 where it can be
+        dtypes = [d for d in DRAWN_DTYPES if any(d in c.dtypes for c in caps)]
         if "dtype" not in region and len(dtypes) < len(DTYPES):
             region["dtype"] = dtypes
-        elif "dtype" in region and set(region["dtype"]) & set(dtypes):  # VARIANT_REGION's, if stated
+        elif "dtype" in region:  # the rule's or VARIANT_REGION's: those they state, else none
             region["dtype"] = [d for d in region["dtype"] if d in dtypes]
+            if not region["dtype"]:
+                return None
         # the checks they state (torch-fuse: training and inference of a rule that names none)
         region["checks"] = [c for c in region["checks"] if any(c in cap.checks for cap in caps)] or \
             region["checks"]
@@ -435,30 +496,42 @@ class Worker:
         class Enough(Exception):
             pass
 
-        def run(strategy: Any, examples: int, seed: int) -> None:
+        def evaluate(doc: dict[str, Any]) -> None:
+            if time.monotonic() > deadline or self.tried >= limit:
+                raise Enough
+            self.tried += 1
+            for sig, record in self.signatures(doc).items():
+                entry = self.found.setdefault(sig, {"doc": doc, "count": 0, "record": record})
+                entry["count"] += 1
+                for source in self.explaining.get(sig, ()):
+                    self.rules_reached[source] = self.rules_reached.get(source, 0) + 1
+            self.report(deadline)
+
+        def run(strategy: Any, examples: int, seed: int, test: Any = evaluate) -> None:
             @hypothesis_seed(seed)
             @settings(max_examples=examples, deadline=None, database=None, phases=[Phase.generate],
                       suppress_health_check=list(HealthCheck))
             @given(strategy)
             def one(doc: dict[str, Any]) -> None:
-                if time.monotonic() > deadline or self.tried >= limit:
-                    raise Enough
-                self.tried += 1
-                for sig, record in self.signatures(doc).items():
-                    entry = self.found.setdefault(sig, {"doc": doc, "count": 0, "record": record})
-                    entry["count"] += 1
-                    for source in self.explaining.get(sig, ()):
-                        self.rules_reached[source] = self.rules_reached.get(source, 0) + 1
-                self.report(deadline)
+                test(doc)
 
             with contextlib.suppress(Enough):
                 one()
 
-        # each region first, SWEEP cases in turn (a Hypothesis run of its own, seeded by the region's
-        # place), then the cases everywhere with one in three in a region
+        # each region first: SWEEP cases of each (a Hypothesis run of its own, seeded by the region's
+        # place, drawn before any is evaluated), evaluated a case of every region in turn, so that a
+        # short run draws in every region, and none of a region whose rules are all reached already;
+        # then the cases everywhere with one in three in a region
+        sweep: list[list[dict[str, Any]]] = [[] for _ in self.regions]
         for i, region in enumerate(self.regions):
-            run(case_strategy(self.focus, (region,), always=True), SWEEP, self.seed * 1000 + i + 1)
-        if self.tried < limit:
+            run(case_strategy(self.focus, (region,), always=True), SWEEP, self.seed * 1000 + i + 1,
+                sweep[i].append)
+        with contextlib.suppress(Enough):
+            for turn in itertools.zip_longest(*sweep):
+                for doc, rules in zip(turn, self.region_rules, strict=True):
+                    if doc is not None and not rules <= self.rules_reached.keys():
+                        evaluate(doc)
+        if self.tried < limit and time.monotonic() <= deadline:
             run(case_strategy(self.focus, self.regions), limit - self.tried, self.seed)
 
     def shrink(self, seconds: float) -> None:

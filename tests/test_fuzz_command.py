@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conformance import ROOT
@@ -142,3 +143,65 @@ def test_a_region_is_drawn_where_its_variant_shows():
     cases = [d for d in drawn if not d.get("expect_error")]  # an out-of-range axis: a draw in twenty
     assert len(cases) > 10
     assert all(d["params"]["epsilon"] == 0.0 and d["dtype"] in ("float64", "float32") for d in cases)
+
+
+def test_the_float16_folded_overflow_region_keeps_the_canonical_output_small():
+    """normalize-folded's float16 region (the torch exports' rule): a float16 channel of 1e4 with a
+    moving mean of 1e4 and a small moving variance, momentum 0 for training; a rule that allows no
+    float16 does not get it, and a zero-variance rule gets its own region only; epsilon-float32's
+    region draws an eps that float32 does not hold."""
+    from hypothesis import HealthCheck, Phase, given, seed, settings
+
+    from conformance.fuzz import ZERO_VARIANCE_GAMMAS, ZERO_VARIANCE_ROWS, case_strategy, rule_regions
+    from conformance.known import Rule
+
+    def rule(**when):
+        return Rule(adapters=["x"], when=when, checks=["training", "inference"],
+                    explained_by="normalize-folded", reason="r", link="https://example.org")
+
+    regions = rule_regions(rule(dtype="float16"))
+    [overflow] = [r for r in regions if r.get("params", {}).get("moving_mean") == [1e4]]
+    assert overflow["dtype"] == ["float16"] and overflow["params"]["momentum"] == [0.0]
+    assert len(rule_regions(rule(dtype="float32"))) == len(regions) - 1  # no float16 region for it
+    [eps] = rule_regions(Rule(adapters=["x"], when={"dtype": "float64"}, checks=["inference"],
+                              explained_by="epsilon-float32", reason="r", link="https://example.org"))
+    assert eps["dtype"] == ["float64"] and eps["params"] == {"epsilon": [0.1, 1e-3]}  # not in float32
+    [zero] = rule_regions(rule(zero_variance=True))
+    assert zero["rows"] == list(ZERO_VARIANCE_ROWS) and zero["params"]["gamma"] == list(ZERO_VARIANCE_GAMMAS)
+    drawn: list[dict] = []
+
+    @seed(0)
+    @settings(max_examples=20, database=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(case_strategy(regions=(overflow, zero), always=True))
+    def draw(doc):
+        drawn.append(doc)
+
+    draw()
+    cases = [d for d in drawn if not d.get("expect_error")]
+    folded = [d for d in cases if d["params"].get("moving_mean", [0])[0] == 1e4]
+    constant = [d for d in cases if d["input"]["random"]["std"] == 0.0]
+    assert folded and constant and len(folded) + len(constant) == len(cases)
+    assert all(d["dtype"] == "float16" and d["params"]["momentum"] == 0.0 for d in folded)
+    for d in constant:
+        p, rank = d["params"], len(d["input"]["shape"])
+        assert p["epsilon"] == 0.0 and p["scale"] is True and p["gamma"][0] in ZERO_VARIANCE_GAMMAS
+        assert d["input"]["shape"][0] == 8 or 0 in {a % rank for a in np.atleast_1d(p["axis"])}
+
+
+def test_the_sweep_draws_a_case_of_every_region_before_a_second_of_any(monkeypatch):
+    """Worker.explore evaluates the regions' sweep cases a region at a time in turn, so that a run
+    too short for SWEEP cases of every region still draws in each, and skips a region whose rules
+    are all reached (here float64's, reached before the sweep)."""
+    from conformance.fuzz import SWEEP, Worker
+
+    regions = tuple({"checks": ["inference"], "dtype": [d]} for d in ("float16", "float32", "float64"))
+    worker = Worker.__new__(Worker)  # no adapters: the cases are recorded, not evaluated
+    worker.regions, worker.focus, worker.seed, worker.progress = regions, frozenset(), 0, None
+    worker.region_rules = ({"a"}, {"a", "b"}, {"c"})
+    worker.found, worker.rules_reached, worker.explaining, worker.tried = {}, {"c": 1}, {}, 0
+    seen: list[str] = []
+    monkeypatch.setattr(Worker, "signatures", lambda self, doc: seen.append(doc["dtype"]) or {})
+    worker.explore(600, 2 * SWEEP)
+    assert seen[:2] == ["float16", "float32"] and seen[2:4] == ["float16", "float32"]
+    assert len(seen) == 2 * SWEEP
