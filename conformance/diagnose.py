@@ -169,7 +169,7 @@ class _Judge:
         for out in self.got:
             base = self.per_output.get(out, self.tol)
             if id(base) not in bands:
-                bands[id(base)] = variants.tolerance_for(knobs, problem, base.rtol, base.atol,
+                bands[id(base)] = variants.tolerance_for(knobs, problem, check, base.rtol, base.atol,
                                                          self.conditioning, base.conditioning)
         return simulated, unknown, folded, bands
 

@@ -336,15 +336,16 @@ def test_apply_stacks_declared_variants_with_one_more():
 def test_tolerance_rule():
     p64, p32, p16 = hand(), hand(dtype="float32"), hand(dtype="float16")
     c = 3.0
-    assert tolerance_for(CANONICAL, p64, 4e-10, 4e-10, c) == (4e-10, 4e-10)
-    assert tolerance_for(knobs("epsilon-1e-5", p64), p64, 1e-9, 2e-9, c) == (1e-9, 2e-9)
-    assert tolerance_for(knobs("compute-float32", p64), p64, 4e-10, 4e-10, c) == (4e-5, 4e-5)
+    assert tolerance_for(CANONICAL, p64, "training", 4e-10, 4e-10, c) == (4e-10, 4e-10)
+    assert tolerance_for(knobs("epsilon-1e-5", p64), p64, "training", 1e-9, 2e-9, c) == (1e-9, 2e-9)
+    assert tolerance_for(knobs("compute-float32", p64), p64, "training", 4e-10, 4e-10, c) == (4e-5, 4e-5)
     sos = knobs("variance-sum-of-squares", p32)
-    assert tolerance_for(sos, p32, 4e-5, 4e-5, c) == (1e-4, 1e-4)  # float32 default x (1 + c²)
-    assert tolerance_for(sos, p16, 1.6e-2, 1.6e-2, c) == (1.6e-2, 1.6e-2)  # float16's own is wider
+    assert tolerance_for(sos, p32, "training", 4e-5, 4e-5, c) == (1e-4, 1e-4)  # float32 default x (1 + c²)
+    # float16's own is wider
+    assert tolerance_for(sos, p16, "training", 1.6e-2, 1.6e-2, c) == (1.6e-2, 1.6e-2)
     stacked = apply(["compute-float32"], "variance-sum-of-squares", p64, "training")
-    assert tolerance_for(stacked[0], p64, 4e-10, 4e-10, c) == (1e-4, 1e-4)
-    assert tolerance_for(sos, p64, 4e-10, 4e-10, c) == (1e-9, 1e-9)  # float64 default x (1 + c²)
+    assert tolerance_for(stacked[0], p64, "training", 4e-10, 4e-10, c) == (1e-4, 1e-4)
+    assert tolerance_for(sos, p64, "training", 4e-10, 4e-10, c) == (1e-9, 1e-9)  # float64 default x (1 + c²)
 
 
 FEATURE_PROBLEMS = [
@@ -749,6 +750,21 @@ def test_tflite_float16_weights_fold_into_the_layer_saturated_at_float16_max():
     assert y[0] == pytest.approx(-1.25 * 65504, rel=1e-6) and np.isnan(y[1])
 
 
+def test_a_folded_inference_is_banded_by_the_moving_variance_it_normalizes_with():
+    """folded_error in inference takes s from the moving variance: one value per channel has a batch
+    variance of 0 (eps 0: s = inf, no finite band), yet inference folds with s = 1/sqrt(0.001) = 31.6,
+    so x·s = 22 rounds by 2u·22 (tf-nn's float16 fold, one ulp off: fuzz seed 14)."""
+    from conformance.variants import folded_error
+
+    p = dataclasses.replace(hand(epsilon=0.0, dtype="float16"), batches=(np.array([[-0.7]]),),
+                            moving_mean=np.array([-0.65]), moving_variance=np.array([0.001]))
+    from conformance.dtypes import eps as unit_roundoff_eps
+
+    k = Knobs(normalize_folded=True, compute_dtype="float16")
+    expected = 2 * unit_roundoff_eps("float16") * 0.7 / np.sqrt(0.001)
+    assert folded_error(k, p, "inference") == pytest.approx(expected, rel=1e-3)
+
+
 def test_the_converters_rsqrt_flushes_subnormals_in_whole_avx_packets_only():
     """TF's Rsqrt (Eigen's Packet8f, _mm256_rsqrt_ps) reads a subnormal as 0 in whole 8-channel
     packets; the last C mod 8 channels take the exact scalar path: 9 channels of 1e-40 give
@@ -911,8 +927,10 @@ def test_a_lower_compute_dtype_band_grows_with_the_moving_conditioning_of_infere
                inference_output=np.array([[(np.float32(x) - mm) / np.sqrt(mv)]], np.float64))
     c = moving_conditioning(p)
     assert c > 1000
-    assert tolerance_for(k, p, 1e-10 * (1 + c), 1e-10 * (1 + c), 0.0, c) == (1e-5 * (1 + c),) * 2
-    assert tolerance_for(Knobs(variance="sum-of-squares"), p, 1e-10, 1e-10, 0.0, c) == (1e-10, 1e-10)
+    assert tolerance_for(k, p, "training", 1e-10 * (1 + c), 1e-10 * (1 + c), 0.0, c) == (
+        1e-5 * (1 + c),) * 2
+    sos = Knobs(variance="sum-of-squares")
+    assert tolerance_for(sos, p, "training", 1e-10, 1e-10, 0.0, c) == (1e-10, 1e-10)
     expected = simulate(p, "training")
     per_output = {"inference_output": tolerance("float64", c, None)}
     found = diagnose(p, "training", (), got, {n: expected[n] for n in got}, tolerance("float64", 0.0, None),
