@@ -49,6 +49,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "batch_variance_estimator": ("biased", "unbiased"),
     "replica_stats": (None, "replica-0", "mean"),
     "flush_denormals": (None, "float32", "float64"),
+    "fused_into_preceding": (None, "weights", "weights-bn", "scale-after"),
 }
 
 
@@ -83,6 +84,10 @@ class Knobs:
     folded_float16_weights: bool = False
     # folded s and beta - mean·s stored with ±inf replaced by ±float32 max (TFLite's converter)
     folded_inf_saturated: bool = False
+    # the exported model's BN multiplied into the preceding layer by OpenVINO (`_openvino_fused`):
+    # "weights" W·s and b·s + shift, "weights-bn" W·s' and (b - mean)·s' + beta from a
+    # BatchNormalization node, "scale-after" (W x)·s + b·s + shift
+    fused_into_preceding: str | None = None
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -793,6 +798,8 @@ def _simulate(problem: Problem, check: Check, knobs: Knobs) -> dict[str, np.ndar
     if knobs.epsilon is not None:  # every formula, renorm's too, takes the variant's epsilon
         bn = replace(bn, epsilon=knobs.epsilon)
     out = run(bn, knobs)
+    if knobs.fused_into_preceding is not None and problem.preceding is not None:
+        out = _fused_outputs(problem, check, knobs, out)
     if problem.preceding is not None and "input" in out:  # dL/dx = Wᵀ dL/dz
         out["input"] = problem.preceding.transpose_apply(out["input"], problem.channel_axes[0])
     return out
@@ -923,6 +930,89 @@ def _folded(p: Problem) -> list[dict[str, Any]]:
     return [{"normalize_folded": True, "compute_dtype": "float32"}, *low]
 
 
+# OpenVINO's CPU plugin multiplies BN's folded scale into the preceding MatMul / Convolution
+# (docs/repro/openvino_inf_constants.py): measured on the ONNX models of keras-onnx-openvino and
+# tf-keras-tf2onnx-openvino, ranks 2-5, moving variance 0 and eps 0. "weights": tf2onnx's Mul and
+# Add after a MatMul / Gemm / Conv (Keras 3's export, ranks 2, 4, 5; tf_keras rank 2); "weights-bn":
+# an ONNX BatchNormalization node after the Conv (tf_keras ranks 4-5), and the layers torch's
+# fuse_conv_bn_weights / fuse_linear_bn_weights and its ONNX exporters fold (measured on
+# cases/export/preceding-zero-weight-variance-0-eps-0); "scale-after": rank 3 only, where a Conv1D is
+# exported as Unsqueeze, Conv2D, Squeeze and the Squeeze stops ConvolutionMultiplyFusion.
+_FUSED_FORMS = {2: ("weights", "weights-bn"), 3: ("scale-after", "weights-bn"), 4: ("weights", "weights-bn"),
+                5: ("weights", "weights-bn")}
+
+
+def _fused_forms(p: Problem) -> list[dict[str, Any]]:
+    """fused-into-preceding's forms: float32 cases with a preceding layer only (the exports')."""
+    if p.preceding is None or p.dtype != "float32":
+        return []
+    return [{"normalize_folded": True, "compute_dtype": "float32", "fused_into_preceding": form}
+            for form in _FUSED_FORMS.get(p.rank, ())]
+
+
+def _fused_outputs(p: Problem, check: Check, k: Knobs, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`out` with the exported model's output (inference: output; training: inference_output, with
+    the moving statistics the source trained) replaced by `_openvino_fused`'s. A subnormal stored
+    statistic, gamma or beta reads as 0 under denormals-flushed (tf2onnx folds BN's constants with
+    TF's kernels), as `_infer` and `_normalize` read them."""
+    key = "output" if check == "inference" else "inference_output"
+    if key not in out or k.inference_uses_batch_stats or not p.track_running_stats or p.preceding is None:
+        return out
+    mean, var = (p.moving_mean, p.moving_variance) if check == "inference" else (
+        out["moving_mean"], out["moving_variance"])
+    gamma, beta = p.gamma, p.beta
+    if k.flush_denormals:
+        f = _flusher("float32")
+        mean, var, gamma, beta = f(mean), f(var), f(gamma), f(beta)
+    eps = p.epsilon if k.epsilon is None else k.epsilon
+    assert k.fused_into_preceding is not None
+    y = _openvino_fused(p.batches[-1], p.preceding.weight, p.preceding.bias, (gamma, beta, mean, var), eps,
+                        p.channel_axes[0], k.fused_into_preceding)
+    return {**out, key: y}
+
+
+def _openvino_fused(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, bn: tuple[np.ndarray, ...],
+                    epsilon: float, axis: int, form: str) -> np.ndarray:
+    """y[..., o] of the exported model as OpenVINO computes it in float32, x's channel axis `axis`,
+    `bn` = (gamma, beta, mean, var). BN's scale and shift, s = rsqrt(var + eps)·gamma and
+    beta - mean·s, are what TF folds (tf2onnx's Mul and Add); OpenVINO's BatchNormDecomposition makes
+    s' = gamma / sqrt(var + eps) and (x + (-mean))·s' + beta, and LinOpSequenceFusion moves a bias b
+    before the Multiply past it: b·s + shift, or (b - mean)·s' + beta. "weights" and "weights-bn"
+    multiply s into the weights (ConvolutionMultiplyFusion, MatMulMultiplyFusion), so a weight of 0,
+    or an input of 0, times s = inf is NaN; "scale-after" computes (W x)·s + b'. An all-zero bias is
+    not in the exported graph (shift alone). A fused weight or bias that is subnormal acts as 0
+    (measured on a MatMul; a subnormal weight times inf is inf, not NaN)."""
+    f32 = np.float32
+    gamma, beta, mean, var = (np.asarray(v, f32) for v in bn)
+    w, b = np.asarray(weight, f32), np.asarray(bias, f32)
+    tiny = np.finfo(f32).tiny
+    x = np.moveaxis(np.asarray(x, f32), axis, -1)
+
+    def flushed(a: np.ndarray) -> np.ndarray:
+        return np.where(np.abs(a) < tiny, f32(0), a).astype(f32)
+
+    def products(weights: np.ndarray) -> np.ndarray:  # sum_i x_i·W[o, i], in input-channel order
+        out = np.zeros(x.shape, f32)
+        for i in range(w.shape[1]):
+            out = out + x[..., i : i + 1] * weights[:, i]
+        return out
+
+    with np.errstate(all="ignore"):
+        if form == "weights-bn":
+            s = gamma / np.sqrt(var + f32(epsilon))
+            shift = (b + (-mean)) * s + beta
+        else:
+            s = (f32(1) / np.sqrt(var + f32(epsilon))) * gamma
+            shift = beta - mean * s
+            if np.any(b):
+                shift = b * s + shift
+        if form == "scale-after":
+            y = products(w) * s + flushed(shift)
+        else:
+            y = products(flushed(w * s[:, None])) + flushed(shift)
+    return np.moveaxis(y.astype(np.float64), -1, axis)
+
+
 VARIANTS = [
     # An adapter or user passing torch's momentum (weight of the batch) to a TF-form API.
     Variant("momentum-complement", "moving = (1 - m)·moving + m·batch: torch and TF momentum forms swapped",
@@ -1048,6 +1138,12 @@ VARIANTS = [
     # its mirror, for `expect_error` cases: linen accepts axis -5 on 4-D input (no range check)
     Variant("accepts", "the framework runs a case the canonical convention rejects",
             lambda p, c: True, raises=True),
+    # OpenVINO multiplies the exported model's folded BN into the preceding Dense / 1x1 convolution
+    # (`_openvino_fused`; docs/repro/openvino_inf_constants.py): with s = inf (moving variance 0,
+    # eps 0) a preceding weight of 0 makes its whole channel NaN, where the fold x·s + shift is ±inf.
+    Variant("fused-into-preceding", "BN's folded scale multiplied into the preceding layer's weights, its "
+            "shift into the bias (OpenVINO, torch's fusion), in float32",
+            lambda p, c: c in ("training", "inference"), _fused_forms),
 ]
 CATALOGUE: dict[str, Variant] = {v.name: v for v in VARIANTS}
 
