@@ -274,6 +274,9 @@ def explaining_rules(explained_by: list[str], covering: list[Any]) -> list[str]:
 #   flax-nnx-shard, which a region of theirs also always draws replicas for).
 # - folded-inf-saturated: the denormals-flushed region in float32: the trained moving variance is 0,
 #   and TFLite's converter stores the folded s = inf (eps 0) as float32 max.
+# - fused-into-preceding: float32, eps 0 and a moving variance of 0, stored (inference) or trained
+#   from the denormals-flushed region's 1e-40: s = inf, which OpenVINO and torch's folds multiply
+#   into the preceding layer (the rules' `preceding` feature draws one), NaN where a weight is 0.
 _SUBNORMAL_MOVING_VARIANCE = {
     "dtype": ["float64", "float32"], "values_per_channel": [1], "steps": [1],
     "params": {"momentum": [0.5], "epsilon": [0.0], "moving_variance": [1e-310, 1e-40]}}
@@ -290,6 +293,10 @@ VARIANT_REGION: dict[str, list[dict[str, Any]]] = {
          "input": {"mean": [3.0, -1.0], "std": [1.0]}}],
     "variance-sum-of-squares": [{"dtype": ["float32", "float64"], "params": {"epsilon": [1e-5, 1e-3]},
                                  "input": {"mean": [1e4, 1e2], "std": [1e-3]}}],
+    "fused-into-preceding": [
+        {"dtype": ["float32"], "params": {"epsilon": [0.0], "moving_variance": [0.0]}},
+        {**_SUBNORMAL_MOVING_VARIANCE, "dtype": ["float32"],
+         "params": {**_SUBNORMAL_MOVING_VARIANCE["params"], "moving_variance": [1e-40]}}],
 }
 # The input of a region whose rule names a zero-variance channel (When.zero_variance): every channel
 # constant at one of these, with eps 0. A value with a full mantissa, so that a float32 or float16
