@@ -43,6 +43,11 @@ What the graphs are and why OpenVINO computes what it does (source read at the c
   1e-40 as 1e20 (finite: F2 with var 1e-40 bit for bit, below), and multiplies a
   subnormal weight (1e-40) by an infinite s to inf, not NaN. Flushed: a fused weight or bias that is
   itself subnormal (1e-20·1e-20 folded into a MatMul weight, a bias of 1e-40) acts as 0.
+- A float64 model (torch-onnx-openvino's float64 cases) is compiled to float32 by ConvertPrecision,
+  whose constant conversion clamps to the float32 range (src/common/transformations/src/
+  transformations/convert_precision.cpp, convert_value: val > max gives max, val < lowest gives
+  lowest): a constant 1e200, and also an inf, becomes ±3.4028235e38, and so does a float64 input
+  of 1e200; 1e-200 becomes 0. That is where the ±3.4e38 of a float64 case comes from (last lines).
 
 Output with openvino 2026.4.1 (2026.4.1-22982-e213a147257), tensorflow 2.21, tf_keras 2.21, keras
 3.15, tf2onnx 1.17.0, onnxruntime 1.32, on an x86-64 CPU (AVX512); inputs channels-last, gamma
@@ -109,6 +114,8 @@ graph leaves out Reshape, Transpose and Unsqueeze:
     weight 1e-40 times s = inf  [inf]
     weight 1e-20 times s = 1e-20 [0.]
     bias 1e-40 on x = 0         [0.]
+    float64 model, x + c, x = 0, c = [1e200, -1e200, inf]  [ 3.40282347e+38 -3.40282347e+38  3.40282347e+38]
+    float64 model, x·1, x = [1e200, -1e200, 1e-200]        [ 3.40282347e+38 -3.40282347e+38  0.00000000e+00]
 """
 
 from __future__ import annotations
@@ -187,6 +194,17 @@ def matmul_mul_add(w: np.ndarray, s: np.ndarray, shift: np.ndarray, x: np.ndarra
     return run_openvino(model.SerializeToString(), x)
 
 
+def float64_model(op: str, c: list[float], x: list[float]) -> np.ndarray:
+    """OpenVINO on a hand-written float64 graph op(x, c)."""
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph([helper.make_node(op, ["x", "c"], ["y"])], "g",
+                              [value("x", TensorProto.DOUBLE, [3])], [value("y", TensorProto.DOUBLE, [3])],
+                              [numpy_helper.from_array(np.array(c), "c")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    return run_openvino(model.SerializeToString(), np.array(x))
+
+
 def main() -> None:
     warnings.simplefilter("ignore")
     np.set_printoptions(linewidth=120)
@@ -220,6 +238,10 @@ def main() -> None:
                                                          np.array([1e-20, 1], f32), zero, one)[:, 0])
     print("bias 1e-40 on x = 0        ", matmul_mul_add(np.eye(2, dtype=f32), np.ones(2, f32),
                                                         np.array([1e-40, 0], f32), 0 * one)[:, 0])
+    print("float64 model, x + c, x = 0, c = [1e200, -1e200, inf] ",
+          float64_model("Add", [1e200, -1e200, np.inf], [0.0, 0.0, 0.0]))
+    print("float64 model, x·1, x = [1e200, -1e200, 1e-200]       ",
+          float64_model("Mul", [1.0, 1.0, 1.0], [1e200, -1e200, 1e-200]))
 
 
 if __name__ == "__main__":
