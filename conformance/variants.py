@@ -943,8 +943,11 @@ _FUSED_FORMS = {2: ("weights", "weights-bn"), 3: ("scale-after", "weights-bn"), 
 
 
 def _fused_forms(p: Problem) -> list[dict[str, Any]]:
-    """fused-into-preceding's forms: float32 cases with a preceding layer only (the exports')."""
-    if p.preceding is None or p.dtype != "float32":
+    """fused-into-preceding's forms: float32 and float16 cases with a preceding layer (the exports'). A
+    float16 model (torch's) folds in float16, simulated in float32 from the same float16 values:
+    where s is infinite the NaN and ±inf are the same (measured on the torch-export ids), elsewhere
+    the case's float16 tolerance holds."""
+    if p.preceding is None or p.dtype not in ("float32", "float16"):
         return []
     return [{"normalize_folded": True, "compute_dtype": "float32", "fused_into_preceding": form}
             for form in _FUSED_FORMS.get(p.rank, ())]

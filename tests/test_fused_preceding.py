@@ -88,10 +88,11 @@ def test_a_subnormal_fused_weight_acts_as_zero():
     np.testing.assert_allclose(simulate(p, "inference")["output"][:, 0], [1e-10, 1e-10], rtol=1e-12)
 
 
-def test_the_variant_needs_a_float32_case_with_a_preceding_layer():
+def test_the_variant_needs_a_float32_or_float16_case_with_a_preceding_layer():
     variant = CATALOGUE["fused-into-preceding"]
     p = problem((2, 1, 2), **ZERO_WEIGHT)
     assert [f["fused_into_preceding"] for f in variant.forms(p, "inference")] == ["scale-after", "weights-bn"]
     assert not variant.applies(dataclasses.replace(p, preceding=None), "inference")
+    assert variant.applies(dataclasses.replace(p, dtype="float16"), "inference")  # torch's float16 folds
     assert not variant.applies(dataclasses.replace(p, dtype="float64"), "inference")
     assert not variant.applies(p, "gradients")
