@@ -314,7 +314,10 @@ VARIANT_REGION: dict[str, list[dict[str, Any]]] = {
         "params": {**_SUBNORMAL_MOVING_VARIANCE["params"], "moving_variance": [1e-40]}}],
     # BN folded into the layer before it: a layer's sum of ±inf terms differs from the unfused fold
     # only where s = gamma/sqrt(var + eps) is infinite
-    "folded-into-layer": [{"params": {"epsilon": [0.0], "moving_variance": [0.0]}}],
+    # (or trained to 0 from the denormals-flushed region's float32 subnormal)
+    "folded-into-layer": [{"params": {"epsilon": [0.0], "moving_variance": [0.0]}},
+                          {**_SUBNORMAL_MOVING_VARIANCE, "dtype": ["float32"],
+                           "params": {**_SUBNORMAL_MOVING_VARIANCE["params"], "moving_variance": [1e-40]}}],
     "epsilon-float32": [{"params": {"epsilon": [0.1, 1e-3]}}],
     "compute-input-dtype": [
         {"params": {"epsilon": [1e-8]}, "input": {"mean": [1e4, 1e2], "std": [1e-3]}},

@@ -49,7 +49,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "batch_variance_estimator": ("biased", "unbiased"),
     "replica_stats": (None, "replica-0", "mean"),
     "flush_denormals": (None, "float32", "float64"),
-    "folded_into_layer": (None, "centred", "shifted"),
+    "folded_into_layer": (None, "centred", "shifted", "scale-after"),
 }
 
 
@@ -85,7 +85,9 @@ class Knobs:
     # folded s and beta - mean·s stored with ±inf replaced by ±float32 max (TFLite's converter)
     folded_inf_saturated: bool = False
     # BN folded into the preceding layer, W' = W·s, the bias (b - mean)·s + beta ("centred": torch's
-    # fuse_conv_bn_weights) or b·s + (beta - mean·s) ("shifted": TFLite's converter)
+    # fuse_conv_bn_weights) or b·s + (beta - mean·s) ("shifted": TFLite's converter, OpenVINO on an
+    # exported Mul and Add); "scale-after": only the bias moves, (W·x)·s + b·s + shift (OpenVINO
+    # after a Conv1D's Squeeze)
     folded_into_layer: str | None = None
 
     def __post_init__(self) -> None:
@@ -299,8 +301,10 @@ def _output(x: np.ndarray, p: Problem, k: Knobs, mean: np.ndarray, var: np.ndarr
 
 def _folded_into_layer(layer: _Layer, p: Problem, k: Knobs, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
     """BN folded into the preceding dense layer or 1x1 convolution: W' = W·s and b' = (b - mean)·s +
-    beta (`centred`, torch/nn/utils/fusion.py fuse_conv_bn_weights) or b·s + shift (`shifted`), in
-    the compute dtype, then z = Σ x_i·W'_i + b'. With s = inf a weight or bias of 0 gives 0·inf =
+    beta (`centred`, torch/nn/utils/fusion.py fuse_conv_bn_weights) or b·s + shift (`shifted`, a
+    whole-zero bias not in the graph: shift), in the compute dtype, then z = Σ x_i·W'_i + b'; or
+    (Σ x_i·W_i)·s + b' (`scale-after`: OpenVINO moves only the bias past a Conv1D's Squeeze,
+    docs/repro/openvino_inf_constants.py). With s = inf a weight, input or bias of 0 gives 0·inf =
     NaN, and the sum is NaN where ±inf terms meet, in any order. TFLite's converter (with
     folded_inf_saturated; folded_float16_weights: as float16, saturated at ±65504) stores ±inf as
     ±float32 max, and two of its rewrites see whole zero tensors
@@ -320,15 +324,20 @@ def _folded_into_layer(layer: _Layer, p: Problem, k: Knobs, mean: np.ndarray, va
     stored = (_inf_saturated if k.folded_inf_saturated else _float16_saturated if k.folded_float16_weights
               else (lambda v: v))
     with np.errstate(invalid="ignore", over="ignore"):
-        kernel = weight if tflite and rank == 3 and not weight.any() else stored(r(weight * s[:, None]))
         if k.folded_into_layer == "centred":
             folded_bias = r(r(r(bias - mean) * s) + beta)
-        elif tflite and rank in (2, 3) and not bias.any():
+        elif not bias.any() and not (tflite and rank == 4):  # a zero bias is not in the graph
             folded_bias = stored(shift)
         else:
             folded_bias = stored(r(r(bias * s) + shift))
         axis = p.channel_axes[0]
         x = np.moveaxis(r(layer.x), axis, -1)
+        if k.folded_into_layer == "scale-after":  # (W·x)·s + b': the layer's own sum, then the scale
+            z = np.zeros(x.shape)
+            for i in range(weight.shape[1]):
+                z = r(r(x[..., i : i + 1] * weight[:, i]) + z)
+            return np.moveaxis(r(r(z * s) + folded_bias), -1, axis)
+        kernel = weight if tflite and rank == 3 and not weight.any() else stored(r(weight * s[:, None]))
         acc = np.broadcast_to(folded_bias, x.shape).astype(np.float64)
         for i in range(weight.shape[1]):
             acc = r(x[..., i : i + 1] * kernel[:, i] + acc)
@@ -1035,6 +1044,14 @@ def _folded(p: Problem) -> list[dict[str, Any]]:
     return [{"normalize_folded": True, "compute_dtype": "float32"}, *low]
 
 
+def _into_layer(p: Problem) -> list[dict[str, Any]]:
+    """folded-into-layer's forms: the bias centred (torch's fusions) or shifted (OpenVINO on an exported
+    Mul and Add), and on 3-D input the scale after the layer (OpenVINO, Conv1D), in each compute
+    dtype `_folded` gives."""
+    ways = ["centred", "shifted"] + (["scale-after"] if p.rank == 3 else [])
+    return [{**form, "folded_into_layer": way} for way in ways for form in _folded(p)]
+
+
 VARIANTS = [
     # An adapter or user passing torch's momentum (weight of the batch) to a TF-form API.
     Variant("momentum-complement", "moving = (1 - m)·moving + m·batch: torch and TF momentum forms swapped",
@@ -1108,9 +1125,12 @@ VARIANTS = [
     # it: W' = W·s, b' = (b - mean)·s + beta (torch/nn/utils/fusion.py fuse_conv_bn_weights), so
     # with s = inf (moving variance 0, eps 0) a weight of 0 gives NaN and the layer's sum meets ±inf
     # terms: NaN or ±inf per output, not (z - mean)/0. Measured on cases/export/preceding-folded-*.
-    Variant("folded-into-layer", "BN folded into the preceding layer: W' = W·s, b' = (b - mean)·s + beta, "
-            "in the compute dtype", lambda p, c: c in ("training", "inference") and p.preceding is not None,
-            lambda p: [{**form, "folded_into_layer": "centred"} for form in _folded(p)]),
+    # OpenVINO does the same to an exported model's Mul and Add (b·s + shift) or BatchNormalization
+    # node (centred), and after a Conv1D's Squeeze moves only the bias (scale-after):
+    # docs/repro/openvino_inf_constants.py.
+    Variant("folded-into-layer", "BN folded into the preceding layer: W' = W·s, b' = (b - mean)·s + beta "
+            "or b·s + (beta - mean·s), in the compute dtype",
+            lambda p, c: c in ("training", "inference") and p.preceding is not None, _into_layer),
     # Every framework here but torch: with no samples the statistics are NaN and dL/dgamma, computed
     # through them, is NaN; the reference's sum over no elements is 0 (torch returns early, 0).
     Variant("empty-gamma-gradient-nan", "dL/dgamma of an empty batch is NaN (through NaN statistics)",
