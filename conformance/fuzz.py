@@ -314,8 +314,13 @@ VARIANT_REGION: dict[str, list[dict[str, Any]]] = {
         "params": {**_SUBNORMAL_MOVING_VARIANCE["params"], "moving_variance": [1e-40]}}],
     # BN folded into the layer before it: a layer's sum of ±inf terms differs from the unfused fold
     # only where s = gamma/sqrt(var + eps) is infinite
-    # (or trained to 0 from the denormals-flushed region's float32 subnormal)
+    # (or trained to 0 from the denormals-flushed region's float32 subnormal; or in float16, weights
+    # past 65504 as normalize-folded's third region draws them: torch's training-mode exports,
+    # which refuse eps 0)
     "folded-into-layer": [{"params": {"epsilon": [0.0], "moving_variance": [0.0]}},
+                          {"dtype": ["float16"], "input": {"mean": [1e4], "std": [0.1]},
+                           "params": {"momentum": [0.0], "epsilon": [1e-5, 1e-3], "moving_mean": [1e4],
+                                      "moving_variance": [1e-3, 0.01]}},
                           {**_SUBNORMAL_MOVING_VARIANCE, "dtype": ["float32"],
                            "params": {**_SUBNORMAL_MOVING_VARIANCE["params"], "moving_variance": [1e-40]}}],
     "epsilon-float32": [{"params": {"epsilon": [0.1, 1e-3]}}],
