@@ -323,9 +323,11 @@ def _folded_into_layer(layer: _Layer, p: Problem, k: Knobs, mean: np.ndarray, va
     weight, bias, rank = layer.preceding.weight, layer.preceding.bias, layer.x.ndim
     stored = (_inf_saturated if k.folded_inf_saturated else _float16_saturated if k.folded_float16_weights
               else (lambda v: v))
-    with np.errstate(invalid="ignore", over="ignore"):
-        if k.folded_into_layer == "centred":
-            folded_bias = r(r(r(bias - mean) * s) + beta)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        if k.folded_into_layer == "centred":  # ((b - mean)·rsqrt(var + eps))·gamma + beta, torch's order:
+            # in float16 (b - mean)·rsqrt can overflow before a gamma of 0 makes it inf·0 = NaN
+            inv = r(1.0 / r(np.sqrt(r(var + r(np.float64(p.epsilon))))))
+            folded_bias = r(r(r(r(bias - mean) * inv) * gamma) + beta)
         elif not bias.any() and not (tflite and rank == 4):  # a zero bias is not in the graph
             folded_bias = stored(shift)
         else:
@@ -426,7 +428,8 @@ def _train(p: Problem, k: Knobs, layer: _Layer | None = None) -> dict[str, np.nd
                     p, mean, var, renorm_mean, renorm_std, _renorm_floor(p, k)))
             affine = reference.training_affine(p, rd)  # type: ignore[arg-type]
             output = np.empty_like(shard)
-            source = replace(k, folded_inf_saturated=False)  # the converter's constants: the exported model's
+            # the converter's constants (saturated, float16) are the exported model's, not the source's
+            source = replace(k, folded_inf_saturated=False, folded_float16_weights=False)
             for g, (gm, gv, _) in zip(groups, parts, strict=True):
                 used = _read_stored(k, moving_mean, moving_var) if k.training_uses_moving_stats else (gm, gv)
                 output[g] = _normalize(shard[g], p, source, *used, affine)
