@@ -428,7 +428,8 @@ def _train(p: Problem, k: Knobs, layer: _Layer | None = None) -> dict[str, np.nd
                     p, mean, var, renorm_mean, renorm_std, _renorm_floor(p, k)))
             affine = reference.training_affine(p, rd)  # type: ignore[arg-type]
             output = np.empty_like(shard)
-            source = replace(k, folded_inf_saturated=False)  # the converter's constants: the exported model's
+            # the converter's constants (saturated, float16) are the exported model's, not the source's
+            source = replace(k, folded_inf_saturated=False, folded_float16_weights=False)
             for g, (gm, gv, _) in zip(groups, parts, strict=True):
                 used = _read_stored(k, moving_mean, moving_var) if k.training_uses_moving_stats else (gm, gv)
                 output[g] = _normalize(shard[g], p, source, *used, affine)
