@@ -302,27 +302,24 @@ def explaining_rules(explained_by: list[str], covering: list[Any]) -> list[str]:
 _SUBNORMAL_MOVING_VARIANCE = {
     "dtype": ["float64", "float32"], "values_per_channel": [1], "steps": [1],
     "params": {"momentum": [0.5], "epsilon": [0.0], "moving_variance": [1e-310, 1e-40]}}
+# Regions two variants share: a stored moving variance of 0 with eps 0 (s = inf); float16 weights
+# past 65504 (moving mean 1e4 at the input's 1e4, momentum 0: the canonical output stays small); the
+# denormals-flushed region in float32, whose trained moving variance is 0.
+_ZERO_VARIANCE_EPS_0 = {"params": {"epsilon": [0.0], "moving_variance": [0.0]}}
+_FLOAT16_FOLDED_OVERFLOW = {"dtype": ["float16"], "input": {"mean": [1e4], "std": [0.1]},
+                            "params": {"momentum": [0.0], "epsilon": [1e-5, 1e-3], "moving_mean": [1e4],
+                                       "moving_variance": [1e-3, 0.01]}}
+_SUBNORMAL_FLOAT32 = {**_SUBNORMAL_MOVING_VARIANCE, "dtype": ["float32"],
+                      "params": {**_SUBNORMAL_MOVING_VARIANCE["params"], "moving_variance": [1e-40]}}
 VARIANT_REGION: dict[str, list[dict[str, Any]]] = {
     "denormals-flushed": [_SUBNORMAL_MOVING_VARIANCE],
-    "normalize-folded": [{"input": {"mean": [1e4], "std": [0.1, 1e-3]}},
-                         {"params": {"epsilon": [0.0], "moving_variance": [0.0]}},
-                         {"dtype": ["float16"], "input": {"mean": [1e4], "std": [0.1]},
-                          "params": {"momentum": [0.0], "epsilon": [1e-5, 1e-3], "moving_mean": [1e4],
-                                     "moving_variance": [1e-3, 0.01]}}],
-    "folded-inf-saturated": [{  # the denormals-flushed region in float32
-        **_SUBNORMAL_MOVING_VARIANCE, "dtype": ["float32"],
-        "params": {**_SUBNORMAL_MOVING_VARIANCE["params"], "moving_variance": [1e-40]}}],
+    "normalize-folded": [{"input": {"mean": [1e4], "std": [0.1, 1e-3]}}, _ZERO_VARIANCE_EPS_0,
+                         _FLOAT16_FOLDED_OVERFLOW],
+    "folded-inf-saturated": [_SUBNORMAL_FLOAT32],
     # BN folded into the layer before it: a layer's sum of ±inf terms differs from the unfused fold
-    # only where s = gamma/sqrt(var + eps) is infinite
-    # (or trained to 0 from the denormals-flushed region's float32 subnormal; or in float16, weights
-    # past 65504 as normalize-folded's third region draws them: torch's training-mode exports,
-    # which refuse eps 0)
-    "folded-into-layer": [{"params": {"epsilon": [0.0], "moving_variance": [0.0]}},
-                          {"dtype": ["float16"], "input": {"mean": [1e4], "std": [0.1]},
-                           "params": {"momentum": [0.0], "epsilon": [1e-5, 1e-3], "moving_mean": [1e4],
-                                      "moving_variance": [1e-3, 0.01]}},
-                          {**_SUBNORMAL_MOVING_VARIANCE, "dtype": ["float32"],
-                           "params": {**_SUBNORMAL_MOVING_VARIANCE["params"], "moving_variance": [1e-40]}}],
+    # only where s = gamma/sqrt(var + eps) is infinite, or in float16 where the folded weights pass
+    # 65504 (torch's training-mode exports, which refuse eps 0)
+    "folded-into-layer": [_ZERO_VARIANCE_EPS_0, _FLOAT16_FOLDED_OVERFLOW, _SUBNORMAL_FLOAT32],
     "epsilon-float32": [{"params": {"epsilon": [0.1, 1e-3]}}],
     "compute-input-dtype": [
         {"params": {"epsilon": [1e-8]}, "input": {"mean": [1e4, 1e2], "std": [1e-3]}},

@@ -220,7 +220,7 @@ def _normalize(x: np.ndarray, p: Problem, k: Knobs, mean: np.ndarray, var: np.nd
     """reference.normalize, operation for operation, under the knobs."""
     gamma, beta = (p.gamma, p.beta) if affine is None else affine
     if k.flush_denormals:  # denormals-are-zero reads a subnormal gamma as 0: TF's 1e-40·inf is NaN
-        f = _flusher("float32" if _lower(k) else k.flush_denormals)
+        f = _read_flusher(k)
         gamma, beta = f(gamma), f(beta)
     return _kept(_normalized, x, mean, var, gamma, beta, p.channel_axes, p.epsilon, k.compute_dtype,
                  k.normalize_folded, k.folded_float16_weights, k.folded_inf_saturated, k.epsilon_outside_sqrt)
@@ -254,14 +254,21 @@ def _folded_constants(mean: np.ndarray, var: np.ndarray, gamma: np.ndarray, beta
     converter folds them with TF's kernels, whose rsqrt is Eigen's packet one (`_packet_rsqrt_input`);
     `inf_saturated`: then stores ±inf as ±float32 max."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        total = r(var + eps)
-        s = r(r(1.0 / r(np.sqrt(_packet_rsqrt_input(total) if converted else total))) * gamma)
+        s = r(_folded_inverse(var, eps, r, converted) * gamma)
         shift = r(beta - r(mean * s))
     if float16_weights:
         s, shift = _float16_saturated(s), _float16_saturated(shift)
     if inf_saturated:
         s, shift = _inf_saturated(s), _inf_saturated(shift)
     return s, shift
+
+
+def _folded_inverse(var: np.ndarray, eps: float, r: Callable[[Any], Any],
+                    converted: bool = False) -> np.ndarray:
+    """1/sqrt(var + eps) rounded by `r` after each operation (`converted`: as TF's packet rsqrt reads it)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        total = r(var + eps)
+        return r(1.0 / r(np.sqrt(_packet_rsqrt_input(total) if converted else total)))
 
 
 AVX_FLOAT_LANES = 8  # TF's x86 build: Eigen's Packet8f
@@ -307,9 +314,9 @@ def _folded_into_layer(layer: _Layer, p: Problem, k: Knobs, mean: np.ndarray, va
     docs/repro/openvino_inf_constants.py). With s = inf a weight, input or bias of 0 gives 0·inf =
     NaN, and the sum is NaN where ±inf terms meet, in any order. TFLite's converter (with
     folded_inf_saturated; folded_float16_weights: as float16, saturated at ±65504) stores ±inf as
-    ±float32 max, and two of its rewrites see whole zero tensors
-    first: a zero bias is dropped before the fold for ranks 2 and 3 (b' = shift), and a zero weight
-    stays 0 for rank 3 (Conv1D's ExpandDims form); XNNPACK then accumulates acc = b'; acc = fma(x_i,
+    ±float32 max, and two of its rewrites see whole zero tensors first: a zero bias is dropped
+    before the fold for ranks 2 and 3 (b' = shift), and a zero weight stays 0 for rank 3 (Conv1D's
+    ExpandDims form); XNNPACK then accumulates acc = b'; acc = fma(x_i,
     W'_i, acc) in input-channel order, which with saturated terms decides between ±inf, NaN and a
     finite value (measured: docs/repro/tflite_inf_constants.py). The loop below is that fma: a float64
     product of two float32 values is exact, so product + acc rounds once."""
@@ -318,16 +325,16 @@ def _folded_into_layer(layer: _Layer, p: Problem, k: Knobs, mean: np.ndarray, va
     if k.flush_denormals:  # as `_normalize`: TF reads a subnormal gamma or beta as 0
         gamma, beta = _flusher("float32")(gamma), _flusher("float32")(beta)
     tflite = k.folded_inf_saturated or k.folded_float16_weights  # TFLite's converter, either way
+    eps = r(np.float64(p.epsilon))
     # saturated once folded into the layer: W·inf is NaN where W is 0, not 0·float32 max
-    s, shift = _folded_constants(mean, var, gamma, beta, r(np.float64(p.epsilon)), r, converted=tflite)
+    s, shift = _folded_constants(mean, var, gamma, beta, eps, r, converted=tflite)
     weight, bias, rank = layer.preceding.weight, layer.preceding.bias, layer.x.ndim
     stored = (_inf_saturated if k.folded_inf_saturated else _float16_saturated if k.folded_float16_weights
               else (lambda v: v))
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         if k.folded_into_layer == "centred":  # ((b - mean)·rsqrt(var + eps))·gamma + beta, torch's order:
             # in float16 (b - mean)·rsqrt can overflow before a gamma of 0 makes it inf·0 = NaN
-            inv = r(1.0 / r(np.sqrt(r(var + r(np.float64(p.epsilon))))))
-            folded_bias = r(r(r(r(bias - mean) * inv) * gamma) + beta)
+            folded_bias = r(r(r(r(bias - mean) * _folded_inverse(var, eps, r, tflite)) * gamma) + beta)
         elif not bias.any() and not (tflite and rank == 4):  # a zero bias is not in the graph
             folded_bias = stored(shift)
         else:
@@ -353,7 +360,7 @@ def _update(moving: np.ndarray, batch: np.ndarray, m: float, k: Knobs) -> np.nda
     rs = _rounder("float32" if _lower(k) else None)
     # flushed in the dtype the statistics are kept in: float32 where a lower compute dtype is set
     # (Keras 3 on jax computes a float64 layer in float32: a float32-subnormal momentum is 0)
-    f = _flusher("float32" if k.flush_denormals and _lower(k) else k.flush_denormals)
+    f = _read_flusher(k)
     if k.momentum_form == "complement":
         m = 1.0 - m
     if k.momentum_float32 == "complement":  # tf_keras unfused: moving -= (moving - batch) * decay
@@ -409,6 +416,8 @@ def _read_back(k: Knobs, per_replica: list[np.ndarray]) -> np.ndarray:
 def _train(p: Problem, k: Knobs, layer: _Layer | None = None) -> dict[str, np.ndarray]:
     """reference.train under the knobs (ghost batches, renorm and adjustment as it defines them)."""
     rs = _rounder("float32" if _lower(k) else None)
+    # the converter's constants (saturated, float16) are the exported model's, not the source's
+    source = replace(k, folded_inf_saturated=False, folded_float16_weights=False)
     state: list[tuple[np.ndarray, ...]] | None = None  # per replica (one without replicas)
     for x, m in zip(p.batches, _momenta(p), strict=True):
         shards = _shards(p, k, x)
@@ -428,8 +437,6 @@ def _train(p: Problem, k: Knobs, layer: _Layer | None = None) -> dict[str, np.nd
                     p, mean, var, renorm_mean, renorm_std, _renorm_floor(p, k)))
             affine = reference.training_affine(p, rd)  # type: ignore[arg-type]
             output = np.empty_like(shard)
-            # the converter's constants (saturated, float16) are the exported model's, not the source's
-            source = replace(k, folded_inf_saturated=False, folded_float16_weights=False)
             for g, (gm, gv, _) in zip(groups, parts, strict=True):
                 used = _read_stored(k, moving_mean, moving_var) if k.training_uses_moving_stats else (gm, gv)
                 output[g] = _normalize(shard[g], p, source, *used, affine)
@@ -447,7 +454,7 @@ def _train(p: Problem, k: Knobs, layer: _Layer | None = None) -> dict[str, np.nd
                     moving_std = _update(moving_std, np.sqrt(fed + p.epsilon), m, k)
                     # relu(std·std - eps) (Keras 3, batch_normalization.py L584-586): a subnormal
                     # square is flushed too (float64 1e-155² on tensorflow, float32 5e-21² on jax)
-                    f = _flusher("float32" if k.flush_denormals and _lower(k) else k.flush_denormals)
+                    f = _read_flusher(k)
                     moving_var = f(rs(np.maximum(f(rs(moving_std * moving_std)) - p.epsilon, 0.0)))
             reported = (reference.average([_unbiased(v, n, k) for _, v, n in parts])
                         if k.batch_variance_estimator == "unbiased" else var)
@@ -475,11 +482,15 @@ def _train(p: Problem, k: Knobs, layer: _Layer | None = None) -> dict[str, np.nd
     }
 
 
+def _read_flusher(k: Knobs) -> Callable[[Any], Any]:
+    """Flush-to-zero / denormals-are-zero as the knobs apply it, to a statistic, update or operand:
+    in float32 where a lower compute dtype is set, else in the flushing dtype (none without it)."""
+    return _flusher("float32" if k.flush_denormals and _lower(k) else k.flush_denormals)
+
+
 def _read_stored(k: Knobs, mean: np.ndarray, var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Stored statistics as a normalization reads them: under denormals-are-zero a subnormal is 0."""
-    if not k.flush_denormals:
-        return mean, var
-    f = _flusher("float32" if _lower(k) else k.flush_denormals)
+    f = _read_flusher(k)
     return f(mean), f(var)
 
 

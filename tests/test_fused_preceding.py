@@ -24,8 +24,7 @@ def problem(shape: tuple[int, ...], weight: list[list[float]], bias: list[float]
 
 
 def fused(p: Problem, form: str, flush: bool = False) -> np.ndarray:
-    way = {"weights": "shifted", "weights-bn": "centred", "scale-after": "scale-after"}[form]
-    knobs = Knobs(normalize_folded=True, compute_dtype="float32", folded_into_layer=way,
+    knobs = Knobs(normalize_folded=True, compute_dtype="float32", folded_into_layer=form,
                   flush_denormals="float32" if flush else None)
     return simulate(p, "inference", knobs)["output"].reshape(2, 2)
 
@@ -43,7 +42,7 @@ def test_a_zero_weight_times_an_infinite_scale_makes_its_channel_nan():
     is NaN on every row, row 1 of channel 1 is inf - 2·inf = NaN; the exported fold z·s + shift gives
     -inf at [0, 0] and the reference (z - mean)/0 is ±inf everywhere."""
     p = problem((2, 1, 1, 1, 2), **ZERO_WEIGHT)
-    for form in ("weights", "weights-bn"):  # (b - mean)·s + beta = [0·inf, 1.25·inf]: the same here
+    for form in ("shifted", "centred"):  # (b - mean)·s + beta = [0·inf, 1.25·inf]: the same here
         assert same(fused(p, form), [[NAN, INF], [NAN, NAN]])
     folded = Knobs(normalize_folded=True, compute_dtype="float32")
     assert same(simulate(p, "inference", folded)["output"].reshape(2, 2), [[-INF, INF], [NAN, NAN]])
@@ -56,23 +55,23 @@ def test_rank_3_keeps_the_scale_after_the_conv():
     makes both channels NaN (W[0][0] = 0, b'[1] = NaN)."""
     p = problem((2, 1, 2), weight=[[0.0, 1.0], [1.0, -1.0]], bias=[0.5, 0.5], mean=[-1.0, 0.5])
     assert same(fused(p, "scale-after"), [[NAN, NAN], [INF, NAN]])
-    assert same(fused(p, "weights"), [[NAN, NAN], [NAN, NAN]])
+    assert same(fused(p, "shifted"), [[NAN, NAN], [NAN, NAN]])
 
 
 def test_an_all_zero_bias_is_not_in_the_exported_graph():
     """Zero bias: b' = shift = -mean·s = inf, so positive products give inf, not 0·inf = NaN; one
     zero entry of a non-zero bias is kept, and its 0·inf is NaN."""
     kept = dict(weight=[[1.0, 1.0], [1.0, 1.0]], mean=[-1.0, -1.0], x=[[1.0, 2.0], [2.0, 1.0]])
-    assert same(fused(problem((2, 2), bias=[0.0, 0.0], **kept), "weights"), [[INF, INF], [INF, INF]])
-    assert same(fused(problem((2, 2), bias=[0.0, 1.0], **kept), "weights"), [[NAN, INF], [NAN, INF]])
+    assert same(fused(problem((2, 2), bias=[0.0, 0.0], **kept), "shifted"), [[INF, INF], [INF, INF]])
+    assert same(fused(problem((2, 2), bias=[0.0, 1.0], **kept), "shifted"), [[NAN, INF], [NAN, INF]])
 
 
 def test_a_flushed_subnormal_variance_is_an_infinite_scale():
     """A stored 1e-40 read as 0 (denormals-flushed, tf2onnx's constant folding) gives the NaN of
     the zero weight; kept (OpenVINO's own BatchNormalization decomposition), s = 1e20 is finite."""
     p = problem((2, 1, 1, 1, 2), variance=1e-40, **ZERO_WEIGHT)
-    assert same(fused(p, "weights", flush=True), [[NAN, INF], [NAN, NAN]])
-    kept = fused(p, "weights-bn")
+    assert same(fused(p, "shifted", flush=True), [[NAN, INF], [NAN, NAN]])
+    kept = fused(p, "centred")
     assert np.isfinite(kept).all()
     # float32's 1e-40 is 9.99995e-41 (a subnormal keeps 17 bits): s is 1.0000027e20
     np.testing.assert_allclose(kept, simulate(p, "inference")["output"].reshape(2, 2), rtol=1e-5)
