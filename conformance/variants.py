@@ -89,6 +89,12 @@ class Knobs:
     # exported Mul and Add); "scale-after": only the bias moves, (W·x)·s + b·s + shift (OpenVINO
     # after a Conv1D's Squeeze)
     folded_into_layer: str | None = None
+    # a float64 model converted to float32 saturating (OpenVINO's CPU plugin): the input, the
+    # parameters and the output held at ±float32 max where they pass it, ±inf too; NaN stays NaN
+    float32_saturated: bool = False
+    # a layer BN was folded into sums its products from 0 and adds the bias last (oneDNN's
+    # convolution), not from the bias on (XNNPACK): it decides where saturated terms overflow
+    layer_bias_last: bool = False
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -319,26 +325,33 @@ def _folded_into_layer(layer: _Layer, p: Problem, k: Knobs, mean: np.ndarray, va
     ExpandDims form); XNNPACK then accumulates acc = b'; acc = fma(x_i,
     W'_i, acc) in input-channel order, which with saturated terms decides between ±inf, NaN and a
     finite value (measured: docs/repro/tflite_inf_constants.py). The loop below is that fma: a float64
-    product of two float32 values is exact, so product + acc rounds once."""
+    product of two float32 values is exact, so product + acc rounds once. With float32_saturated
+    (OpenVINO on a float64 model the TorchScript exporter folded) the fold is the exporter's, in
+    float64; OpenVINO converts W' and b' to float32 saturating and reads a subnormal one as 0, and
+    its convolution sums the fma's from 0 and adds b' last (layer_bias_last) or, in the kernel oneDNN
+    picks for some one-channel Conv2d/3d, from b' on (measured: docs/repro/openvino_float64_saturated.py)."""
     r = _rounder(k.compute_dtype)
     gamma, beta = p.gamma, p.beta
     if k.flush_denormals:  # as `_normalize`: TF reads a subnormal gamma or beta as 0
         gamma, beta = _flusher("float32")(gamma), _flusher("float32")(beta)
     tflite = k.folded_inf_saturated or k.folded_float16_weights  # TFLite's converter, either way
-    eps = r(np.float64(p.epsilon))
+    fold = _rounder(None) if k.float32_saturated else r  # the exporter folds a float64 model in float64
+    eps = fold(np.float64(p.epsilon))
     # saturated once folded into the layer: W·inf is NaN where W is 0, not 0·float32 max
-    s, shift = _folded_constants(mean, var, gamma, beta, eps, r, converted=tflite)
+    s, shift = _folded_constants(mean, var, gamma, beta, eps, fold, converted=tflite)
     weight, bias, rank = layer.preceding.weight, layer.preceding.bias, layer.x.ndim
     stored = (_inf_saturated if k.folded_inf_saturated else _float16_saturated if k.folded_float16_weights
+              else (lambda v: _flusher("float32")(r(_saturated(v, "float32")))) if k.float32_saturated
               else (lambda v: v))
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         if k.folded_into_layer == "centred":  # ((b - mean)·rsqrt(var + eps))·gamma + beta, torch's order:
             # in float16 (b - mean)·rsqrt can overflow before a gamma of 0 makes it inf·0 = NaN
-            folded_bias = r(r(r(r(bias - mean) * _folded_inverse(var, eps, r, tflite)) * gamma) + beta)
+            inverse = _folded_inverse(var, eps, fold, tflite)
+            folded_bias = stored(fold(fold(fold(fold(bias - mean) * inverse) * gamma) + beta))
         elif not bias.any() and not (tflite and rank == 4):  # a zero bias is not in the graph
             folded_bias = stored(shift)
         else:
-            folded_bias = stored(r(r(bias * s) + shift))
+            folded_bias = stored(fold(fold(bias * s) + shift))
         axis = p.channel_axes[0]
         x = np.moveaxis(r(layer.x), axis, -1)
         if k.folded_into_layer == "scale-after":  # (W·x)·s + b': the layer's own sum, then the scale
@@ -346,10 +359,13 @@ def _folded_into_layer(layer: _Layer, p: Problem, k: Knobs, mean: np.ndarray, va
             for i in range(weight.shape[1]):
                 z = r(r(x[..., i : i + 1] * weight[:, i]) + z)
             return np.moveaxis(r(r(z * s) + folded_bias), -1, axis)
-        kernel = weight if tflite and rank == 3 and not weight.any() else stored(r(weight * s[:, None]))
-        acc = np.broadcast_to(folded_bias, x.shape).astype(np.float64)
+        kernel = weight if tflite and rank == 3 and not weight.any() else stored(fold(weight * s[:, None]))
+        start = np.zeros(x.shape) if k.layer_bias_last else np.broadcast_to(folded_bias, x.shape)
+        acc = start.astype(np.float64)
         for i in range(weight.shape[1]):
             acc = r(x[..., i : i + 1] * kernel[:, i] + acc)
+        if k.layer_bias_last:
+            acc = r(acc + folded_bias)
     return np.moveaxis(acc, -1, axis)
 
 
@@ -907,6 +923,13 @@ def simulate(problem: Problem, check: Check, knobs: Knobs = CANONICAL) -> dict[s
 
 
 def _simulate(problem: Problem, check: Check, knobs: Knobs) -> dict[str, np.ndarray]:
+    if knobs.float32_saturated:  # converted in, computed as the other knobs say, converted out
+        out = _simulate_converted(_saturated_problem(problem), check, knobs)
+        return {name: _saturated(v, "float32") if isinstance(v, np.ndarray) else v for name, v in out.items()}
+    return _simulate_converted(problem, check, knobs)
+
+
+def _simulate_converted(problem: Problem, check: Check, knobs: Knobs) -> dict[str, np.ndarray]:
     method = CHECKS[check].method
     bn = reference.bn_input(problem)  # a preceding layer: in float64, before BN
     if knobs.epsilon is not None:  # every formula, renorm's too, takes the variant's epsilon
@@ -920,6 +943,19 @@ def _simulate(problem: Problem, check: Check, knobs: Knobs) -> dict[str, np.ndar
     if problem.preceding is not None and "input" in out:  # dL/dx = Wᵀ dL/dz
         out["input"] = problem.preceding.transpose_apply(out["input"], problem.channel_axes[0])
     return out
+
+
+def _saturated_problem(p: Problem) -> Problem:
+    """`p` as a saturating float64 -> float32 conversion hands it on: every input and parameter held
+    at ±float32 max (OpenVINO's Convert: dst = max(min(src, ubound), lbound) over the float32 range,
+    src/plugins/intel_cpu/src/nodes/common/cpu_convert.cpp ConvertPrecision; its ConvertPrecision
+    pass does the same to constants)."""
+    def f(v: Any) -> Any:
+        return _saturated(v, "float32")
+    layer = p.preceding if p.preceding is None else replace(p.preceding, weight=f(p.preceding.weight),
+                                                             bias=f(p.preceding.bias))
+    return replace(p, batches=tuple(f(x) for x in p.batches), gamma=f(p.gamma), beta=f(p.beta),
+                   moving_mean=f(p.moving_mean), moving_variance=f(p.moving_variance), preceding=layer)
 
 
 def tolerance_for(knobs: Knobs, problem: Problem, check: Check, base_rtol: float | np.ndarray,
@@ -1035,18 +1071,22 @@ def _interleaving_differs(p: Problem) -> bool:
     return v is not None and any(v < x.shape[0] and v > 1 for x in p.batches)
 
 
+def _saturated(v: Any, dtype: str) -> Any:
+    """v held at ±`dtype` max where it passes it, ±inf included; NaN stays NaN."""
+    top = float(finfo(dtype).max)
+    return np.clip(v, -top, top)
+
+
 def _float16_saturated(v: np.ndarray) -> np.ndarray:
     """v stored as float16 weights by TFLite's float16 quantization: past ±65504 it saturates."""
-    top = float(finfo("float16").max)
     with np.errstate(invalid="ignore"):
-        return round_to(np.clip(v, -top, top), "float16")
+        return round_to(_saturated(v, "float16"), "float16")
 
 
 def _inf_saturated(v: np.ndarray) -> np.ndarray:
-    """v stored by TFLite's converter, whose CanonicalizeBoundaryValuePass replaces a constant ±inf
-    by ±float32 max (NaN stays NaN)."""
-    top = float(finfo("float32").max)
-    return np.where(np.isinf(v), np.copysign(top, v), v)
+    """v (float32 values) stored by TFLite's converter, whose CanonicalizeBoundaryValuePass replaces
+    a constant ±inf by ±float32 max (NaN stays NaN)."""
+    return _saturated(v, "float32")
 
 
 def _folded(p: Problem) -> list[dict[str, Any]]:
@@ -1076,6 +1116,21 @@ VARIANTS = [
     # Keras 3 on jax/torch: a float64 layer computes in result_type(float64, float32) = float32.
     Variant("compute-float32", "a float64 case computed in float32",
             lambda p, c: p.dtype == "float64", {"compute_dtype": "float32"}),
+    # OpenVINO's CPU plugin has no f64 kernels: ConvertPrecision runs a float64 model in float32,
+    # and its Convert saturates both ways (src/plugins/intel_cpu/src/nodes/common/cpu_convert.cpp,
+    # ConvertPrecision: dst = max(min(src, ubound), lbound), the bounds float32's), so an input or
+    # constant past float32's range, ±inf too, comes in as ±3.4e38, and an output that is ±inf in
+    # float32 goes out as ±3.4e38. Measured (docs/repro/openvino_float64_saturated.py): the graph
+    # runs ((x - mean)·s) + beta, unfolded, in float32 between two Converts; a moving variance of 0
+    # with eps 0 gives ±3.4e38 where the reference gives ±inf.
+    Variant("float32-saturated", "a float64 model run in float32 through saturating conversions: the "
+            "input, parameters and output held at ±float32 max where they pass it (±inf too)",
+            lambda p, c: p.dtype == "float64",
+            lambda p: [{"compute_dtype": "float32", "float32_saturated": True}]
+            # with a layer before BN, also folded into it by the exporter (the TorchScript one, a Conv),
+            # whose sum adds the bias last or, in one kernel, first
+            + [{"compute_dtype": "float32", "float32_saturated": True, "folded_into_layer": "centred",
+                "layer_bias_last": last} for last in (True, False) if p.preceding is not None]),
     Variant("compute-input-dtype", "float16/bfloat16 statistics computed in that dtype, not float32",
             lambda p, c: p.dtype in ("float16", "bfloat16"), lambda p: [{"compute_dtype": p.dtype}]),
     # torch, and TF's fused kernel: the moving variance is updated with var·n/(n-1).

@@ -32,7 +32,7 @@ NAMES = {
     "empty-gamma-gradient-nan", "bessel-one-value", "variance-sum-of-squares-unclamped", "reduce-all-axes",
     "ghost-interleaved",
     "replica-0-stats", "replica-mean-stats", "denormals-flushed", "renorm-floor-epsilon-float32",
-    "folded-float16-weights", "folded-inf-saturated", "folded-into-layer",
+    "folded-float16-weights", "folded-inf-saturated", "folded-into-layer", "float32-saturated",
 }
 CHECKS = ("training", "inference", "gradients")
 LAYOUTS = [((6, 3), (1,)), ((3, 6), (0,)), ((2, 4, 3), (-1,)), ((2, 3, 4, 5), (1, 2)),
