@@ -191,7 +191,7 @@ def folded_magnitudes(problem: Problem, check: Check) -> np.ndarray:
         terms = np.moveaxis(size.apply(np.abs(raw), axis), axis, -1)
         largest = np.maximum(largest, terms.reshape(-1, terms.shape[-1]).max(axis=0))
         if check == "training" or not problem.track_running_stats:
-            for g in reference.normalized_together(z.shape[0], problem.virtual_batch_size):
+            for g in reference.normalized_together(z.shape[0], problem.virtual_batch_size, problem.replicas):
                 stats.append(reference.moments(z[g], problem.channel_axes)[:2])
     if problem.track_running_stats:
         stats.append((problem.moving_mean, problem.moving_variance))
@@ -591,7 +591,8 @@ def input_conditioning(problem: Problem) -> float:
     worst = 0.0
     bn = reference.bn_input(problem)
     for raw, x in zip(problem.batches, bn.batches, strict=True):
-        for g in reference.normalized_together(x.shape[0], problem.virtual_batch_size):  # ghost batches
+        # the whole batch, ghost batches, unsynchronized replicas' shards
+        for g in reference.normalized_together(x.shape[0], problem.virtual_batch_size, problem.replicas):
             mean, var, _ = reference.moments(x[g], problem.channel_axes)
             with np.errstate(divide="ignore", invalid="ignore"):
                 ratio = np.abs(mean) / np.sqrt(var + problem.epsilon)

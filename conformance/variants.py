@@ -998,7 +998,7 @@ def folded_error(knobs: Knobs, problem: Problem, check: Check) -> float:
     if check == "training" or not stored:
         batches = bn.batches if check == "training" else bn.batches[-1:]
         for batch in batches:
-            for g in reference.normalized_together(batch.shape[0], bn.virtual_batch_size):
+            for g in reference.normalized_together(batch.shape[0], bn.virtual_batch_size, bn.replicas):
                 if batch[g].size:
                     normalized.append((batch[g], _kept(reference.moments, batch[g], bn.channel_axes)[1]))
     if stored and bn.batches[-1].size:
