@@ -1049,6 +1049,40 @@ def _batch_stats(p: Problem, c: Check) -> bool:
     return c in ("training", "gradients")
 
 
+def _saturation_can_show(p: Problem) -> bool:
+    """Whether a float32 computation of `p` can meet a value past ±float32 max, where saturating it
+    differs from IEEE float32 (compute-float32): an input or parameter past it or not finite, eps 0
+    in float32 (a variance of 0 divides by 0), or a bound on the outputs past a quarter of it. With
+    |x - mean| <= A (A: the largest |z| plus the largest |mean|, a batch's or the moving one) and
+    var + eps >= eps, |y| <= A·max|gamma|/sqrt(eps) + max|beta|; a folded layer's terms sum to the
+    same bound (|W|·|x| + |b| for z); (x - mean)² stays finite for A < 1e19."""
+    top = float(finfo("float32").max)
+    layer = p.preceding
+    given = [*p.batches, p.gamma, p.beta, p.moving_mean, p.moving_variance,
+             *(() if layer is None else (layer.weight, layer.bias))]
+    if any(v.size and not np.all(np.abs(v) <= top) for v in given) or _f32(p.epsilon) == 0.0:
+        return True
+    size = None if layer is None else Preceding(np.abs(layer.weight), np.abs(layer.bias))
+    z = p.batches if size is None else [size.apply(np.abs(x), p.channel_axes[0]) for x in p.batches]
+    largest = max((float(np.abs(x).max()) for x in z if x.size), default=0.0)
+    a = 2 * max(largest, float(np.abs(p.moving_mean).max(initial=0.0)))
+    bound = a * float(np.abs(p.gamma).max(initial=0.0)) / np.sqrt(_f32(p.epsilon)) + float(
+        np.abs(p.beta).max(initial=0.0))
+    return a >= 1e19 or bound > top / 4
+
+
+def _saturated_forms(p: Problem) -> list[dict[str, Any]]:
+    """float32-saturated's forms where saturation can show (none elsewhere): BN alone, and with a layer
+    before BN folded into it by the exporter (the TorchScript one, a Conv), whose sum adds the bias
+    last or, in one oneDNN kernel, first."""
+    if not _saturation_can_show(p):
+        return []
+    saturated = {"compute_dtype": "float32", "float32_saturated": True}
+    folded = [{**saturated, "folded_into_layer": "centred", "layer_bias_last": last}
+              for last in (True, False)]
+    return [saturated, *(folded if p.preceding is not None else [])]
+
+
 def _momentum_float32(p: Problem) -> list[dict[str, Any]]:
     # ONNX Runtime: momentum is a float32 attribute, also in double models (m32·moving + (1-m32)·batch).
     # tf_keras unfused float64 layer: decay = float32(1 - momentum); moving -= (moving - batch)·decay.
@@ -1123,14 +1157,12 @@ VARIANTS = [
     # float32 goes out as ±3.4e38. Measured (docs/repro/openvino_float64_saturated.py): the graph
     # runs ((x - mean)·s) + beta, unfolded, in float32 between two Converts; a moving variance of 0
     # with eps 0 gives ±3.4e38 where the reference gives ±inf.
+    # Elsewhere nothing passes float32's range and it computes what compute-float32 does: it applies
+    # only where saturation can show, so that it is not named beside compute-float32 for every
+    # framework that computes a float64 case in float32.
     Variant("float32-saturated", "a float64 model run in float32 through saturating conversions: the "
             "input, parameters and output held at ±float32 max where they pass it (±inf too)",
-            lambda p, c: p.dtype == "float64",
-            lambda p: [{"compute_dtype": "float32", "float32_saturated": True}]
-            # with a layer before BN, also folded into it by the exporter (the TorchScript one, a Conv),
-            # whose sum adds the bias last or, in one kernel, first
-            + [{"compute_dtype": "float32", "float32_saturated": True, "folded_into_layer": "centred",
-                "layer_bias_last": last} for last in (True, False) if p.preceding is not None]),
+            lambda p, c: p.dtype == "float64", _saturated_forms),
     Variant("compute-input-dtype", "float16/bfloat16 statistics computed in that dtype, not float32",
             lambda p, c: p.dtype in ("float16", "bfloat16"), lambda p: [{"compute_dtype": p.dtype}]),
     # torch, and TF's fused kernel: the moving variance is updated with var·n/(n-1).

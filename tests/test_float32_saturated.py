@@ -76,3 +76,16 @@ def test_the_variant_is_float64_only_and_folds_only_with_a_preceding_layer():
     forms = variant.forms(layered, "inference")
     assert [form.get("layer_bias_last") for form in forms] == [None, True, False]
     assert not variant.applies(dataclasses.replace(alone, dtype="float32"), "inference")
+
+
+def test_the_variant_applies_only_where_saturation_can_show():
+    """Elsewhere it is compute-float32 exactly, and is not named beside it: |y| <= A·|gamma|/sqrt(eps)
+    + |beta| with A = 2·max(|x|, |mean|) stays far inside float32's range here."""
+    variant = CATALOGUE["float32-saturated"]
+    ordinary = dataclasses.replace(problem([[1.0, 2.0]], [1.0, 1.0], [0.0, 0.0], [0.0, 0.0], [1.0, 1.0]),
+                                   epsilon=1e-3)
+    assert not variant.applies(ordinary, "inference") and variant.forms(ordinary, "inference") == []
+    assert variant.applies(dataclasses.replace(ordinary, epsilon=1e-50), "inference")  # float32 eps 0
+    large = dataclasses.replace(ordinary, batches=(np.array([[1e36, 2.0]]),))
+    assert variant.applies(large, "inference")  # 2e36·1/sqrt(1e-3) passes a quarter of float32 max
+    assert variant.applies(dataclasses.replace(ordinary, batches=(np.array([[1e39, 2.0]]),)), "training")
