@@ -40,6 +40,8 @@ says. Each adapter id is one path:
   machine: `conv-bn-nchw-trained` inference off by 0.0236, outputs all bfloat16 values such as
   0.59765625). That depends on the machine, so the adapter asks for `f32`, as OpenVINO's precision
   documentation says to for full precision, and `versions()` records the machine's default.
+  A float64 model has no f64 kernels there: it runs in float32 between Converts that saturate at
+  ±float32 max, inf included (variant `float32-saturated`, docs/repro/openvino_float64_saturated.py).
 - Where ONNX Runtime's CPU provider has no kernel for the exported graph (a double Conv), the
   session's NOT_IMPLEMENTED error is reported as not expressible with its text, as
   `adapters/onnx_runtime.py` does.
