@@ -158,8 +158,9 @@ def case_strategy(focus: frozenset[str] = frozenset(), regions: tuple[dict[str, 
         if "rows" in region and 0 not in {a % rank for a in axes}:  # the region's batch size
             shape[0] = d(st.sampled_from(region["rows"]))
         reduced = [i for i in range(rank) if i not in {a % rank for a in axes}]
-        if region.get("values_per_channel") == [0] and reduced:  # an empty batch: a reduced dim of 0
-            shape[reduced[0]] = 0
+        if region.get("values_per_channel") == [0] and reduced:  # an empty batch: a reduced dim of 0,
+            # with replicas a spatial one, so that the rows still split into shards
+            shape[reduced[-1] if replicas and len(reduced) > 1 else reduced[0]] = 0
         if "channels" in region:  # 0: the first channel dim empty; 1: every channel dim 1
             wanted = d(st.sampled_from(region["channels"]))
             for i, a in enumerate(axes):
