@@ -8,6 +8,7 @@ one framework API, runs it, and hands back float64 arrays. It never compares any
 
 from __future__ import annotations
 
+import itertools
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -81,6 +82,10 @@ class Preceding:
         """The layer's output in float64 (the reference's), channel axis `axis` (non-negative)."""
         return np.moveaxis(_sum_of_products(np.moveaxis(x, axis, -1), self.weight) + self.bias, -1, axis)
 
+    def absolute(self) -> Preceding:
+        """The layer of |W| and |b|: its output on |x| bounds |z| element for element."""
+        return Preceding(np.abs(self.weight), np.abs(self.bias))
+
     def transpose_apply(self, dz: np.ndarray, axis: int) -> np.ndarray:
         """dL/dx from dL/dz: the weight transposed, no bias."""
         return np.moveaxis(_sum_of_products(np.moveaxis(dz, axis, -1), self.weight.T), -1, axis)
@@ -124,9 +129,15 @@ class Replicas:
     count: int
     synchronized: bool
 
+    def slices(self, n: int) -> list[slice]:
+        """The rows of each replica's shard of n rows: consecutive, the first n mod count one larger."""
+        size, larger = divmod(n, self.count)
+        starts = [i * size + min(i, larger) for i in range(self.count + 1)]
+        return [slice(a, b) for a, b in itertools.pairwise(starts)]
+
     def shards(self, x: np.ndarray) -> list[np.ndarray]:
         """The consecutive shards of a batch, one per replica."""
-        return np.array_split(x, self.count, axis=0)
+        return [x[s] for s in self.slices(x.shape[0])]
 
 
 @dataclass(frozen=True)

@@ -191,7 +191,7 @@ def folded_magnitudes(problem: Problem, check: Check) -> np.ndarray:
         terms = np.moveaxis(size.apply(np.abs(raw), axis), axis, -1)
         largest = np.maximum(largest, terms.reshape(-1, terms.shape[-1]).max(axis=0))
         if check == "training" or not problem.track_running_stats:
-            for g in reference.normalized_together(z.shape[0], problem.virtual_batch_size, problem.replicas):
+            for g in reference.normalized_together(z.shape[0], problem):
                 stats.append(reference.moments(z[g], problem.channel_axes)[:2])
     if problem.track_running_stats:
         stats.append((problem.moving_mean, problem.moving_variance))
@@ -592,13 +592,13 @@ def input_conditioning(problem: Problem) -> float:
     bn = reference.bn_input(problem)
     for raw, x in zip(problem.batches, bn.batches, strict=True):
         # the whole batch, ghost batches, unsynchronized replicas' shards
-        for g in reference.normalized_together(x.shape[0], problem.virtual_batch_size, problem.replicas):
+        for g in reference.normalized_together(x.shape[0], problem):
             mean, var, _ = reference.moments(x[g], problem.channel_axes)
             with np.errstate(divide="ignore", invalid="ignore"):
                 ratio = np.abs(mean) / np.sqrt(var + problem.epsilon)
                 if problem.preceding is not None and x[g].size:
                     axis = problem.channel_axes[0]
-                    size = Preceding(np.abs(problem.preceding.weight), np.abs(problem.preceding.bias))
+                    size = problem.preceding.absolute()
                     largest = np.moveaxis(size.apply(np.abs(raw[g]), axis), axis, -1).reshape(
                         -1, x.shape[axis])
                     ratio = np.maximum(ratio, largest.max(axis=0) / np.sqrt(var + problem.epsilon))

@@ -33,13 +33,12 @@ Optional features (docs/case-format.md):
 
 from __future__ import annotations
 
-import itertools
 import warnings
 from dataclasses import dataclass, replace
 
 import numpy as np
 
-from adapters.base import Problem, Replicas, to_ascending, to_case_order
+from adapters.base import Problem, to_ascending, to_case_order
 from conformance.outputs import CHECKS
 
 
@@ -127,14 +126,14 @@ def virtual_batches(n: int, v: int | None, interleaved: bool = False) -> list[sl
     return [slice(j, None, k) if interleaved else slice(j * v, (j + 1) * v) for j in range(k)]
 
 
-def normalized_together(n: int, v: int | None, replicas: Replicas | None = None) -> list[slice]:
-    """Every group of rows some adapter normalizes with one set of statistics, for tolerances: the
-    whole batch, or each virtual batch, consecutive or interleaved (ghost-interleaved), and each
-    unsynchronized replica's shard (its own statistics, canonically)."""
+def normalized_together(n: int, p: Problem) -> list[slice]:
+    """Every group of a batch's n rows some adapter normalizes with one set of statistics, for
+    tolerances: the whole batch, or each virtual batch, consecutive or interleaved
+    (ghost-interleaved), and each unsynchronized replica's shard (its own statistics, canonically)."""
+    v, replicas = p.virtual_batch_size, p.replicas
     groups = [slice(None)] if v is None else [*virtual_batches(n, v), *virtual_batches(n, v, True)]
     if replicas is not None and not replicas.synchronized and replicas.count > 1:
-        bounds = np.cumsum([0, *(len(part) for part in np.array_split(np.arange(n), replicas.count))])
-        groups += [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+        groups += replicas.slices(n)
     return groups
 
 

@@ -340,9 +340,7 @@ def _folded_into_layer(layer: _Layer, p: Problem, k: Knobs, mean: np.ndarray, va
     # saturated once folded into the layer: W·inf is NaN where W is 0, not 0·float32 max
     s, shift = _folded_constants(mean, var, gamma, beta, eps, fold, converted=tflite)
     weight, bias, rank = layer.preceding.weight, layer.preceding.bias, layer.x.ndim
-    stored = (_inf_saturated if k.folded_inf_saturated else _float16_saturated if k.folded_float16_weights
-              else (lambda v: _flusher("float32")(r(_saturated(v, "float32")))) if k.float32_saturated
-              else (lambda v: v))
+    stored = _stored_constant(k, r)
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         if k.folded_into_layer == "centred":  # ((b - mean)·rsqrt(var + eps))·gamma + beta, torch's order:
             # in float16 (b - mean)·rsqrt can overflow before a gamma of 0 makes it inf·0 = NaN
@@ -367,6 +365,19 @@ def _folded_into_layer(layer: _Layer, p: Problem, k: Knobs, mean: np.ndarray, va
         if k.layer_bias_last:
             acc = r(acc + folded_bias)
     return np.moveaxis(acc, -1, axis)
+
+
+def _stored_constant(k: Knobs, r: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """How an artefact holds a folded constant: TFLite's converter with ±inf as ±float32 max, or as
+    float16 weights saturated at ±65504; OpenVINO converting a float64 one to float32 saturating, a
+    float32-subnormal one read as 0; else as computed."""
+    if k.folded_inf_saturated:
+        return _inf_saturated
+    if k.folded_float16_weights:
+        return _float16_saturated
+    if k.float32_saturated:
+        return lambda v: _flusher("float32")(r(_saturated(v, "float32")))
+    return lambda v: v
 
 
 def _update(moving: np.ndarray, batch: np.ndarray, m: float, k: Knobs) -> np.ndarray:
@@ -998,7 +1009,7 @@ def folded_error(knobs: Knobs, problem: Problem, check: Check) -> float:
     if check == "training" or not stored:
         batches = bn.batches if check == "training" else bn.batches[-1:]
         for batch in batches:
-            for g in reference.normalized_together(batch.shape[0], bn.virtual_batch_size, bn.replicas):
+            for g in reference.normalized_together(batch.shape[0], bn):
                 if batch[g].size:
                     normalized.append((batch[g], _kept(reference.moments, batch[g], bn.channel_axes)[1]))
     if stored and bn.batches[-1].size:
@@ -1062,8 +1073,8 @@ def _saturation_can_show(p: Problem) -> bool:
              *(() if layer is None else (layer.weight, layer.bias))]
     if any(v.size and not np.all(np.abs(v) <= top) for v in given) or _f32(p.epsilon) == 0.0:
         return True
-    size = None if layer is None else Preceding(np.abs(layer.weight), np.abs(layer.bias))
-    z = p.batches if size is None else [size.apply(np.abs(x), p.channel_axes[0]) for x in p.batches]
+    axis = p.channel_axes[0]
+    z = p.batches if layer is None else [layer.absolute().apply(np.abs(x), axis) for x in p.batches]
     largest = max((float(np.abs(x).max()) for x in z if x.size), default=0.0)
     a = 2 * max(largest, float(np.abs(p.moving_mean).max(initial=0.0)))
     bound = a * float(np.abs(p.gamma).max(initial=0.0)) / np.sqrt(_f32(p.epsilon)) + float(

@@ -140,11 +140,13 @@ def test_an_unsynchronized_shard_s_conditioning_sets_the_tolerance():
     from conformance.problem import input_conditioning
     from conformance.reference import normalized_together
 
-    assert normalized_together(7, None, Replicas(3, False))[1:] == [slice(0, 3), slice(3, 5), slice(5, 7)]
-    assert normalized_together(7, None, Replicas(3, True)) == [slice(None)]
     x = np.array([[1.0], [1.0 + 1e-4], [-1.0], [-1.0 - 1e-4]])  # shards of mean ±1, var 2.5e-9
     one = np.ones(1)
     p = Problem(case_id="t", dtype="float32", batches=(x,), axes=(1,), momentum=0.9, epsilon=0.0,
                 center=True, scale=True, gamma=one, beta=0 * one, moving_mean=0 * one, moving_variance=one)
+    shards = [slice(0, 3), slice(3, 5), slice(5, 7)]  # numpy.array_split's: the first n mod 3 larger
+    assert Replicas(3, False).slices(7) == shards
+    assert normalized_together(7, replace(p, replicas=Replicas(3, False))) == [slice(None), *shards]
+    assert normalized_together(7, replace(p, replicas=Replicas(3, True))) == [slice(None)]
     assert input_conditioning(p) < 1.01
     assert input_conditioning(replace(p, replicas=Replicas(2, False))) > 1e4
